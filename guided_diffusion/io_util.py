@@ -1,0 +1,77 @@
+"""Atomic file output: write to a temporary file beside the target, then rename.
+
+A reader (or a run killed mid-write) therefore sees either the previous complete file or the
+new complete file, never a truncated one. Works for local paths and any blobfile path.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+from typing import Any
+
+import blobfile as bf
+import torch
+
+
+def _tmp_path(path: str) -> str:
+    directory, name = os.path.split(path)
+    return bf.join(directory or ".", f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def atomic_write_bytes(data: bytes, path: str) -> None:
+    """Write ``data`` to ``path`` atomically (temp file in the same folder, then rename)."""
+    path = os.fspath(path)
+    directory = os.path.dirname(path)
+    if directory:
+        bf.makedirs(directory)
+    tmp = _tmp_path(path)
+    try:
+        with bf.BlobFile(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            if hasattr(f, "fileno"):
+                try:
+                    os.fsync(f.fileno())
+                except (OSError, io.UnsupportedOperation):
+                    pass
+        if _is_local(path):
+            os.replace(tmp, path)
+        else:
+            bf.copy(tmp, path, overwrite=True)
+            bf.remove(tmp)
+    except BaseException:
+        if bf.exists(tmp):
+            bf.remove(tmp)
+        raise
+
+
+def atomic_write_text(text: str, path: str) -> None:
+    """Write a UTF-8 text file atomically."""
+    atomic_write_bytes(text.encode("utf-8"), path)
+
+
+def atomic_write_json(obj: Any, path: str) -> None:
+    """Write ``obj`` as indented JSON atomically."""
+    atomic_write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n", path)
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """``torch.save`` ``obj`` to ``path`` atomically."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(buffer.getvalue(), path)
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
