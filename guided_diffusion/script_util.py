@@ -1,0 +1,351 @@
+"""Flag defaults, the model registry, model/diffusion factories and argparse helpers.
+
+Model builders are registered by ``unet_ver`` name with ``@register_model(name)``. The FPDM UNet is
+``v2``; the HAE variants (``hae``, ``hae_lite``, ``hae_v2``) register themselves from their own modules,
+which are imported at the bottom of this file so that the registry is complete after import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .unet import UNetModel
+
+# channel_mult chosen from the image size when --channel_mult is empty (anofpdm_spec.md §2.2)
+DEFAULT_CHANNEL_MULT: dict[int, tuple[float, ...]] = {
+    512: (0.5, 1, 1, 2, 2, 4, 4),
+    256: (1, 1, 2, 2, 4, 4),
+    128: (1, 1, 2, 3, 4),
+    64: (1, 2, 3, 4),
+    32: (1, 2, 2, 2),
+}
+
+MODEL_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def diffusion_defaults() -> dict[str, Any]:
+    """Defaults of the flags that define the Gaussian diffusion process."""
+    return dict(
+        learn_sigma=False,
+        diffusion_steps=1000,
+        noise_schedule="linear",
+        timestep_respacing="",
+        use_kl=False,
+        predict_xstart=False,
+        rescale_timesteps=False,
+        rescale_learned_sigmas=False,
+    )
+
+
+def model_and_diffusion_defaults() -> dict[str, Any]:
+    """Defaults of every model and diffusion flag (anofpdm_spec.md §2.1, plus the HAE flags)."""
+    res = dict(
+        image_size=64,
+        num_channels=128,
+        num_res_blocks=2,
+        num_heads=4,
+        num_heads_upsample=-1,
+        num_head_channels=-1,
+        attention_resolutions="16,8",
+        channel_mult="",
+        dropout=0.0,
+        class_cond=False,
+        use_checkpoint=False,
+        use_scale_shift_norm=True,
+        resblock_updown=False,
+        use_fp16=False,
+        use_new_attention_order=False,
+        in_channels=3,
+        num_classes=2,
+        unet_ver="v2",
+        clf_free=True,
+        bottleneck_ratio=0.25,
+        use_hae=True,
+    )
+    res.update(diffusion_defaults())
+    return res
+
+
+def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator registering ``builder(**model_kwargs) -> nn.Module`` under ``unet_ver`` = ``name``."""
+
+    def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        old = MODEL_REGISTRY.get(name)
+        ident = (builder.__module__, builder.__qualname__)
+        if old is not None and (old.__module__, old.__qualname__) != ident:
+            raise ValueError(
+                f"unet_ver {name!r} is already registered by {old.__module__}.{old.__qualname__}"
+            )
+        MODEL_REGISTRY[name] = builder
+        return builder
+
+    return wrap
+
+
+@register_model("v2")
+def build_fpdm_unet(
+    *, use_hae: bool = False, bottleneck_ratio: float = 0.25, **kwargs: Any
+) -> UNetModel:
+    """The AnoFPDM UNet: upstream UNet v2, missing SiLU activations included (HAE flags unused)."""
+    return UNetModel(resblock_activation=False, **kwargs)
+
+
+def parse_channel_mult(image_size: int, channel_mult: str | Iterable[float]) -> tuple[float, ...]:
+    """Resolve ``--channel_mult``: empty -> the per-image-size default, else "1,2,4" -> (1, 2, 4)."""
+    if isinstance(channel_mult, str):
+        text = channel_mult.strip()
+        if not text:
+            if image_size not in DEFAULT_CHANNEL_MULT:
+                raise ValueError(
+                    f"no default channel_mult for image_size={image_size} (defaults exist for "
+                    f"{sorted(DEFAULT_CHANNEL_MULT)}); pass --channel_mult, e.g. '1,2,4'"
+                )
+            return DEFAULT_CHANNEL_MULT[image_size]
+        try:
+            values = [float(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(
+                f"--channel_mult must be comma-separated numbers like '1,2,4'; got {channel_mult!r}"
+            ) from None
+    else:
+        values = [float(v) for v in channel_mult]
+    if not values or any(v <= 0 for v in values):
+        raise ValueError(f"--channel_mult must list positive multipliers, e.g. '1,2,4'; got {channel_mult!r}")
+    return tuple(int(v) if v.is_integer() else v for v in values)
+
+
+def attention_downsample_factors(image_size: int, attention_resolutions: str | Iterable[int]) -> set[int]:
+    """Convert feature-map sizes ("32,16,8") to downsample factors (image_size // res, e.g. {4, 8, 16})."""
+    if isinstance(attention_resolutions, str):
+        try:
+            sizes = [int(v) for v in attention_resolutions.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(
+                f"--attention_resolutions must be comma-separated feature-map sizes like '32,16,8'; "
+                f"got {attention_resolutions!r}"
+            ) from None
+    else:
+        sizes = [int(v) for v in attention_resolutions]
+    for res in sizes:
+        if res <= 0 or image_size % res:
+            raise ValueError(
+                f"--attention_resolutions entry {res} must be a positive divisor of image_size={image_size}"
+            )
+    return {image_size // res for res in sizes}
+
+
+def _resolve_num_classes(class_cond: bool, num_classes: int | None) -> int | None:
+    if not class_cond or num_classes is None or num_classes <= 0:
+        return None
+    return int(num_classes)
+
+
+def create_model(
+    image_size: int,
+    num_channels: int,
+    num_res_blocks: int,
+    channel_mult: str | Iterable[float] = "",
+    learn_sigma: bool = False,
+    class_cond: bool = False,
+    use_checkpoint: bool = False,
+    attention_resolutions: str | Iterable[int] = "16,8",
+    num_heads: int = 1,
+    num_head_channels: int = -1,
+    num_heads_upsample: int = -1,
+    use_scale_shift_norm: bool = False,
+    dropout: float = 0.0,
+    resblock_updown: bool = False,
+    use_fp16: bool = False,
+    use_new_attention_order: bool = False,
+    in_channels: int = 3,
+    num_classes: int | None = 2,
+    unet_ver: str = "v2",
+    clf_free: bool = True,
+    use_hae: bool = True,
+    bottleneck_ratio: float = 0.25,
+) -> nn.Module:
+    """Build the network selected by ``unet_ver`` from the command-line flags.
+
+    ``num_classes`` is used only with ``class_cond`` (and > 0); otherwise the model is unconditional.
+    ``out_channels`` = ``in_channels`` (x2 with ``learn_sigma``). ``use_fp16`` is a training-loop flag
+    (mixed precision is applied by the training loop, the model is built in float32).
+    """
+    if unet_ver not in MODEL_REGISTRY:
+        raise ValueError(f"unknown --unet_ver {unet_ver!r}; valid names: {', '.join(sorted(MODEL_REGISTRY))}")
+    if resblock_updown:
+        raise ValueError("--resblock_updown True is not supported (plain conv up/down-sampling only); "
+                         "use --resblock_updown False")
+    if use_new_attention_order:
+        raise ValueError("--use_new_attention_order True is not supported (the FPDM UNet uses the legacy "
+                         "head order); use --use_new_attention_order False")
+    classes = _resolve_num_classes(class_cond, num_classes)
+    if classes is not None and not clf_free:
+        raise ValueError("--clf_free False with class conditioning is not supported (the UNet only has "
+                         "classifier-free label layers); use --clf_free True or --class_cond False")
+    if in_channels < 1:
+        raise ValueError(f"--in_channels must be >= 1, got {in_channels}")
+    mult = parse_channel_mult(image_size, channel_mult)
+    factors = attention_downsample_factors(image_size, attention_resolutions)
+    reachable = {2**level for level in range(len(mult))}
+    if not factors <= reachable:
+        # upstream silently ignores such entries (the 'compare' reference config has one): keep, but warn
+        sizes = ",".join(str(image_size // f) for f in sorted(reachable))
+        bad = ",".join(str(image_size // f) for f in sorted(factors - reachable))
+        warnings.warn(
+            f"--attention_resolutions {bad} is not a feature-map size of this UNet (image_size={image_size}, "
+            f"channel_mult={mult}; sizes: {sizes}); no attention block is built for it",
+            stacklevel=2,
+        )
+    return MODEL_REGISTRY[unet_ver](
+        image_size=image_size,
+        in_channels=in_channels,
+        model_channels=num_channels,
+        out_channels=in_channels * (2 if learn_sigma else 1),
+        num_res_blocks=num_res_blocks,
+        attention_resolutions=factors,
+        dropout=dropout,
+        channel_mult=mult,
+        num_classes=classes,
+        use_checkpoint=use_checkpoint,
+        num_heads=num_heads,
+        num_head_channels=num_head_channels,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+        use_hae=use_hae,
+        bottleneck_ratio=bottleneck_ratio,
+    )
+
+
+def create_gaussian_diffusion(
+    steps: int = 1000,
+    learn_sigma: bool = False,
+    noise_schedule: str = "linear",
+    use_kl: bool = False,
+    predict_xstart: bool = False,
+    rescale_timesteps: bool = False,
+    rescale_learned_sigmas: bool = False,
+    timestep_respacing: str | list[int] = "",
+) -> Any:
+    """Build the (possibly respaced) Gaussian diffusion from the diffusion flags."""
+    from . import gaussian_diffusion as gd
+    from .respace import SpacedDiffusion, space_timesteps
+
+    betas = gd.get_named_beta_schedule(noise_schedule, steps)
+    if use_kl:
+        loss_type = gd.LossType.RESCALED_KL
+    elif rescale_learned_sigmas:
+        loss_type = gd.LossType.RESCALED_MSE
+    else:
+        loss_type = gd.LossType.MSE
+    return SpacedDiffusion(
+        use_timesteps=space_timesteps(steps, timestep_respacing or [steps]),
+        betas=betas,
+        model_mean_type=gd.ModelMeanType.START_X if predict_xstart else gd.ModelMeanType.EPSILON,
+        model_var_type=gd.ModelVarType.LEARNED_RANGE if learn_sigma else gd.ModelVarType.FIXED_LARGE,
+        loss_type=loss_type,
+        rescale_timesteps=rescale_timesteps,
+    )
+
+
+_DIFFUSION_ARG_MAP = dict(diffusion_steps="steps")
+
+
+def create_model_and_diffusion(**kwargs: Any) -> tuple[nn.Module, Any]:
+    """Build (model, diffusion) from ``model_and_diffusion_defaults()`` keys (missing keys use defaults)."""
+    defaults = model_and_diffusion_defaults()
+    unknown = sorted(set(kwargs) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown model/diffusion flags {unknown}; valid flags: {sorted(defaults)}")
+    flags = {**defaults, **kwargs}
+    diff_keys = set(diffusion_defaults()) - {"learn_sigma"}
+    model = create_model(**{k: v for k, v in flags.items() if k not in diff_keys})
+    diffusion = create_gaussian_diffusion(
+        learn_sigma=flags["learn_sigma"],
+        **{_DIFFUSION_ARG_MAP.get(k, k): flags[k] for k in diff_keys},
+    )
+    return model, diffusion
+
+
+# flags that define the network's architecture (and so which checkpoints fit it)
+_ARCH_FLAGS = (
+    "unet_ver", "image_size", "in_channels", "num_channels", "num_res_blocks", "channel_mult",
+    "attention_resolutions", "num_heads", "num_head_channels", "num_heads_upsample",
+    "use_scale_shift_norm", "learn_sigma", "class_cond", "num_classes", "use_hae", "bottleneck_ratio",
+)
+
+
+def model_config(args_or_dict: argparse.Namespace | Mapping[str, Any]) -> dict[str, Any]:
+    """The resolved architecture-defining flags (JSON-friendly), for checking a checkpoint fits the flags.
+
+    Equivalent spellings compare equal: channel_mult "" and its image-size default, attention
+    resolutions as sorted downsample factors, num_classes None when unconditional, num_heads_upsample
+    -1 resolved to num_heads. Missing flags take their defaults.
+    """
+    given = vars(args_or_dict) if isinstance(args_or_dict, argparse.Namespace) else dict(args_or_dict)
+    flags = {**model_and_diffusion_defaults(), **given}
+    cfg = {k: flags[k] for k in _ARCH_FLAGS}
+    cfg["channel_mult"] = list(parse_channel_mult(cfg["image_size"], cfg["channel_mult"]))
+    cfg["attention_resolutions"] = sorted(
+        attention_downsample_factors(cfg["image_size"], cfg["attention_resolutions"])
+    )
+    cfg["num_classes"] = _resolve_num_classes(cfg.pop("class_cond"), cfg["num_classes"])
+    if cfg["num_heads_upsample"] == -1:
+        cfg["num_heads_upsample"] = cfg["num_heads"]
+    if cfg["unet_ver"] == "v2":
+        cfg.pop("use_hae")
+        cfg.pop("bottleneck_ratio")
+    return cfg
+
+
+def str2bool(v: str | bool) -> bool:
+    """Parse a command-line boolean: yes/true/t/y/1 or no/false/f/n/0 (case-insensitive)."""
+    if isinstance(v, bool):
+        return v
+    text = str(v).strip().lower()
+    if text in ("yes", "true", "t", "y", "1"):
+        return True
+    if text in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"boolean value expected (true/false, yes/no, 1/0); got {v!r}")
+
+
+def add_dict_to_argparser(parser: argparse.ArgumentParser, default_dict: Mapping[str, Any]) -> None:
+    """Add ``--key`` for every entry (bool -> str2bool, None -> str, tuple/list -> nargs='*')."""
+    for k, v in default_dict.items():
+        if isinstance(v, bool):
+            parser.add_argument(f"--{k}", default=v, type=str2bool)
+        elif v is None:
+            parser.add_argument(f"--{k}", default=v, type=str)
+        elif isinstance(v, (tuple, list)):
+            item_type = type(v[0]) if v else str
+            parser.add_argument(f"--{k}", default=v, type=item_type, nargs="*")
+        else:
+            parser.add_argument(f"--{k}", default=v, type=type(v))
+
+
+def args_to_dict(args: argparse.Namespace, keys: Iterable[str]) -> dict[str, Any]:
+    """Pick ``keys`` from parsed arguments into a dict."""
+    keys = list(keys)
+    missing = [k for k in keys if not hasattr(args, k)]
+    if missing:
+        raise ValueError(f"parsed arguments lack flags {missing}; add them with add_dict_to_argparser")
+    return {k: getattr(args, k) for k in keys}
+
+
+def _import_model_plugins() -> None:
+    """Import the HAE modules that exist so that their ``@register_model`` builders run."""
+    package = __name__.rpartition(".")[0]
+    here = Path(__file__).resolve().parent
+    for mod in ("unet_hae", "unet_hae_lite", "unet_hae_v2"):
+        if (here / f"{mod}.py").exists():
+            importlib.import_module(f"{package}.{mod}")
+
+
+_import_model_plugins()
