@@ -1,0 +1,141 @@
+"""Tests for guided_diffusion.report: every writer produces readable files atomically."""
+
+import csv
+import json
+import math
+import os
+
+import matplotlib.image as mpimg
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from guided_diffusion import report as R
+from guided_diffusion.metrics import SegmentationEvaluator
+
+
+def _no_temp_files(d):
+    leftovers = [f for _, _, files in os.walk(d) for f in files if f.startswith(".") or ".tmp" in f]
+    assert leftovers == []
+
+
+def test_write_metrics_json_round_trip(tmp_path):
+    metrics = {"mixed": {"dice": np.float64(0.5), "auroc": float("nan"), "n": np.int64(3)},
+               "list": np.arange(3), "t": torch.tensor([1.5]), "name": "x"}
+    path = R.write_metrics_json(str(tmp_path / "sub" / "metrics.json"), metrics)
+    with open(path) as f:
+        text = f.read()
+    assert "NaN" not in text  # strict JSON
+    back = json.loads(text)
+    assert back == {"mixed": {"dice": 0.5, "auroc": None, "n": 3}, "list": [0, 1, 2], "t": [1.5], "name": "x"}
+    with pytest.raises(ValueError, match="metrics JSON"):
+        R.write_metrics_json(str(tmp_path / "bad.json"), {"a": object()})
+    assert not (tmp_path / "bad.json").exists()
+    _no_temp_files(tmp_path)
+
+
+def test_write_csv_round_trip(tmp_path):
+    rows = [{"patient": "p1", "slice": 3, "dice": 0.25}, {"patient": "p2", "slice": 4, "extra": None,
+                                                          "dice": float("nan")}]
+    path = R.write_csv(str(tmp_path / "slices.csv"), rows)
+    with open(path, newline="") as f:
+        back = list(csv.DictReader(f))
+    assert list(back[0].keys()) == ["patient", "slice", "dice", "extra"]
+    assert back[0]["dice"] == "0.25" and back[1]["extra"] == "" and math.isnan(float(back[1]["dice"]))
+    _no_temp_files(tmp_path)
+
+
+def _evaluated(rng, hw=32):
+    n = 4
+    gt = np.zeros((n, hw, hw), bool)
+    gt[:2, 8:18, 8:18] = True
+    pred = np.zeros_like(gt)
+    pred[:3, 10:20, 10:20] = True
+    amap = (rng.random((n, hw, hw)) + gt).astype(np.float32)
+    src = rng.random((n, 4, hw, hw)) * 2 - 1
+    ev = SegmentationEvaluator()
+    out = ev.add_batch(pred_mask_gated=pred, pred_mask_all=pred, anomaly_map=amap, gt=gt, source=src,
+                       label=gt.any((1, 2)), pred_label=pred.any((1, 2)),
+                       slice_ids=[("BraTS/01", 10 + i) for i in range(n)])
+    return ev, out, gt, pred, amap, src
+
+
+def test_save_panels_and_index(tmp_path):
+    rng = np.random.default_rng(0)
+    ev, out, gt, pred, amap, src = _evaluated(rng)
+    items = [dict(source=torch.from_numpy(src[i]), gt=gt[i], anomaly_map=amap[i][None], pred_mask=pred[i],
+                  **{k: r[k] for k in ("patient", "slice", "label", "pred_label", "dice")})
+             for i, r in enumerate(out["records"][:3])]
+    paths = R.save_panels(str(tmp_path / "panels"), items, ["FLAIR", "T1", "T1ce", "T2"], modalities=[0, 3],
+                          metrics=ev.results())
+    assert len(paths) == 4 and paths[-1].endswith("index.html")
+    for p in paths[:3]:
+        img = mpimg.imread(p)
+        assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 4 * img.shape[0]  # 6 columns
+        assert img.std() > 0.01  # something was drawn
+    with open(paths[-1]) as f:
+        page = f.read()
+    for p in paths[:3]:
+        assert os.path.basename(p) in page
+    assert "mixed.dice" in page and "unhealthy.auprc" in page and "Headline" in page
+    assert "BraTS_01" in os.path.basename(paths[0])  # sanitised file name
+    with pytest.raises(ValueError, match="modalities"):
+        R.save_panels(str(tmp_path / "bad"), items[:1], ["FLAIR"], modalities=[7])
+    with pytest.raises(ValueError, match="pred_mask"):
+        R.save_panels(str(tmp_path / "bad"), [{"source": src[0], "gt": gt[0], "anomaly_map": amap[0]}], ["a"])
+    _no_temp_files(tmp_path)
+
+
+def test_resampled_affine_maps_voxel_centres():
+    aff = np.diag([1.0, 1.0, 1.0, 1.0])
+    aff[:3, 3] = [-120, -120, -70]
+    new = R.resampled_affine(aff, (240, 240, 155), (128, 128))
+    s = 240 / 128
+    assert np.allclose(np.abs(np.diag(new))[:3], [s, s, 1.0])
+    # new voxel 0 centre = original continuous index 0.5*s - 0.5 ; last voxel = 239.5 - 0.5*s
+    assert np.allclose(new @ [0, 0, 5, 1], aff @ [0.5 * s - 0.5, 0.5 * s - 0.5, 5, 1])
+    assert np.allclose(new @ [127, 127, 0, 1], aff @ [239.5 - 0.5 * s, 239.5 - 0.5 * s, 0, 1])
+    with pytest.raises(ValueError, match="4x4"):
+        R.resampled_affine(np.eye(3), (240, 240, 155), (128, 128))
+
+
+def test_save_nifti_volumes_with_and_without_meta(tmp_path):
+    rng = np.random.default_rng(1)
+    amap = rng.random((3, 16, 16)).astype(np.float32)
+    mask = amap > 0.5
+    aff = np.array([[-1.0, 0, 0, 90], [0, -1.0, 0, 126], [0, 0, 1.0, -72], [0, 0, 0, 1]])
+    meta = {"affine": aff.tolist(), "shape": [32, 48, 20], "slices": [2, 17], "modalities": ["flair"]}
+    meta_path = tmp_path / "meta.json"
+    meta_path.write_text(json.dumps(meta))
+    out = R.save_nifti_volumes(str(tmp_path / "nii"), "p/1", [4, 7, 9], amap, mask[:, None],
+                               meta=str(meta_path), gt=mask)
+    assert set(out) == {"anomaly_map", "pred_mask", "gt"}
+    img = nib.load(out["anomaly_map"])
+    assert img.shape == (16, 16, 20)
+    assert np.allclose(img.affine, R.resampled_affine(aff, (32, 48, 20), (16, 16)))
+    assert np.allclose(np.abs(np.diag(img.affine))[:3], [2.0, 3.0, 1.0])
+    data = np.asarray(img.dataobj)
+    assert np.allclose(data[:, :, 7], amap[1]) and np.all(data[:, :, 0] == 0)
+    m = np.asarray(nib.load(out["pred_mask"]).dataobj)
+    assert m.dtype == np.uint8 and np.array_equal(m[:, :, 9] == 1, mask[2])
+    # no meta -> identity affine, depth = max slice + 1
+    out2 = R.save_nifti_volumes(str(tmp_path / "nii2"), "p2", [0, 5], amap[:2], mask[:2],
+                                meta=str(tmp_path / "missing.json"))
+    img2 = nib.load(out2["pred_mask"])
+    assert img2.shape == (16, 16, 6) and np.allclose(img2.affine, np.eye(4))
+    with pytest.raises(ValueError, match="slice"):
+        R.save_nifti_volumes(str(tmp_path / "x"), "p", [1, 1, 2], amap, mask)
+    _no_temp_files(tmp_path)
+
+
+def test_save_arrays(tmp_path):
+    path = R.save_arrays(str(tmp_path / "data_1"), source=np.ones((2, 3)),
+                         mask=torch.zeros(2, dtype=torch.bool))
+    assert path.endswith("data_1.npz")
+    with np.load(path) as z:
+        assert set(z.files) == {"source", "mask"}
+        assert np.array_equal(z["source"], np.ones((2, 3))) and z["mask"].dtype == bool
+    with pytest.raises(ValueError, match="no arrays"):
+        R.save_arrays(str(tmp_path / "empty.npz"))
+    _no_temp_files(tmp_path)
