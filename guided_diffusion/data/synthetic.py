@@ -1,0 +1,329 @@
+"""Synthetic BraTS-like dataset built offline from the MNI152 2009 template shipped with nilearn.
+
+Each subject is a smooth random deformation of the MNI152 (2 mm) tissue probability maps (GM, WM and
+CSF = brain mask - GM - WM) with modality contrasts per tissue class, per-subject intensity scaling,
+a smooth multiplicative bias field and Rician noise. Unhealthy subjects get 1-2 tumours made of a
+necrotic core (BraTS label 1), an enhancing rim (label 4) and oedema (label 2):
+
+=============  =====  =====  =====  =====
+tissue         FLAIR  T1     T1ce   T2
+=============  =====  =====  =====  =====
+CSF            dark   dark   dark   bright
+grey matter    mid    mid    mid    mid
+white matter   low    bright bright low
+oedema         BRIGHT low    low    bright
+enhancing rim  bright low    BRIGHT bright
+necrosis       bright dark   dark   BRIGHT
+=============  =====  =====  =====  =====
+
+The raw volume lives on a 128 x 128 x 96 grid (2 mm, axial = last axis, background exactly 0 as in
+skull-stripped BraTS) and goes through the same per-subject pipeline as real data
+(:func:`guided_diffusion.data.preprocess.process_volumes`); the saved mask is binary
+(area coverage > 0.5 after resizing). Everything is deterministic for a given seed: subject ``i`` draws
+from ``numpy.random.default_rng(SeedSequence([seed, i]))``.
+
+Split: the spec's rule (random.seed(10), 75 / 5 / 20) with at least one subject in val and test. In each
+split ``min(n - 1, round(healthy_fraction * n))`` subjects are healthy (no tumour), so every split has
+unhealthy subjects.
+"""
+
+from __future__ import annotations
+
+import gzip
+import random
+import shutil
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from guided_diffusion.data.preprocess import (
+    BRATS_MODALITIES,
+    SPLITS,
+    process_volumes,
+    split_subjects,
+    write_patient,
+    write_splits,
+)
+from guided_diffusion.io_util import atomic_write_bytes
+
+CANVAS = (128, 128, 96)  # raw grid (x, y, z), 2 mm voxels
+OFFSET = (14, 5, 6)  # canvas index of template voxel (0, 0, 0)
+
+# rows: csf, gm, wm, oedema, enhancing, necrosis; columns: flair, t1, t1ce, t2 (relative intensities)
+CONTRAST = np.array(
+    [
+        [0.10, 0.15, 0.15, 1.00],
+        [0.62, 0.55, 0.55, 0.60],
+        [0.45, 0.85, 0.80, 0.38],
+        [1.00, 0.40, 0.40, 0.92],
+        [0.82, 0.45, 1.10, 0.75],
+        [0.90, 0.15, 0.12, 1.08],
+    ],
+    dtype=np.float32,
+)
+GAIN = np.array([600.0, 800.0, 900.0, 1200.0], dtype=np.float32)  # arbitrary scanner units per modality
+
+
+@lru_cache(maxsize=1)
+def load_atlas() -> dict:
+    """MNI152 2009 (2 mm) tissue maps from nilearn's bundled files, placed on the canvas.
+
+    Returns dict: tissue [3, X, Y, Z] float32 (csf, gm, wm), mask [X, Y, Z] float32,
+    depth [X, Y, Z] float32 (distance to the brain boundary in voxels), affine [4, 4].
+    """
+    from nilearn import datasets
+    from scipy import ndimage
+
+    mask_img = datasets.load_mni152_brain_mask(resolution=2)
+    gm = np.asarray(datasets.load_mni152_gm_template(resolution=2).get_fdata(), dtype=np.float32)
+    wm = np.asarray(datasets.load_mni152_wm_template(resolution=2).get_fdata(), dtype=np.float32)
+    mask = (np.asarray(mask_img.get_fdata()) > 0.5).astype(np.float32)
+    gm, wm = np.clip(gm, 0, 1) * mask, np.clip(wm, 0, 1) * mask
+    over = np.maximum(gm + wm, 1.0)
+    gm, wm = gm / over, wm / over
+    csf = np.clip(mask - gm - wm, 0, 1)
+
+    def place(vol: np.ndarray) -> np.ndarray:
+        out = np.zeros(CANVAS, dtype=np.float32)
+        sx, sy, sz = (min(vol.shape[i], CANVAS[i] - OFFSET[i]) for i in range(3))
+        ox, oy, oz = OFFSET
+        out[ox : ox + sx, oy : oy + sy, oz : oz + sz] = vol[:sx, :sy, :sz]
+        return out
+
+    tissue = np.stack([place(csf), place(gm), place(wm)])
+    mask_c = place(mask)
+    affine = np.array(mask_img.affine, dtype=float)
+    affine[:3, 3] -= affine[:3, :3] @ np.array(OFFSET, dtype=float)
+    depth = ndimage.distance_transform_edt(mask_c > 0.5).astype(np.float32)
+    return {"tissue": tissue, "mask": mask_c, "depth": depth, "affine": affine}
+
+
+def _smooth_noise(
+    rng: np.random.Generator, coarse: tuple[int, int, int], size: tuple[int, ...], channels: int = 1
+) -> torch.Tensor:
+    """Smooth random field [channels, *size]: N(0, 1) on a coarse grid, trilinearly upsampled."""
+    g = torch.from_numpy(rng.standard_normal((1, channels, *coarse)).astype(np.float32))
+    return F.interpolate(g, size=tuple(size), mode="trilinear", align_corners=True)[0]
+
+
+def _rotation(rng: np.random.Generator, max_deg: tuple[float, float, float]) -> np.ndarray:
+    ax, ay, az = (np.deg2rad(rng.uniform(-m, m)) for m in max_deg)
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def _sample(vol: torch.Tensor, pts: torch.Tensor, padding: str = "zeros") -> torch.Tensor:
+    """Trilinear samples [C, N] of ``vol`` [C, X, Y, Z] at normalised points ``pts`` [N, 3] in [-1, 1]."""
+    grid = pts.reshape(1, -1, 1, 1, 3)
+    out = F.grid_sample(
+        vol.permute(0, 3, 2, 1)[None], grid, mode="bilinear", padding_mode=padding, align_corners=True
+    )
+    return out[0, :, :, 0, 0]
+
+
+def _source_grid(rng: np.random.Generator) -> torch.Tensor:
+    """Normalised template coordinates [X, Y, Z, 3] of every canvas voxel: random affine + elastic warp."""
+    size = CANVAS
+    rot = _rotation(rng, (4.0, 4.0, 8.0))
+    scale = rng.uniform(0.92, 1.04) * rng.uniform(0.97, 1.03, size=3)
+    mat = torch.from_numpy((rot @ np.diag(1.0 / scale)).astype(np.float32))
+    shift = torch.from_numpy((rng.uniform(-3, 3, size=3) * np.array([1.0, 1.0, 0.6])).astype(np.float32))
+    half = torch.tensor([(s - 1) / 2 for s in size], dtype=torch.float32)
+    axes = [torch.arange(s, dtype=torch.float32) - half[i] for i, s in enumerate(size)]
+    # src = mat @ (p - c) + c + shift + elastic, built by broadcasting the three axis contributions
+    src = (
+        axes[0][:, None, None, None] * mat[:, 0]
+        + axes[1][None, :, None, None] * mat[:, 1]
+        + axes[2][None, None, :, None] * mat[:, 2]
+    ) + (shift + half)
+    elastic = 2.5 * _smooth_noise(rng, (6, 6, 5), size, channels=3)
+    src = src + elastic.permute(1, 2, 3, 0)
+    return src / half - 1.0
+
+
+def _tumour_fractions(
+    rng: np.random.Generator,
+    pos: torch.Tensor,
+    depth: torch.Tensor,
+    r_range: tuple[float, float],
+    n_tumours: int,
+) -> torch.Tensor:
+    """Soft indicators [3, N] (whole tumour, core, necrosis) at brain points ``pos`` [N, 3] (voxels)."""
+    comps = torch.zeros(3, pos.shape[0])
+    for _ in range(n_tumours):
+        r = rng.uniform(*r_range)
+        r_core = r * rng.uniform(0.42, 0.62)
+        r_nec = r_core * rng.uniform(0.35, 0.65)
+        cand = (depth >= max(3.0, 0.6 * r)).nonzero()[:, 0]
+        if cand.numel() == 0:
+            cand = torch.arange(pos.shape[0])
+        centre = pos[cand[int(rng.integers(cand.numel()))]]
+        rel = pos - centre
+        near = (rel.abs() <= 1.6 * r + 2).all(1).nonzero()[:, 0]
+        rot = torch.from_numpy(_rotation(rng, (30.0, 30.0, 180.0)).astype(np.float32))
+        axes = torch.from_numpy(rng.uniform(0.8, 1.25, size=3).astype(np.float32))
+        d = (rel[near] @ rot) / axes
+        dist = d.norm(dim=1)
+        coarse = torch.from_numpy(rng.standard_normal((1, 4, 4, 4)).astype(np.float32))
+        wobble = _sample(coarse, (rel[near] / (1.6 * r + 2)).clamp(-1, 1), padding="border")[0]
+        dist = dist / (1.0 + 0.15 * wobble)
+        for c, rad in enumerate((r, r_core, r_nec)):
+            ind = (0.5 + (rad - dist) / 1.5).clamp(0.0, 1.0)
+            comps[c, near] = torch.maximum(comps[c, near], ind)
+    return comps
+
+
+def generate_subject(
+    seed: int, index: int, healthy: bool, r_range: tuple[float, float] = (8.0, 20.0), noise: float = 0.025
+) -> tuple[np.ndarray, np.ndarray]:
+    """One synthetic subject.
+
+    Args:
+        seed: dataset seed; index: subject number; healthy: no tumour if True.
+        r_range: oedema radius range in 2 mm voxels; noise: Rician sigma relative to the tissue scale.
+    Returns:
+        image [4, 128, 128, 96] float32 (FLAIR, T1, T1ce, T2; 0 outside the brain),
+        seg [128, 128, 96] uint8 BraTS labels (0, 1 necrosis, 2 oedema, 4 enhancing).
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(index)]))
+    atlas = load_atlas()
+    grid = _source_grid(rng)
+    mask_w = F.grid_sample(
+        torch.from_numpy(atlas["mask"]).permute(2, 1, 0)[None, None],
+        grid.permute(2, 1, 0, 3)[None],
+        mode="bilinear",
+        padding_mode="zeros",
+        align_corners=True,
+    )[0, 0].permute(2, 1, 0)
+    brain = mask_w > 0.5  # [X, Y, Z]
+    inside = brain.reshape(-1).nonzero()[:, 0]
+    pts = grid.reshape(-1, 3)[inside]
+    maps = torch.from_numpy(np.stack([atlas["tissue"][1], atlas["tissue"][2], atlas["depth"]]))
+    gm, wm, depth = _sample(maps, pts)
+    gm, wm = gm.clamp(0, 1), wm.clamp(0, 1)
+    csf = (1.0 - gm - wm).clamp(min=0)  # brain voxels not GM/WM are CSF
+    tissue = torch.stack([csf, gm, wm])
+    tissue = tissue / tissue.sum(0, keepdim=True).clamp(min=1e-6)
+    pos = torch.from_numpy(np.stack(np.unravel_index(inside.numpy(), CANVAS), 1).astype(np.float32))
+    if healthy:
+        comps = torch.zeros(3, inside.numel())
+    else:
+        n_tumours = 1 if rng.random() < 0.5 else 2
+        comps = _tumour_fractions(rng, pos, depth, r_range, n_tumours)
+    whole, core, nec = comps[0], torch.minimum(comps[1], comps[0]), torch.minimum(comps[2], comps[1])
+    fractions = torch.cat([tissue * (1.0 - whole), (whole - core)[None], (core - nec)[None], nec[None]])
+    contrast = torch.from_numpy(CONTRAST * rng.uniform(0.95, 1.05, size=CONTRAST.shape).astype(np.float32))
+    vals = contrast.T @ fractions  # [4, N]
+    bias_coarse = torch.from_numpy(rng.standard_normal((4, 3, 3, 3)).astype(np.float32))
+    centred = pos / torch.tensor([(s - 1) / 2 for s in CANVAS]) - 1.0
+    vals = vals * torch.exp(0.12 * _sample(bias_coarse, centred, padding="border"))
+    gain = torch.from_numpy(GAIN * rng.uniform(0.85, 1.15, size=4).astype(np.float32))
+    n1 = torch.from_numpy(rng.standard_normal(tuple(vals.shape), dtype=np.float32)) * noise
+    n2 = torch.from_numpy(rng.standard_normal(tuple(vals.shape), dtype=np.float32)) * noise
+    vals = torch.sqrt((vals + n1) ** 2 + n2**2) * gain[:, None]
+    image = torch.zeros(4, brain.numel())
+    image[:, inside] = vals
+    labels = torch.zeros(inside.numel(), dtype=torch.uint8)
+    labels[whole > 0.5] = 2
+    labels[core > 0.5] = 4
+    labels[nec > 0.5] = 1
+    seg = torch.zeros(brain.numel(), dtype=torch.uint8)
+    seg[inside] = labels
+    return image.reshape(4, *CANVAS).numpy(), seg.reshape(CANVAS).numpy()
+
+
+def _nifti_gz(vol: np.ndarray, affine: np.ndarray) -> bytes:
+    import nibabel as nib
+
+    img = nib.Nifti1Image(vol, affine)
+    img.set_data_dtype(vol.dtype)
+    return gzip.compress(img.to_bytes(), compresslevel=1, mtime=0)
+
+
+def write_raw_subject(
+    raw_dir: Path, sid: str, image: np.ndarray, seg: np.ndarray, affine: np.ndarray
+) -> None:
+    """Write BraTS-style NIfTI files ``{sid}/{sid}_{flair,t1,t1ce,t2,seg}.nii.gz``."""
+    for c, mod in enumerate(BRATS_MODALITIES):
+        atomic_write_bytes(
+            _nifti_gz(np.ascontiguousarray(image[c]), affine), str(raw_dir / sid / f"{sid}_{mod}.nii.gz")
+        )
+    atomic_write_bytes(_nifti_gz(seg.astype(np.uint8), affine), str(raw_dir / sid / f"{sid}_seg.nii.gz"))
+
+
+def healthy_subjects(splits: dict[str, list[str]], seed: int, healthy_fraction: float) -> set[str]:
+    """Per split ``min(n - 1, round(healthy_fraction * n))`` healthy subjects (``random.Random(seed)``)."""
+    rnd = random.Random(seed)
+    out: set[str] = set()
+    for split in SPLITS:
+        names = splits[split]
+        k = min(len(names) - 1, int(round(healthy_fraction * len(names))))
+        out.update(rnd.sample(names, max(k, 0)))
+    return out
+
+
+def build_synthetic_dataset(
+    out: str | Path,
+    subjects: int = 20,
+    seed: int = 0,
+    image_size: int = 64,
+    raw_nifti: str | Path | None = None,
+    healthy_fraction: float = 0.2,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> dict:
+    """Write a synthetic dataset in the preprocessed layout of spec 1.1 (see module docstring).
+
+    Args:
+        out: output root; subjects: number of subjects (>= 3); seed: content seed;
+        image_size: slice size (e.g. 64 or 128); raw_nifti: optional folder for BraTS-style NIfTI subjects;
+        healthy_fraction: share of healthy subjects per split; overwrite: replace an existing build.
+    Returns:
+        stats: per split {"subjects", "slices", "unhealthy_slices"}; "healthy_subjects";
+            "seconds_per_subject".
+    """
+    if subjects < 3:
+        raise ValueError(f"--subjects must be >= 3 (one each for train, val, test), got {subjects}")
+    if image_size < 8:
+        raise ValueError(f"--image_size must be >= 8, got {image_size}")
+    if not 0.0 <= healthy_fraction < 1.0:
+        raise ValueError(f"healthy_fraction must be in [0, 1), got {healthy_fraction}")
+    root = Path(out)
+    if (root / "data_splits").exists():
+        if not overwrite:
+            raise FileExistsError(
+                f"{root} already holds a dataset (data_splits/); pass --overwrite or pick another --out"
+            )
+        for p in [root / "data_splits", *(root / f"npy_{s}" for s in SPLITS)]:
+            if p.exists():
+                shutil.rmtree(p)
+    ids = [f"SYN_{i:05d}" for i in range(subjects)]
+    splits = split_subjects(ids)
+    healthy = healthy_subjects(splits, seed, healthy_fraction)
+    affine = load_atlas()["affine"]
+    stats: dict = {s: {"subjects": len(splits[s]), "slices": 0, "unhealthy_slices": 0} for s in SPLITS}
+    write_splits(root, splits)
+    t0 = time.perf_counter()
+    order = [(sp, sid) for sp in SPLITS for sid in splits[sp]]
+    if progress:
+        from tqdm import tqdm
+
+        order = tqdm(order, desc="synthetic", unit="subject")
+    for split, sid in order:
+        image, seg = generate_subject(seed, ids.index(sid), sid in healthy)
+        x, y_soft, rng = process_volumes(image, seg, image_size, mask_resize="area")
+        y = (y_soft > 0.5).astype(np.float32)
+        write_patient(root, split, sid, x, y, rng, affine, CANVAS, BRATS_MODALITIES)
+        if raw_nifti is not None:
+            write_raw_subject(Path(raw_nifti), sid, image, seg, affine)
+        stats[split]["slices"] += x.shape[0]
+        stats[split]["unhealthy_slices"] += int((y.reshape(y.shape[0], -1).max(1) > 0.5).sum())
+    stats["healthy_subjects"] = sorted(healthy)
+    stats["seconds_per_subject"] = (time.perf_counter() - t0) / subjects
+    return stats
