@@ -1,0 +1,120 @@
+"""checkpoint.py: save/list/find/load with clear errors."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from guided_diffusion import checkpoint, logger  # noqa: E402
+from guided_diffusion import script_util as su  # noqa: E402
+
+
+def _save(tmp_path, step, model=None, rates=("0.9999",)):
+    model = model or torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema = {r: {n: p.detach() + 1 for n, p in model.named_parameters()} for r in rates}
+    return checkpoint.save_checkpoint(str(tmp_path), step, model, ema, opt,
+                                      {"config": {"model": {"num_channels": 3}}})
+
+
+def test_save_writes_four_kinds_and_state_last(tmp_path):
+    paths = _save(tmp_path, 50000)
+    names = [Path(p).name for p in paths]
+    assert names == ["model050000.pt", "ema_0.9999_050000.pt", "opt050000.pt", "state050000.pt"]
+    sd = torch.load(tmp_path / "ema_0.9999_050000.pt", weights_only=True)
+    assert set(sd) == {"weight", "bias"}  # plain state dict (upstream-compatible)
+    assert not list(tmp_path.glob(".*tmp*"))  # no temp files left behind
+    ck = checkpoint.load_training_checkpoint(str(tmp_path), 50000)
+    assert ck.state["config"]["model"]["num_channels"] == 3 and set(ck.ema) == {"0.9999"}
+
+
+def test_list_ignores_incomplete_steps(tmp_path):
+    _save(tmp_path, 10)
+    _save(tmp_path, 20)
+    (tmp_path / "state000020.pt").unlink()  # killed before the state file: incomplete
+    assert checkpoint.list_checkpoints(str(tmp_path)) == [10]
+    assert checkpoint.list_model_steps(str(tmp_path)) == [10, 20]
+    assert checkpoint.latest_complete_checkpoint(str(tmp_path)).step == 10
+    assert checkpoint.latest_complete_checkpoint(str(tmp_path / "nothing")) is None
+
+
+def test_find_checkpoint_paths_and_unpadded_steps(tmp_path):
+    _save(tmp_path, 5000, rates=("0.9999", "0.999"))
+    _save(tmp_path, 50000, rates=("0.9999",))
+    d = str(tmp_path)
+    assert checkpoint.find_checkpoint(d).endswith("model050000.pt")
+    assert checkpoint.find_checkpoint(d, step=50000).endswith("model050000.pt")
+    assert checkpoint.find_checkpoint(d, step="050000").endswith("model050000.pt")
+    assert checkpoint.find_checkpoint(d, step=5000, ema_rate=0.999).endswith("ema_0.999_005000.pt")
+    assert checkpoint.find_checkpoint(d, ema_rate="0.9999").endswith("ema_0.9999_050000.pt")
+    assert checkpoint.find_checkpoint(d, ema_rate="0.999").endswith("ema_0.999_005000.pt")
+
+
+def test_find_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        checkpoint.find_checkpoint(str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match=f"no checkpoints .* in {tmp_path}"):
+        checkpoint.find_checkpoint(str(tmp_path))
+    _save(tmp_path, 100)
+    _save(tmp_path, 200)
+    with pytest.raises(FileNotFoundError, match="steps present: 100, 200"):
+        checkpoint.find_checkpoint(str(tmp_path), step=300)
+    with pytest.raises(FileNotFoundError, match="EMA rates present: 0.9999"):
+        checkpoint.find_checkpoint(str(tmp_path), step=100, ema_rate=0.999)
+    with pytest.raises(ValueError, match="not an integer"):
+        checkpoint.find_checkpoint(str(tmp_path), step="latest")
+
+
+def test_upstream_directory_without_state_files(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    torch.save(model.state_dict(), tmp_path / "ema_0.9999_210000.pt")
+    path = checkpoint.find_checkpoint(str(tmp_path), ema_rate=0.9999)
+    other = torch.nn.Linear(3, 2)
+    checkpoint.load_model_checkpoint(other, path)
+    assert torch.equal(other.weight, model.weight)
+    assert checkpoint.list_checkpoints(str(tmp_path)) == []
+
+
+def test_truncated_file_is_a_value_error_naming_it(tmp_path):
+    _save(tmp_path, 1)
+    _save(tmp_path, 2)
+    f = tmp_path / "opt000002.pt"
+    f.write_bytes(f.read_bytes()[:20])
+    with pytest.raises(ValueError, match="opt000002.pt: truncated or not a checkpoint"):
+        checkpoint.load_state_dict_file(str(f))
+    with pytest.raises(ValueError, match="opt000002.pt"):
+        checkpoint.load_training_checkpoint(str(tmp_path), 2)
+    logger.configure(str(tmp_path / "log"), ["log"])
+    assert checkpoint.latest_complete_checkpoint(str(tmp_path)).step == 1
+    assert "step 2" in (tmp_path / "log" / "log.txt").read_text()
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pt"):
+        checkpoint.load_model_checkpoint(torch.nn.Linear(3, 2), str(tmp_path / "junk.pt"))
+
+
+def _unet(num_channels):
+    flags = {**su.model_and_diffusion_defaults(), "image_size": 16, "num_channels": num_channels,
+             "in_channels": 1, "channel_mult": "1,2", "attention_resolutions": "8", "num_heads": 1,
+             "num_res_blocks": 1, "num_classes": 2, "class_cond": True}
+    return su.create_model_and_diffusion(**flags)[0], su.model_config(flags)
+
+
+def test_mismatched_model_names_file_keys_and_flags(tmp_path):
+    small, small_cfg = _unet(32)
+    checkpoint.save_checkpoint(str(tmp_path), 7, small, {}, torch.optim.SGD(small.parameters(), lr=0.1),
+                               {"config": {"model": small_cfg}})
+    big, big_cfg = _unet(64)
+    with pytest.raises(ValueError) as err:
+        checkpoint.load_model_checkpoint(big, str(tmp_path / "model000007.pt"), config=big_cfg)
+    msg = str(err.value)
+    assert "model000007.pt" in msg and "mis-shaped" in msg
+    assert "num_channels: saved 32, now 64" in msg
+    with pytest.raises(ValueError, match="the run was trained with: .*'num_channels': 32"):
+        checkpoint.load_model_checkpoint(big, str(tmp_path / "model000007.pt"))

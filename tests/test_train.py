@@ -1,0 +1,363 @@
+"""TrainLoop: complete checkpoints, bit-exact resume, SIGKILL recovery, truncated-checkpoint fallback,
+fp16/bf16 steps, previews and scripts/train.py end to end.
+
+This file doubles as the worker for subprocess tests (here and in test_dist.py):
+``python tests/test_train.py OUT_DIR MAX_STEPS SAVE_INTERVAL`` trains the tiny model with the stand-in
+data under whatever launcher started it and writes ``params-rank{r}.json`` (sum and hash of the
+parameters) for every rank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from guided_diffusion import checkpoint, dist_util, logger  # noqa: E402
+from guided_diffusion import script_util as su  # noqa: E402
+from guided_diffusion.train_util import TrainLoop, get_rng_state, loader_from_batch  # noqa: E402
+
+SUBPROCESS_TIMEOUT = 180
+# CUDA runs are bitwise reproducible only with deterministic kernels (cuBLAS reads this at first use)
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+class TinySlices(Dataset):
+    """Stand-in for the BraTS slice dataset: (x [C, H, W] in [-1, 1], {"y": label})."""
+
+    def __init__(self, n: int = 12, channels: int = 2, size: int = 16):
+        g = torch.Generator().manual_seed(123)
+        self.x = torch.rand(n, channels, size, size, generator=g) * 2 - 1
+        self.y = torch.arange(n) % 2
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return self.x[i], {"y": self.y[i]}
+
+
+def make_data(global_batch: int = 4, n: int = 12):
+    world, rank = dist_util.get_world_size(), dist_util.get_rank()
+    ds = TinySlices(n)
+    sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=0, drop_last=True)
+    loader = DataLoader(ds, batch_size=global_batch // world, sampler=sampler, drop_last=True)
+    return loader, sampler
+
+
+MODEL_FLAGS = dict(image_size=16, num_channels=32, in_channels=2, num_classes=2, class_cond=True,
+                   channel_mult="1,2", attention_resolutions="8", num_heads=1, num_res_blocks=1,
+                   diffusion_steps=40, dropout=0.1)
+
+
+def make_model(seed: int = 0):
+    flags = {**su.model_and_diffusion_defaults(), **MODEL_FLAGS}
+    torch.manual_seed(seed)
+    model, diffusion = su.create_model_and_diffusion(**flags)
+    config = {"model": su.model_config(flags), "diffusion": {k: flags[k] for k in su.diffusion_defaults()}}
+    return model.to(dist_util.dev()), diffusion, config
+
+
+def make_loop(log_dir, max_steps, save_interval=3, seed=0, data=None, **kw) -> TrainLoop:
+    model, diffusion, config = make_model(seed)
+    logger.configure(str(log_dir), ["log", "csv"])
+    return TrainLoop(model=model, diffusion=diffusion, data=data or make_data(), batch_size=4, lr=1e-3,
+                     ema_rate="0.9,0.99", log_interval=2, save_interval=save_interval, max_steps=max_steps,
+                     label_dropout=0.5, seed=seed, config=config, log_dir=str(log_dir), **kw)
+
+
+def param_digest(model: torch.nn.Module) -> dict:
+    h = hashlib.sha256()
+    total = 0.0
+    for _, p in sorted(model.state_dict().items()):
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+        total += float(p.double().sum())
+    return {"sha256": h.hexdigest(), "sum": total}
+
+
+def worker(out: str, max_steps: int, save_interval: int) -> None:
+    dist_util.setup_dist()
+    loop = make_loop(out, max_steps, save_interval)
+    loop.run_loop()
+    digest = param_digest(loop.model)
+    digest.update(rank=dist_util.get_rank(), world=dist_util.get_world_size(), step=loop.step,
+                  first_batch=make_data()[0].sampler.__iter__().__next__())
+    Path(out, f"params-rank{dist_util.get_rank()}.json").write_text(json.dumps(digest))
+    dist_util.cleanup()
+
+
+def subprocess_env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PMI_RANK", "OPENAI_LOGDIR"):
+        env.pop(k, None)
+    return env
+
+
+# ---------------------------------------------------------------------------------------------- tests
+def test_run_writes_complete_checkpoints(tmp_path):
+    loop = make_loop(tmp_path, max_steps=4, save_interval=2)
+    loop.run_loop()
+    assert checkpoint.list_checkpoints(tmp_path) == [2, 4]
+    for step in (2, 4):
+        for name in (f"model{step:06d}.pt", f"ema_0.9_{step:06d}.pt", f"ema_0.99_{step:06d}.pt",
+                     f"opt{step:06d}.pt", f"state{step:06d}.pt"):
+            assert (tmp_path / name).is_file(), name
+    model, _, config = make_model(seed=5)
+    checkpoint.load_model_checkpoint(model, str(tmp_path / "ema_0.99_000004.pt"), config=config["model"])
+    assert param_digest(model) != param_digest(loop.model)  # EMA differs from the raw weights
+    checkpoint.load_model_checkpoint(model, str(tmp_path / "model000004.pt"))
+    assert param_digest(model) == param_digest(loop.model)
+    state = checkpoint.load_state_dict_file(str(tmp_path / "state000004.pt"), weights_only=False)
+    assert state["step"] == 4 and state["data"]["epoch"] == 1 and state["data"]["batch_index"] == 1
+    assert len(state["rng"]) == 1 and state["config"]["model"]["num_channels"] == 32
+    header = (tmp_path / "progress.csv").read_text().splitlines()[0].split(",")
+    for key in ("loss", "mse", "loss_q0", "step", "samples", "step_time", "samples_per_s", "peak_mem_mb",
+                "lr", "grad_norm"):
+        assert any(h == key for h in header), key
+    assert (tmp_path / "config.json").is_file()
+
+
+def test_final_save_exactly_once(tmp_path):
+    loop = make_loop(tmp_path, max_steps=3, save_interval=3)
+    saves = []
+    original = loop.save
+    loop.save = lambda: (saves.append(loop.step), original())[1]
+    loop.run_loop()
+    assert saves == [3]  # ends on a save step: no duplicate (spec bug 20)
+    loop = make_loop(tmp_path / "b", max_steps=4, save_interval=3)
+    saves.clear()
+    original = loop.save
+    loop.save = lambda: (saves.append(loop.step), original())[1]
+    loop.run_loop()
+    assert saves == [3, 4]  # one step after a save: the final step is still saved
+
+
+@pytest.mark.parametrize("split", [3, 4])  # 3 = epoch boundary (3 batches/epoch), 4 = mid-epoch
+def test_resume_is_bitwise_identical(tmp_path, split):
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # a no-op on CPU; needed for bitwise equality on CUDA
+    try:
+        _check_resume_bitwise(tmp_path, split)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _check_resume_bitwise(tmp_path, split):
+    straight = make_loop(tmp_path / "straight", max_steps=7, save_interval=split)
+    straight.run_loop()
+    first = make_loop(tmp_path / "resumed", max_steps=split, save_interval=split)
+    first.run_loop()
+    second = make_loop(tmp_path / "resumed", max_steps=7, save_interval=split, seed=0)
+    assert second.step == split
+    second.run_loop()
+    assert second.step == 7
+    for (name, a), (_, b) in zip(straight.model.state_dict().items(), second.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    for rate in straight.ema:
+        for name in straight.ema[rate]:
+            assert torch.equal(straight.ema[rate][name], second.ema[rate][name]), (rate, name)
+    opt_a, opt_b = straight.opt.state_dict()["state"][0], second.opt.state_dict()["state"][0]
+    assert torch.equal(opt_a["exp_avg"], opt_b["exp_avg"])
+
+
+def test_offset_loader_skips_without_changing_order():
+    loader, sampler = make_data()
+    sampler.set_epoch(3)
+    full = [b[0] for b in loader]
+    sampler.set_epoch(3)
+    tail = [b[0] for b in loader_from_batch(loader, 1)]
+    assert len(tail) == len(full) - 1
+    assert all(torch.equal(a, b) for a, b in zip(full[1:], tail))
+
+
+def test_truncated_newest_checkpoint_falls_back(tmp_path):
+    make_loop(tmp_path, max_steps=4, save_interval=2).run_loop()
+    newest = tmp_path / "model000004.pt"
+    newest.write_bytes(newest.read_bytes()[:100])
+    with pytest.raises(ValueError, match="model000004.pt.*truncated or not a checkpoint"):
+        checkpoint.load_state_dict_file(str(newest))
+    logger.configure(str(tmp_path), ["log"])
+    found = checkpoint.latest_complete_checkpoint(str(tmp_path))
+    assert found is not None and found.step == 2
+    assert "unusable" in (tmp_path / "log.txt").read_text()
+    loop = make_loop(tmp_path, max_steps=5, save_interval=2)
+    assert loop.step == 2 and (loop.epoch, loop.batch_index) == (0, 2)
+
+
+def test_resume_with_other_flags_stops(tmp_path):
+    make_loop(tmp_path, max_steps=1, save_interval=1).run_loop()
+    model, diffusion, config = make_model()
+    config["model"]["num_channels"] = 64
+    with pytest.raises(ValueError, match="num_channels"):
+        TrainLoop(model=model, diffusion=diffusion, data=make_data(), batch_size=4, max_steps=2,
+                  config=config, log_dir=str(tmp_path))
+
+
+def test_resume_from_upstream_named_checkpoint(tmp_path):
+    make_loop(tmp_path / "a", max_steps=3, save_interval=3).run_loop()
+    up = tmp_path / "upstream"
+    up.mkdir()
+    for name in ("model000003.pt", "ema_0.99_000003.pt", "opt000003.pt"):  # no state file
+        (up / name).write_bytes((tmp_path / "a" / name).read_bytes())
+    loop = make_loop(tmp_path / "b", max_steps=4, resume_checkpoint=str(up / "model000003.pt"))
+    assert loop.step == 3 and (loop.epoch, loop.batch_index) == (1, 0)
+    ref, _, _ = make_model()
+    checkpoint.load_model_checkpoint(ref, str(up / "model000003.pt"))
+    assert param_digest(ref) == param_digest(loop.model)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_step(tmp_path, precision):
+    loop = make_loop(tmp_path, max_steps=2, save_interval=2, precision=precision)
+    before = param_digest(loop.model)
+    loop.run_loop()
+    kvs = [line.split(",") for line in (tmp_path / "progress.csv").read_text().splitlines()]
+    loss = float(kvs[-1][kvs[0].index("loss")])
+    assert torch.isfinite(torch.tensor(loss))
+    if precision == "fp16":
+        assert loop.scaler is not None and "scaler" in checkpoint.load_state_dict_file(
+            str(tmp_path / "state000002.pt"), weights_only=False)
+    else:
+        assert param_digest(loop.model) != before
+
+
+def test_previews_use_ema_and_write_pngs(tmp_path):
+    preview = su.create_gaussian_diffusion(steps=40, timestep_respacing="ddim4")
+    loop = make_loop(tmp_path, max_steps=1, save_interval=1, preview_shape=(2, 2, 16, 16),
+                     preview_w=[-1, 1.5], preview_diffusion=preview)
+    loop.run_loop()
+    pngs = sorted(p.name for p in (tmp_path / "images").iterdir())
+    assert pngs == ["000001_cond.png", "000001_w1.5.png"]
+    assert (tmp_path / "images" / pngs[0]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    before = get_rng_state()
+    loop.preview()  # must not consume the training RNG streams (exact resume depends on it)
+    after = get_rng_state()
+    assert torch.equal(before["torch"], after["torch"]) and before["python"] == after["python"]
+    assert all(torch.equal(a, b) for a, b in zip(before.get("cuda", []), after.get("cuda", [])))
+    assert loop.model.training  # the EMA copy was put in eval mode, not the training model
+
+
+def test_sigkill_mid_training_resumes(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(Path(__file__).resolve()), str(out), "400", "2"]
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + SUBPROCESS_TIMEOUT
+    try:
+        while not checkpoint.list_checkpoints(out):
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.time() < deadline, "no checkpoint appeared"
+            time.sleep(0.1)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    done = checkpoint.list_checkpoints(out)
+    assert done and done[-1] < 400
+    target = done[-1] + 3
+    res = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(out), str(target), "2"],
+                         env=subprocess_env(), capture_output=True, timeout=SUBPROCESS_TIMEOUT)
+    assert res.returncode == 0, res.stderr.decode()[-3000:]
+    assert checkpoint.list_checkpoints(out)[-1] == target
+    assert f"resumed from step {done[-1]}" in (out / "log.txt").read_text()
+    assert json.loads((out / "params-rank0.json").read_text())["step"] == target
+
+
+def test_train_script_errors_are_short(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "scripts"))
+    import train as train_script
+
+    status = train_script.main(["--data_dir", str(tmp_path / "missing"), "--log_dir", str(tmp_path / "log")])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert "does not exist" in err and "make_synthetic_brats.py --out DIR" in err
+    assert "Traceback" not in err
+    status = train_script.main(["--data_dir", str(tmp_path), "--sample_shape", "2", "3", "16", "16",
+                                "--in_channels", "4"])
+    assert status == 2 and "--in_channels" in capsys.readouterr().err
+    parser = train_script.build_arg_parser()
+    args = parser.parse_args(["--w", "1", "1.8", "--threshold", "0.1",
+                              "--sample_shape", "12", "4", "128", "128"])
+    assert args.w == [1.0, 1.8] and args.sample_shape == [12, 4, 128, 128] and args.resume == "auto"
+
+
+def write_fake_brats(root: Path, channels: int = 2, size: int = 16, patients: int = 2, slices: int = 5):
+    """Minimal preprocessed layout (spec 1.1): npy_train/patient_*/slice_*.npz with x, y."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for p in range(patients):
+        d = root / "npy_train" / f"patient_P{p:03d}"
+        d.mkdir(parents=True)
+        for k in range(slices):
+            y = np.zeros((1, 1, size, size), np.float32)
+            if k % 2:
+                y[..., 4:9, 5:10] = 1.0
+            np.savez(d / f"slice_{k}.npz", x=rng.random((1, channels, size, size)).astype(np.float32), y=y)
+    (root / "data_splits" / "train").mkdir(parents=True)
+    (root / "data_splits" / "train" / "scans.csv").write_text("".join(f"P{p:03d}\n" for p in range(patients)))
+    return root
+
+
+def test_train_script_end_to_end(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "scripts"))
+    import train as train_script
+
+    data = write_fake_brats(tmp_path / "data")
+    flags = ["--data_dir", str(data), "--log_dir", str(tmp_path / "log"), "--image_size", "16",
+             "--num_channels", "32", "--in_channels", "2", "--num_classes", "2", "--channel_mult", "1,2",
+             "--attention_resolutions", "8", "--num_heads", "1", "--num_res_blocks", "1",
+             "--diffusion_steps", "40", "--batch_size", "4", "--max_steps", "2", "--save_interval", "2",
+             "--log_interval", "1", "--threshold", "0.1", "--num_workers", "0", "--sample_shape", "2", "2",
+             "16", "16", "--w", "1", "--preview_steps", "4", "--lr", "1e-3"]
+    assert train_script.main(flags) == 0
+    log = tmp_path / "log"
+    assert checkpoint.list_checkpoints(log) == [2]
+    assert (log / "images" / "000002_w1.png").is_file()
+    assert (log / "images" / "real_brats_train.png").is_file()
+    assert "parameters" in (log / "log.txt").read_text()
+    assert checkpoint.read_saved_config(str(log))["model"]["num_channels"] == 32
+    # resume with different architecture flags stops with a message
+    status = train_script.main([*flags, "--num_channels", "64", "--max_steps", "3"])
+    assert status == 2 and "num_channels" in capsys.readouterr().err
+    # channel mismatch between data and --in_channels
+    status = train_script.main([*flags, "--in_channels", "4", "--sample_shape",
+                                "--log_dir", str(tmp_path / "l2")])
+    err = capsys.readouterr().err
+    assert status == 2 and "channels" in err and "Traceback" not in err
+
+
+def test_config_script(tmp_path):
+    script = REPO / "config" / "run_train_brats_clf_free_guided.sh"
+    env = subprocess_env()
+    env.update(DATA_DIR=str(tmp_path / "missing"), LOG_DIR=str(tmp_path / "log"), PYTHON=sys.executable)
+    res = subprocess.run(["bash", str(script)], env=env, capture_output=True, timeout=SUBPROCESS_TIMEOUT)
+    assert res.returncode == 2 and b"make_synthetic_brats.py --out" in res.stderr
+    env["DATA_DIR"] = str(write_fake_brats(tmp_path / "data"))
+    env["EXTRA_FLAGS"] = ("--image_size 16 --num_channels 32 --in_channels 2 --channel_mult 1,2 "
+                          "--attention_resolutions 8 --num_heads 1 --num_res_blocks 1 --diffusion_steps 40 "
+                          "--batch_size 4 --max_steps 1 --save_interval 1 --num_workers 0 --sample_shape")
+    res = subprocess.run(["bash", str(script)], env=env, capture_output=True, timeout=SUBPROCESS_TIMEOUT)
+    assert res.returncode == 0, res.stderr.decode()[-3000:]
+    assert checkpoint.list_checkpoints(tmp_path / "log") == [1]
+    saved = checkpoint.read_saved_config(str(tmp_path / "log"))
+    assert saved["train"]["threshold"] == 0.1 and saved["train"]["w"] == [1.0, 1.8, 2.0, 3.0]
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
