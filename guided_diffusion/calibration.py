@@ -1,0 +1,253 @@
+"""Validation calibration of AnoFPDM (anofpdm_spec.md §5.3) and guidance selection (§5.8).
+
+Only validation images and image-level labels are used (no pixel masks):
+
+* cos per sample between the modality-averaged MSE sequences of HGP and UGP (eps 1e-6);
+* thr_01 = quantile(cos_healthy, q) for the first q in linspace(0.005, 0.095, 100) with the strictly
+  smallest number of errors n_q = #(cos_unhealthy > τ_q) + #(cos_healthy < τ_q); accuracy = 1 - n_min / N;
+* diff_min / diff_max per modality = min / max over unhealthy samples of max_t M_t.
+
+There are no hard-coded fallback numbers: a validation set without healthy or without unhealthy slices is
+an error. Results are persisted as JSON together with the settings they depend on; loading a calibration
+made with different settings is an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor
+
+from .segmentation import cosine_similarity
+
+Q_GRID = torch.linspace(0.005, 0.095, 100)
+# settings that must match between a stored calibration and the run that reuses it
+MATCH_KEYS = (
+    "checkpoint_sha256",
+    "w",
+    "forward_steps",
+    "modality",
+    "encoding",
+    "ugp",
+    "legacy_indexing",
+    "clip_denoised",
+    "dynamic_clip",
+)
+
+
+@dataclass
+class Calibration:
+    """Validation hyper-parameters for one guidance strength w (see module docstring)."""
+
+    thr_01: float
+    n_min: int
+    accuracy: float
+    q: float
+    diff_min: list[float]
+    diff_max: list[float]
+    n_val: int
+    n_healthy: int
+    n_unhealthy: int
+    w: float
+    forward_steps: int
+    modality: list[int]
+    encoding: str = "ddim"
+    ugp: str = "null"
+    legacy_indexing: bool = False
+    clip_denoised: bool = True
+    dynamic_clip: bool = False
+    checkpoint_sha256: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Calibration:
+        data = json.loads(text)
+        missing = [k for k in ("thr_01", "diff_max", "w", "forward_steps", "modality") if k not in data]
+        if missing:
+            raise ValueError(
+                f"calibration JSON lacks the keys {missing}; recreate it by running without --calibration"
+            )
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def save(self, path: str) -> None:
+        from .io_util import atomic_write_text
+
+        atomic_write_text(self.to_json(), path)
+
+    @classmethod
+    def load(cls, path: str) -> Calibration:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"calibration file {path} (--calibration) does not exist; omit the flag to "
+                "calibrate on the validation split"
+            )
+        with open(path, encoding="utf-8") as f:
+            return cls.from_json(f.read())
+
+    def check_matches(self, settings: Mapping, source: str = "calibration") -> None:
+        """ValueError listing every key of MATCH_KEYS whose value differs from ``settings``."""
+        diffs = []
+        for key in MATCH_KEYS:
+            if key not in settings:
+                continue
+            mine, theirs = getattr(self, key), settings[key]
+            if key == "w":
+                same = math.isclose(float(mine), float(theirs), rel_tol=0, abs_tol=1e-12)
+            elif key == "modality":
+                same = [int(v) for v in mine] == [int(v) for v in theirs]
+            else:
+                same = mine == theirs
+            if not same:
+                diffs.append(f"{key}: {source} has {mine!r}, this run uses {theirs!r}")
+        if diffs:
+            raise ValueError(
+                f"{source} does not match this run ({'; '.join(diffs)}); recalibrate (omit "
+                "--calibration) or run with the calibration's settings"
+            )
+
+
+def file_sha256(path: str, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file (streamed)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cos_threshold(cos_healthy: Tensor, cos_unhealthy: Tensor) -> tuple[float, int, float]:
+    """(thr_01, n_min, q*) by the quantile grid Q_GRID over the healthy cosines (first strict minimum)."""
+    cos0, cos1 = cos_healthy.double().reshape(-1), cos_unhealthy.double().reshape(-1)
+    best_n, best_thr, best_q = None, 0.0, 0.0
+    for q in Q_GRID.tolist():
+        tau = torch.quantile(cos0, q)
+        n = int((cos1 > tau).sum()) + int((cos0 < tau).sum())
+        if best_n is None or n < best_n:
+            best_n, best_thr, best_q = n, float(tau), float(q)
+    return best_thr, int(best_n), best_q
+
+
+def calibrate(
+    mse_h: Tensor,
+    mse_null: Tensor,
+    div: Tensor,
+    labels: Tensor | Sequence[int],
+    *,
+    w: float,
+    forward_steps: int,
+    modality: Sequence[int],
+    checkpoint_sha256: str = "",
+    encoding: str = "ddim",
+    ugp: str = "null",
+    legacy_indexing: bool = False,
+    clip_denoised: bool = True,
+    dynamic_clip: bool = False,
+    extra: dict | None = None,
+) -> Calibration:
+    """Calibrate from validation statistics of one w.
+
+    Args:
+        mse_h / mse_null / div: [N, S, M] per-sample, per-step, per-modality statistics (ForwardResult).
+        labels: [N] image-level labels (0 healthy, 1 unhealthy).
+        remaining: the settings stored with the result (see MATCH_KEYS).
+    """
+    labels = torch.as_tensor(labels).reshape(-1).long().cpu()
+    if mse_h.dim() != 3 or mse_h.shape != mse_null.shape or div.shape != mse_h.shape:
+        raise ValueError(
+            f"mse_h, mse_null and div must all be [N, S, M]; got {tuple(mse_h.shape)}, "
+            f"{tuple(mse_null.shape)}, {tuple(div.shape)}"
+        )
+    if labels.numel() != mse_h.shape[0]:
+        raise ValueError(f"labels has {labels.numel()} entries for {mse_h.shape[0]} validation samples")
+    healthy, unhealthy = labels == 0, labels == 1
+    n0, n1 = int(healthy.sum()), int(unhealthy.sum())
+    if n0 == 0 or n1 == 0:
+        raise ValueError(
+            f"calibration needs healthy AND unhealthy validation slices, got {n0} healthy and "
+            f"{n1} unhealthy of {labels.numel()}; use more validation slices (--num_slices_val) "
+            "or pass a stored calibration with --calibration"
+        )
+    cos = cosine_similarity(mse_h.cpu(), mse_null.cpu())
+    thr_01, n_min, q = cos_threshold(cos[healthy], cos[unhealthy])
+    mmax = div.float().cpu()[unhealthy].max(dim=1).values  # [N1, M]
+    n = labels.numel()
+    return Calibration(
+        thr_01=thr_01,
+        n_min=n_min,
+        accuracy=1.0 - n_min / n,
+        q=q,
+        diff_min=mmax.min(dim=0).values.tolist(),
+        diff_max=mmax.max(dim=0).values.tolist(),
+        n_val=n,
+        n_healthy=n0,
+        n_unhealthy=n1,
+        w=float(w),
+        forward_steps=int(forward_steps),
+        modality=[int(m) for m in modality],
+        encoding=encoding,
+        ugp=ugp,
+        legacy_indexing=bool(legacy_indexing),
+        clip_denoised=bool(clip_denoised),
+        dynamic_clip=bool(dynamic_clip),
+        checkpoint_sha256=checkpoint_sha256,
+        extra=dict(extra or {}),
+    )
+
+
+def select_guidance(
+    calibrations_by_w: Mapping[float, Calibration], tolerance: float = 0.99
+) -> tuple[float, list[dict]]:
+    """Largest w whose validation accuracy >= tolerance * best accuracy (paper §4.2).
+
+    Returns (w, table) with one row per w (ascending): w, accuracy, n_min, n_val, thr_01, diff_max, selected.
+    """
+    if not calibrations_by_w:
+        raise ValueError("select_guidance needs at least one calibration (one per w)")
+    items = sorted(((float(w), c) for w, c in calibrations_by_w.items()), key=lambda kv: kv[0])
+    best = max(c.accuracy for _, c in items)
+    chosen = max(w for w, c in items if c.accuracy >= tolerance * best)
+    table = [
+        {
+            "w": w,
+            "accuracy": c.accuracy,
+            "n_min": c.n_min,
+            "n_val": c.n_val,
+            "thr_01": c.thr_01,
+            "diff_max": c.diff_max,
+            "selected": w == chosen,
+        }
+        for w, c in items
+    ]
+    return chosen, table
+
+
+def save_calibrations(path: str, calibrations: Mapping[float, Calibration]) -> None:
+    """Write one or several calibrations (one per w) to a JSON file atomically."""
+    from .io_util import atomic_write_text
+
+    items = [asdict(c) for _, c in sorted(calibrations.items(), key=lambda kv: float(kv[0]))]
+    atomic_write_text(json.dumps({"calibrations": items}, indent=2, sort_keys=True) + "\n", path)
+
+
+def load_calibrations(path: str) -> dict[float, Calibration]:
+    """Read a file written by save_calibrations (or a single Calibration JSON) -> {w: Calibration}."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"calibration file {path} (--calibration) does not exist; omit the flag to "
+            "calibrate on the validation split"
+        )
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    items = data["calibrations"] if isinstance(data, dict) and "calibrations" in data else [data]
+    cals = [Calibration.from_json(json.dumps(item)) for item in items]
+    return {float(c.w): c for c in cals}

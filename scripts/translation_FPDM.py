@@ -1,0 +1,17 @@
+"""AnoFPDM evaluation: calibrate on the validation split, segment the test split, write metrics/reports.
+
+Thin entry point; the logic lives in ``guided_diffusion.translation`` (see its module docstring and
+``--help``). Example:
+    python scripts/translation_FPDM.py --data_dir DATA --model_dir LOGS/model --log_dir OUT --w 2 \
+        --image_size 128 --in_channels 4 --num_channels 128 --attention_resolutions 32,16,8 --ema True
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from guided_diffusion.translation import main  # noqa: E402
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,20 @@
+"""AnoFPDM evaluation of an HAE-v2 checkpoint: ``translation_FPDM.py`` with ``--unet_ver hae_v2`` and
+``--use_hae True`` forced (spec 6.3; the upstream fork's script of this name could not run)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from guided_diffusion.translation import main  # noqa: E402
+
+HAE_V2_OVERRIDES = {"unet_ver": "hae_v2", "use_hae": True}
+
+
+def run(argv=None):
+    """Same flags as translation_FPDM.py; unet_ver/use_hae are forced to the HAE-v2 values."""
+    return main(argv, overrides=HAE_V2_OVERRIDES)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,314 @@
+"""End-to-end AnoFPDM evaluation (scripts/translation_FPDM.py) on a tiny hand-made dataset and UNet."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("guided_diffusion.data.brats")
+
+from guided_diffusion import translation  # noqa: E402
+from guided_diffusion.dist_util import find_free_port  # noqa: E402
+from guided_diffusion.script_util import create_model_and_diffusion  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_FLAGS = [
+    "--image_size",
+    "32",
+    "--in_channels",
+    "4",
+    "--num_channels",
+    "32",
+    "--num_res_blocks",
+    "1",
+    "--channel_mult",
+    "1,2",
+    "--attention_resolutions",
+    "16",
+    "--num_heads",
+    "1",
+    "--diffusion_steps",
+    "50",
+    "--num_classes",
+    "2",
+]
+MODEL_KW = dict(
+    image_size=32,
+    in_channels=4,
+    num_channels=32,
+    num_res_blocks=1,
+    channel_mult="1,2",
+    attention_resolutions="16",
+    num_heads=1,
+    diffusion_steps=50,
+    num_classes=2,
+    class_cond=True,
+)
+
+
+def _write_split(root: Path, split: str, patients: dict[str, list[bool]], rng: np.random.Generator) -> None:
+    (root / "data_splits" / split).mkdir(parents=True, exist_ok=True)
+    (root / "data_splits" / split / "scans.csv").write_text("".join(f"{p}\n" for p in patients))
+    yy, xx = np.mgrid[:32, :32]
+    brain = ((yy - 15.5) ** 2 / 13**2 + (xx - 15.5) ** 2 / 11**2) < 1
+    for pid, lesions in patients.items():
+        pdir = root / f"npy_{split}" / f"patient_{pid}"
+        pdir.mkdir(parents=True, exist_ok=True)
+        for k, lesion in enumerate(lesions):
+            x = np.zeros((1, 4, 32, 32), np.float64)
+            for c in range(4):
+                x[0, c] = brain * (0.4 + 0.1 * c + 0.05 * rng.standard_normal((32, 32)))
+            y = np.zeros((1, 1, 32, 32), np.float32)
+            if lesion:
+                cy, cx = rng.integers(10, 20, size=2)
+                y[0, 0, cy - 4 : cy + 4, cx - 4 : cx + 4] = 1
+                x[0, :, cy - 4 : cy + 4, cx - 4 : cx + 4] += 0.6
+            np.savez(pdir / f"slice_{20 + k}.npz", x=x, y=y)
+        meta = {
+            "affine": np.eye(4).tolist(),
+            "shape": [32, 32, 40],
+            "slices": [20, 20 + len(lesions) - 1],
+            "modalities": ["flair", "t1", "t1ce", "t2"],
+        }
+        (pdir / "meta.json").write_text(json.dumps(meta))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Dataset (2 patients per split, healthy and lesion slices) + a random tiny checkpoint."""
+    root = tmp_path_factory.mktemp("anofpdm")
+    rng = np.random.default_rng(0)
+    data = root / "data"
+    _write_split(data, "train", {"T0": [False, True]}, rng)
+    _write_split(data, "val", {"V0": [False, True, True, False], "V1": [False, False, True, False]}, rng)
+    _write_split(data, "test", {"P0": [False, True, True, False], "P1": [True, False, False]}, rng)
+    torch.manual_seed(0)
+    model, _ = create_model_and_diffusion(**MODEL_KW)
+    with torch.no_grad():  # random (not zero-initialised) output layers so eps_y != eps_null
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    mdir = root / "model"
+    mdir.mkdir()
+    torch.save(model.state_dict(), mdir / "ema_0.9999_000010.pt")
+    torch.save(model.state_dict(), mdir / "model000010.pt")
+    return data, mdir, root
+
+
+def _argv(setup, out, *extra):
+    data, mdir, _ = setup
+    return [
+        *MODEL_FLAGS,
+        "--data_dir",
+        str(data),
+        "--model_dir",
+        str(mdir),
+        "--log_dir",
+        str(out),
+        "--w",
+        "2",
+        "--forward_steps",
+        "6",
+        "--modality",
+        "0",
+        "3",
+        "--batch_size",
+        "3",
+        "--batch_size_val",
+        "4",
+        "--ema",
+        "True",
+        "--seed",
+        "3",
+        "--progress",
+        "False",
+        *extra,
+    ]
+
+
+def _metrics_core(path: Path) -> dict:
+    m = json.loads(path.read_text())
+    m.pop("run")
+    return m
+
+
+def test_translation_outputs_resume_and_determinism(setup, monkeypatch):
+    _, _, root = setup
+    out = root / "run1"
+    calls = []
+    real = translation.run_forward_process
+
+    def counting(*a, **k):
+        calls.append(a[2].shape[0])
+        return real(*a, **k)
+
+    monkeypatch.setattr(translation, "run_forward_process", counting)
+    metrics = translation.main(
+        _argv(
+            setup,
+            out,
+            "--save_nifti",
+            "True",
+            "--save_data",
+            "True",
+            "--num_panels",
+            "4",
+            "--legacy_metrics",
+            "True",
+            "--t_e_ratio",
+            "1",
+            "2",
+            "--null",
+            "True",
+        )
+    )
+    assert sum(calls) == 8 + 7  # every val slice once (calibration) and every test slice once
+    for name in (
+        "metrics.json",
+        "slices.csv",
+        "patients.csv",
+        "calibration.json",
+        "panels/index.html",
+        "nifti/P0_anomaly_map.nii.gz",
+        "nifti/P1_pred_mask.nii.gz",
+        "log.txt",
+    ):
+        assert (out / name).is_file(), name
+    assert len(list((out / "panels").glob("*.png"))) == 4
+    assert len(list((out / "arrays").glob("*.npz"))) == 2 and len(list((out / "results").glob("*.pt"))) == 3
+    assert metrics["counts"]["n_slices"] == 7 and set(metrics["settings_results"]) == {
+        "w=2,t_e_ratio=1",
+        "w=2,t_e_ratio=2",
+    }
+    assert "legacy" in metrics and 0 <= metrics["mixed"]["dice"] <= 1
+    cal = json.loads((out / "calibration.json").read_text())["calibrations"][0]
+    assert cal["w"] == 2.0 and cal["n_val"] == 8 and cal["encoding"] == "ddim" and len(cal["diff_max"]) == 2
+    slices_csv = (out / "slices.csv").read_text().splitlines()
+    assert len(slices_csv) == 1 + 2 * 7
+
+    # --resume after deleting the final outputs: no forward pass at all, identical metrics
+    before = _metrics_core(out / "metrics.json")
+    arrays_before = dict(np.load(out / "arrays" / "w=2_t_e_ratio=1.npz"))
+    for name in ("metrics.json", "slices.csv", "patients.csv"):
+        (out / name).unlink()
+    shutil.rmtree(out / "panels")
+    calls.clear()
+    translation.main(
+        _argv(
+            setup,
+            out,
+            "--resume",
+            "True",
+            "--legacy_metrics",
+            "True",
+            "--t_e_ratio",
+            "1",
+            "2",
+            "--save_data",
+            "True",
+        )
+    )
+    assert calls == []
+    assert _metrics_core(out / "metrics.json") == before and (out / "panels" / "index.html").is_file()
+
+    # a fresh run with the same seed gives bit-identical anomaly maps; a partially finished run resumes
+    out2 = root / "run2"
+    translation.main(
+        _argv(
+            setup,
+            out2,
+            "--calibration",
+            str(out / "calibration.json"),
+            "--t_e_ratio",
+            "1",
+            "2",
+            "--save_data",
+            "True",
+            "--legacy_metrics",
+            "True",
+        )
+    )
+    arrays2 = dict(np.load(out2 / "arrays" / "w=2_t_e_ratio=1.npz"))
+    assert np.array_equal(arrays_before["anomaly_map"], arrays2["anomaly_map"])
+    assert np.array_equal(arrays_before["mse_h"], arrays2["mse_h"])
+    assert _metrics_core(out2 / "metrics.json") == before
+    first = sorted((out2 / "results").glob("*.pt"))[0]
+    first.unlink()
+    calls.clear()
+    translation.main(
+        _argv(setup, out2, "--resume", "True", "--t_e_ratio", "1", "2", "--legacy_metrics", "True")
+    )
+    assert calls == [3]  # only the deleted batch is recomputed
+    assert _metrics_core(out2 / "metrics.json") == before
+
+
+def test_translation_errors(setup, tmp_path):
+    data, mdir, root = setup
+    argv = _argv(setup, tmp_path / "e")
+    with pytest.raises(FileNotFoundError, match="model_dir"):
+        translation.main([*argv, "--model_dir", str(tmp_path / "missing")])
+    with pytest.raises(FileNotFoundError, match="step 7"):
+        translation.main([*argv, "--model_num", "7"])
+    with pytest.raises(ValueError, match="contradicts"):
+        translation.parse_args([*argv, "--d_reverse", "False", "--encoding", "ddim"])
+    cal = tmp_path / "cal.json"
+    translation.save_calibrations(
+        str(cal),
+        {
+            2.0: translation.calibrate(
+                torch.rand(2, 6, 2),
+                torch.rand(2, 6, 2),
+                torch.rand(2, 6, 2) + 0.1,
+                [0, 1],
+                w=2.0,
+                forward_steps=6,
+                modality=[0, 3],
+                checkpoint_sha256="0" * 64,
+            )
+        },
+    )
+    with pytest.raises(ValueError, match="checkpoint_sha256"):
+        translation.main([*argv, "--calibration", str(cal)])
+    with pytest.raises(ValueError, match="w=\\[3.0\\]"):
+        translation.main([*argv, "--calibration", str(cal), "--w", "3"])
+    args = translation.parse_args([*argv, "--d_reverse", "False"])
+    assert args.encoding == "ddpm" and args.class_cond
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import translation_FPDM_hae_v2 as hae
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    assert hae.HAE_V2_OVERRIDES == {"unet_ver": "hae_v2", "use_hae": True}
+    assert translation.parse_args(argv, hae.HAE_V2_OVERRIDES).unet_ver == "hae_v2"
+
+
+@pytest.mark.slow
+def test_one_vs_two_processes_equal_metrics(setup):
+    _, _, root = setup
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    outs = {}
+    for n in (1, 2):
+        out = root / f"dist{n}"
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(n),
+            "--master-port",
+            str(find_free_port()),
+            str(REPO / "scripts" / "translation_FPDM.py"),
+            *_argv(setup, out, "--t_e_ratio", "1"),
+        ]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs[n] = out
+    assert _metrics_core(outs[1] / "metrics.json") == _metrics_core(outs[2] / "metrics.json")
+    assert (outs[1] / "calibration.json").read_text() == (outs[2] / "calibration.json").read_text()
