@@ -4,7 +4,13 @@ Flow: setup_dist -> logger.configure -> model from the flags + checkpoint -> cal
 split (or ``--calibration FILE``) -> test split (rank-sharded, deterministic order) -> forward process +
 segmentation per batch, each batch's per-slice results saved atomically under ``LOGDIR/results`` (so
 ``--resume`` skips them) -> gathered on rank 0 -> metrics.json, slices.csv, patients.csv, calibration.json,
-panels/ (PNG + index.html), nifti/ (``--save_nifti``), arrays/ (``--save_data``).
+panels/ (PNG + index.html), nifti/ (``--save_nifti``), arrays/ (``--save_data``). The flags live in
+``guided_diffusion.translation_flags``, the writers in ``guided_diffusion.translation_outputs``.
+
+Several ``--w``: one forward pass serves all of them; the primary setting (top-level metrics, panels, NIfTI)
+is the w chosen by the paper's rule (calibration.select_guidance: largest w whose validation accuracy is
+within ``--selection_tolerance`` (99 %) of the best, spec 5.8), and the selection table is stored in
+metrics.json under "guidance_selection". ``scripts/select_guidance.py`` runs the calibration part alone.
 
 Noise: each slice uses its own generator seeded from (seed, split, dataset index), so results do not
 depend on the batch composition or the number of processes.
@@ -27,136 +33,45 @@ import torch
 from tqdm.auto import tqdm
 
 from . import dist_util, logger
-from .anofpdm import ENCODINGS, UGP_MODES, forward_settings, run_forward_process
-from .calibration import Calibration, calibrate, file_sha256, load_calibrations, save_calibrations
-from .io_util import atomic_torch_save
-from .script_util import (
-    add_dict_to_argparser,
-    args_to_dict,
-    create_model_and_diffusion,
-    model_and_diffusion_defaults,
-    model_config,
-    str2bool,
+from .anofpdm import run_forward_process
+from .calibration import (
+    Calibration,
+    calibrate,
+    file_sha256,
+    load_calibrations,
+    save_calibrations,
+    select_guidance,
 )
+from .io_util import atomic_torch_save
+from .script_util import args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults, model_config
 from .segmentation import segment
+from .translation_flags import (
+    add_calibration_flags,
+    create_argparser,
+    finish_calibration_args,
+    parse_args,
+    run_settings,
+)
+from .translation_outputs import setting_key, write_outputs
+
+__all__ = [
+    "add_calibration_flags",
+    "calibrate",
+    "calibrate_for_ws",
+    "choose_primary_w",
+    "create_argparser",
+    "finish_calibration_args",
+    "guidance_selection",
+    "load_model",
+    "main",
+    "parse_args",
+    "run_settings",
+    "save_calibrations",
+    "setting_key",
+    "write_outputs",
+]
 
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
-MODALITY_NAMES = {4: ["FLAIR", "T1", "T1ce", "T2"], 1: ["T1"]}
-
-
-# ---------------------------------------------------------------------------------------------- flags
-def create_argparser() -> argparse.ArgumentParser:
-    """All model/diffusion flags of script_util plus the inference flags (spec 5.1 with fixes)."""
-    p = argparse.ArgumentParser(
-        description="AnoFPDM anomaly segmentation (forward process of a "
-        "classifier-free-guided diffusion model)"
-    )
-    add_dict_to_argparser(p, model_and_diffusion_defaults())
-    p.add_argument(
-        "--w",
-        type=float,
-        nargs="+",
-        required=True,
-        help="guidance strength(s); several values -> one forward pass, results per w",
-    )
-    p.add_argument("--name", default="brats")
-    p.add_argument("--data_dir", required=True)
-    p.add_argument("--model_dir", required=True)
-    p.add_argument("--log_dir", default=None, help="output folder (default $OPENAI_LOGDIR)")
-    p.add_argument("--image_dir", default=None, help="accepted for compatibility; outputs go to the log dir")
-    p.add_argument("--model_num", default=None, help="checkpoint step (default: newest)")
-    p.add_argument("--ema", type=str2bool, default=False)
-    p.add_argument("--ema_rate", default="0.9999")
-    p.add_argument("--forward_steps", type=int, default=600)
-    p.add_argument("--modality", type=int, nargs="+", default=[0, 3])
-    p.add_argument("--t_e_ratio", type=float, nargs="+", default=[1.0])
-    p.add_argument("--median_filter", type=str2bool, default=True)
-    p.add_argument("--last_only", type=str2bool, default=False)
-    p.add_argument("--subset_interval", type=int, default=-1)
-    p.add_argument("--encoding", choices=ENCODINGS, default=None, help="ddim (default) or ddpm")
-    p.add_argument("--d_reverse", type=str2bool, default=None, help="alias: True = ddim, False = ddpm")
-    p.add_argument(
-        "--ugp", choices=UGP_MODES, default="null", help="null (paper Eq. 10) or healthy_w0 (upstream code)"
-    )
-    p.add_argument("--legacy_indexing", type=str2bool, default=False)
-    p.add_argument("--legacy_segmentation", type=str2bool, default=False)
-    p.add_argument("--legacy_metrics", type=str2bool, default=False)
-    p.add_argument("--clip_denoised", type=str2bool, default=True)
-    p.add_argument("--dynamic_clip", type=str2bool, default=False)
-    p.add_argument("--calibration", default=None, help="reuse this calibration JSON instead of calibrating")
-    p.add_argument("--num_slices_val", type=int, default=None, help="first N validation slices (default all)")
-    p.add_argument("--num_slices", type=int, default=None, help="first N test slices (default all)")
-    p.add_argument(
-        "--num_batches", type=int, default=None, help="compat: num_slices = num_batches*batch_size"
-    )
-    p.add_argument(
-        "--num_batches_val",
-        type=int,
-        default=None,
-        help="compat: num_slices_val = num_batches_val*batch_size_val",
-    )
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--batch_size_val", type=int, default=32)
-    p.add_argument("--save_nifti", type=str2bool, default=False)
-    p.add_argument("--save_data", type=str2bool, default=False)
-    p.add_argument("--num_panels", type=int, default=8)
-    p.add_argument("--resume", type=str2bool, default=False)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--progress", type=str2bool, default=True)
-    p.add_argument(
-        "--null", type=str2bool, default=None, help="ignored: the inversion is always unconditional"
-    )
-    p.add_argument(
-        "--use_weighted_sampler", type=str2bool, default=False, help="ignored (deterministic order)"
-    )
-    p.add_argument("--use_gradient_sam", type=str2bool, default=False, help="not implemented")
-    p.add_argument("--use_gradient_para_sam", type=str2bool, default=False, help="not implemented")
-    return p
-
-
-def parse_args(
-    argv: Sequence[str] | None = None, overrides: Mapping[str, Any] | None = None
-) -> argparse.Namespace:
-    """Parse and validate the flags; ``overrides`` are applied after parsing (e.g. unet_ver=hae_v2)."""
-    args = create_argparser().parse_args(argv)
-    for k, v in (overrides or {}).items():
-        setattr(args, k, v)
-    args.class_cond = True  # the AnoFPDM network is always class-conditional (spec 5.1 step 2)
-    if args.d_reverse is not None:
-        enc = "ddim" if args.d_reverse else "ddpm"
-        if args.encoding is not None and args.encoding != enc:
-            raise ValueError(f"--d_reverse {args.d_reverse} contradicts --encoding {args.encoding}; give one")
-        args.encoding = enc
-    args.encoding = args.encoding or "ddim"
-    if args.use_gradient_sam or args.use_gradient_para_sam:
-        raise ValueError("--use_gradient_sam / --use_gradient_para_sam are not implemented in this version")
-    if args.num_slices is None and args.num_batches is not None:
-        args.num_slices = args.num_batches * args.batch_size
-    if args.num_slices_val is None and args.num_batches_val:
-        args.num_slices_val = args.num_batches_val * args.batch_size_val
-    if args.last_only and args.subset_interval > 0:
-        raise ValueError("--last_only True cannot be combined with --subset_interval > 0")
-    if args.subset_interval == 0 or args.subset_interval < -1:
-        raise ValueError(f"--subset_interval must be -1 (off) or > 0, got {args.subset_interval}")
-    for flag in ("batch_size", "batch_size_val", "forward_steps"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-    if len(set(args.w)) != len(args.w):
-        raise ValueError(f"--w has repeated values {args.w}")
-    return args
-
-
-def run_settings(args: argparse.Namespace) -> dict:
-    """Forward-process settings that a calibration must match."""
-    return forward_settings(
-        forward_steps=args.forward_steps,
-        modality=args.modality,
-        encoding=args.encoding,
-        ugp=args.ugp,
-        legacy_indexing=args.legacy_indexing,
-        clip_denoised=args.clip_denoised,
-        dynamic_clip=args.dynamic_clip,
-    )
 
 
 def slice_generators(seed: int, split: str, indices: Sequence[int]) -> list[torch.Generator]:
@@ -316,10 +231,6 @@ def get_calibrations(args, model, diffusion, sha: str, log_dir: str) -> dict[flo
 
 
 # ---------------------------------------------------------------------------------------------- test loop
-def setting_key(w: float, ratio: float) -> str:
-    return f"w={w:g},t_e_ratio={ratio:g}"
-
-
 def _batch_file(results_dir: str, idx: Sequence[int]) -> str:
     digest = hashlib.sha1(",".join(str(int(i)) for i in idx).encode()).hexdigest()[:10]
     return os.path.join(results_dir, f"slices_{int(idx[0]):06d}_{digest}.pt")
@@ -432,164 +343,41 @@ def _peak_memory() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-# ---------------------------------------------------------------------------------------------- outputs
-def write_outputs(
-    args,
-    records: Mapping[int, dict],
-    cals: Mapping[float, Calibration],
-    log_dir: str,
-    extra: Mapping[str, Any],
-) -> dict:
-    """Rank 0: metrics (E1 evaluator), CSVs, panels, NIfTI, arrays. Returns the metrics dict."""
-    from . import report
-    from .data.brats import get_eval_loader
-    from .metrics import LegacyRunningMetrics, SegmentationEvaluator
+# ---------------------------------------------------------------------------------------------- selection
+def guidance_selection(cals: Mapping[float, Calibration], tolerance: float = 0.99) -> dict:
+    """Apply the paper's w-selection rule to calibrations {w: Calibration} and log the table.
 
-    _, dataset = get_eval_loader(
-        args.data_dir, "test", args.batch_size, num_slices=args.num_slices, in_channels=args.in_channels
-    )
-    order = sorted(records)
-    keys = [setting_key(w, r) for w in args.w for r in args.t_e_ratio]
-    evals = {k: SegmentationEvaluator() for k in keys}
-    legacy = {k: LegacyRunningMetrics() for k in keys} if args.legacy_metrics else {}
-    filtered: dict[str, dict[int, np.ndarray]] = {k: {} for k in keys}
-    cache: dict[int, tuple] = {}
-    for start in range(0, len(order), args.batch_size):
-        chunk = order[start : start + args.batch_size]
-        items = [dataset[i] for i in chunk]
-        src = torch.stack([it[0] for it in items])
-        gt = torch.stack([it[1] for it in items])
-        lab = torch.as_tensor([int(it[2]) for it in items])
-        ids = [tuple(dataset.slice_info(i)) for i in chunk]
-        for i, it, sid in zip(chunk, items, ids):
-            cache[i] = (it, sid)
-        for k in keys:
-            outs = [records[i]["out"][k] for i in chunk]
-            stack = {f: np.stack([o[f] for o in outs]) for f in ("mask", "mask_all", "map")}
-            pred = np.array([o["pred_lab"] for o in outs])
-            res = evals[k].add_batch(
-                pred_mask_gated=stack["mask"],
-                pred_mask_all=stack["mask_all"],
-                anomaly_map=stack["map"],
-                gt=gt,
-                source=src,
-                label=lab,
-                pred_label=pred,
-                slice_ids=ids,
-                extra={
-                    "index": chunk,
-                    "cos": [o["cos"] for o in outs],
-                    "t_e": [int(np.max(o["end_steps"])) for o in outs],
-                },
-            )
-            for i, m in zip(chunk, res["pred_mask_gated"]):
-                filtered[k][i] = m
-            if k in legacy:
-                legacy[k].add_batch(gt, stack["mask"], stack["mask_all"], src, stack["map"], lab, pred)
-    results = {k: evals[k].results() for k in keys}
-    primary = keys[0]
-    metrics = {
-        **results[primary],
-        "primary_setting": primary,
-        "settings_results": results,
-        "calibration": {f"{w:g}": vars(cals[float(w)]) for w in args.w},
-        "run": {
-            "forward": run_settings(args),
-            "legacy_segmentation": args.legacy_segmentation,
-            "median_filter": args.median_filter,
-            "last_only": args.last_only,
-            "subset_interval": args.subset_interval,
-            "seed": args.seed,
-            **extra,
-        },
+    Returns {"chosen_w", "tolerance", "rule", "table"}; table: one row per w ascending (w, accuracy, n_min,
+    n_val, thr_01, diff_max, selected) from calibration.select_guidance (largest w whose validation
+    accuracy >= tolerance * best, spec 5.8).
+    """
+    chosen, table = select_guidance(cals, tolerance=tolerance)
+    logger.log(f"guidance selection (largest w with val accuracy >= {tolerance:g} x best): w={chosen:g}")
+    for row in table:
+        logger.log(
+            f"  w={row['w']:g}: accuracy={row['accuracy']:.4f} n_min={row['n_min']}/{row['n_val']} "
+            f"thr_01={row['thr_01']:.6f}{'  <- chosen' if row['selected'] else ''}"
+        )
+    return {
+        "chosen_w": chosen,
+        "tolerance": float(tolerance),
+        "rule": "largest w whose validation accuracy >= tolerance * best accuracy (anofpdm_spec 5.8)",
+        "table": table,
     }
-    if legacy:
-        metrics["legacy"] = {k: v.running() for k, v in legacy.items()}
-    report.write_metrics_json(os.path.join(log_dir, "metrics.json"), metrics)
-    slice_rows, patient_rows = [], []
-    for k in keys:
-        slice_rows += [{"setting": k, **r} for r in evals[k].slice_records()]
-        patient_rows += [{"setting": k, **r} for r in evals[k].patient_records()]
-    report.write_csv(os.path.join(log_dir, "slices.csv"), slice_rows)
-    report.write_csv(os.path.join(log_dir, "patients.csv"), patient_rows)
-    _write_panels(args, records, cache, filtered[primary], primary, results[primary], log_dir)
-    if args.save_nifti:
-        _write_nifti(args, records, cache, filtered[primary], primary, log_dir)
-    if args.save_data:
-        for k in keys:
-            outs = [records[i]["out"][k] for i in order]
-            report.save_arrays(
-                os.path.join(log_dir, "arrays", f"{k.replace(',', '_')}.npz"),
-                index=np.array(order),
-                anomaly_map=np.stack([o["map"] for o in outs]),
-                pred_mask=np.stack([o["mask"] for o in outs]),
-                pred_mask_all=np.stack([o["mask_all"] for o in outs]),
-                pred_mask_cc=np.stack([filtered[k][i] for i in order]),
-                pred_label=np.array([o["pred_lab"] for o in outs]),
-                cos=np.array([o["cos"] for o in outs]),
-                end_steps=np.stack([o["end_steps"] for o in outs]),
-                mse_h=np.stack([records[i]["mse_h"] for i in order]),
-                mse_null=np.stack([records[i]["mse_null"] for i in order]),
-                div=np.stack([records[i]["div"] for i in order]),
-            )
-    return metrics
 
 
-def _write_panels(args, records, cache, filtered, key, results, log_dir) -> None:
-    from . import report
+def choose_primary_w(
+    ws: Sequence[float], cals: Mapping[float, Calibration], tolerance: float = 0.99
+) -> tuple[float, dict | None]:
+    """Primary guidance strength of a run -> (w, selection or None).
 
-    order = sorted(records)
-    unhealthy = [i for i in order if int(cache[i][0][2]) == 1]
-    healthy = [i for i in order if int(cache[i][0][2]) != 1]
-    n_u = min(len(unhealthy), (args.num_panels + 1) // 2 if healthy else args.num_panels)
-    pick = _spread(unhealthy, n_u) + _spread(healthy, args.num_panels - n_u)
-    items = []
-    for i in sorted(pick):
-        (x, gt, lab, *_), (pid, sl) = cache[i]
-        out = records[i]["out"][key]
-        items.append(
-            {
-                "source": x.numpy(),
-                "gt": gt[0].numpy(),
-                "anomaly_map": out["map"],
-                "pred_mask": filtered[i],
-                "patient": pid,
-                "slice": sl,
-                "label": int(lab),
-                "pred_label": out["pred_lab"],
-            }
-        )
-    names = MODALITY_NAMES.get(args.in_channels, [f"ch{c}" for c in range(args.in_channels)])
-    report.save_panels(
-        os.path.join(log_dir, "panels"), items, names, modalities=args.modality, metrics=results
-    )
-
-
-def _spread(ids: list[int], n: int) -> list[int]:
-    if n <= 0 or not ids:
-        return []
-    pos = np.linspace(0, len(ids) - 1, min(n, len(ids))).round().astype(int)
-    return [ids[p] for p in sorted(set(pos.tolist()))]
-
-
-def _write_nifti(args, records, cache, filtered, key, log_dir) -> None:
-    from . import report
-
-    by_patient: dict[str, list[int]] = {}
-    for i in sorted(records):
-        by_patient.setdefault(str(cache[i][1][0]), []).append(i)
-    for pid, ids in by_patient.items():
-        ids = sorted(ids, key=lambda i: cache[i][1][1])
-        meta = os.path.join(args.data_dir, "npy_test", f"patient_{pid}", "meta.json")
-        report.save_nifti_volumes(
-            os.path.join(log_dir, "nifti"),
-            pid,
-            [int(cache[i][1][1]) for i in ids],
-            np.stack([records[i]["out"][key]["map"] for i in ids]),
-            np.stack([filtered[i] for i in ids]).astype(np.uint8),
-            meta=meta if os.path.isfile(meta) else None,
-            gt=np.stack([cache[i][0][1][0].numpy() for i in ids]),
-        )
+    One w: that w and None (no selection). Several: guidance_selection over ``ws`` -> (chosen w, selection).
+    """
+    ws = [float(w) for w in ws]
+    if len(ws) == 1:
+        return ws[0], None
+    selection = guidance_selection({w: cals[w] for w in ws}, tolerance)
+    return selection["chosen_w"], selection
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -610,6 +398,7 @@ def main(argv: Sequence[str] | None = None, overrides: Mapping[str, Any] | None 
             f"w={w:g}: thr_01={c.thr_01:.6f} n_min={c.n_min} val_acc={c.accuracy:.4f} "
             f"diff_min={c.diff_min} diff_max={c.diff_max}"
         )
+    primary_w, selection = choose_primary_w(args.w, cals, args.selection_tolerance)
     if dist_util.get_rank() == 0:
         save_calibrations(os.path.join(log_dir, "calibration.json"), cals)
     records, timing = run_test(args, model, diffusion, cals, log_dir)
@@ -621,8 +410,14 @@ def main(argv: Sequence[str] | None = None, overrides: Mapping[str, Any] | None 
         )
     metrics = None
     if dist_util.get_rank() == 0:
+        extra = {
+            "forward": run_settings(args),
+            "timing": timing,
+            "checkpoint": path,
+            "checkpoint_sha256": sha,
+        }
         metrics = write_outputs(
-            args, records, cals, log_dir, {"timing": timing, "checkpoint": path, "checkpoint_sha256": sha}
+            args, records, cals, log_dir, extra, primary_w=primary_w, guidance_selection=selection
         )
         mixed, unh = metrics["mixed"], metrics["unhealthy"]
         logger.log(

@@ -312,3 +312,64 @@ def test_one_vs_two_processes_equal_metrics(setup):
         outs[n] = out
     assert _metrics_core(outs[1] / "metrics.json") == _metrics_core(outs[2] / "metrics.json")
     assert (outs[1] / "calibration.json").read_text() == (outs[2] / "calibration.json").read_text()
+
+
+def test_min_cc_size_scales_with_image_size(setup):
+    from guided_diffusion.translation_outputs import resolve_min_cc_size
+
+    assert resolve_min_cc_size(-1, 128) == 40 and resolve_min_cc_size(-1, 64) == 10
+    assert resolve_min_cc_size(-1, 256) == 160 and resolve_min_cc_size(-1, 32) == 3  # 2.5 rounds up
+    assert resolve_min_cc_size(0, 128) == 0 and resolve_min_cc_size(7, 64) == 7
+    with pytest.raises(ValueError, match="--min_cc_size"):
+        resolve_min_cc_size(-2, 64)
+    argv = _argv(setup, "unused")
+    assert translation.parse_args(argv).min_cc_size == -1
+    with pytest.raises(ValueError, match="--min_cc_size"):
+        translation.parse_args([*argv, "--min_cc_size", "-5"])
+
+
+def test_several_w_primary_is_the_selected_w(setup, monkeypatch):
+    """--w 1 2 3: top-level metrics / panels use the w of calibration.select_guidance, not the first w."""
+    _, _, root = setup
+    out = root / "multi_w"
+    real = translation.get_calibrations
+    accuracy = {1.0: 0.90, 2.0: 0.895, 3.0: 0.50}  # 2 is within 99 % of the best, 3 is not
+
+    def rigged(args, *a, **k):
+        cals = real(args, *a, **k)
+        for w, c in cals.items():
+            c.accuracy = accuracy[w]
+        return cals
+
+    monkeypatch.setattr(translation, "get_calibrations", rigged)
+    fast = ("--num_slices_val", "4", "--forward_steps", "4")  # V0 holds healthy and lesion slices
+    metrics = translation.main(
+        _argv(setup, out, "--w", "1", "2", "3", "--num_slices", "3", "--num_panels", "2", *fast)
+    )
+    assert metrics["primary_setting"] == "w=2,t_e_ratio=1"
+    sel = metrics["guidance_selection"]
+    assert sel["chosen_w"] == 2.0 and sel["tolerance"] == 0.99
+    assert [r["w"] for r in sel["table"]] == [1.0, 2.0, 3.0]
+    assert [r["selected"] for r in sel["table"]] == [False, True, False]
+    assert [r["accuracy"] for r in sel["table"]] == [0.90, 0.895, 0.50]
+    assert metrics["mixed"] == metrics["settings_results"]["w=2,t_e_ratio=1"]["mixed"]
+    assert metrics["settings"]["min_cc_size"] == 3 and metrics["run"]["min_cc_size"] == 3  # 32 px
+    stored = json.loads((out / "metrics.json").read_text())
+    assert stored["guidance_selection"]["chosen_w"] == 2.0
+    assert "w=2,t_e_ratio=1" in (out / "panels" / "index.html").read_text()
+    assert "guidance selection" in (out / "log.txt").read_text()
+    # a stricter tolerance keeps only the best accuracy -> w = 1 (stored calibration: no validation pass)
+    metrics = translation.main(
+        _argv(
+            setup,
+            root / "multi_w_strict",
+            *("--w", "1", "2", "3", "--num_slices", "2", "--num_panels", "0", *fast),
+            *("--selection_tolerance", "1.0", "--calibration", str(out / "calibration.json")),
+        )
+    )
+    assert (
+        metrics["primary_setting"] == "w=1,t_e_ratio=1" and metrics["guidance_selection"]["chosen_w"] == 1.0
+    )
+    # a single w keeps the old behaviour: no selection block
+    single = translation.choose_primary_w([2.0], {})
+    assert single == (2.0, None)

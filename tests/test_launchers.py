@@ -1,0 +1,144 @@
+"""Launchers config/run_translation_brats_fpdm*.sh (checks, flags, torchrun) and bench_inference.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCHERS = {
+    "fpdm": (
+        REPO / "config" / "run_translation_brats_fpdm.sh",
+        "./logs/clf_free_guided",
+        "config/run_train_brats_clf_free_guided.sh",
+    ),
+    "hae_v2": (
+        REPO / "config" / "run_translation_brats_fpdm_hae_v2.sh",
+        "./logs/clf_free_guided_hae_v2",
+        "config/run_train_brats_clf_free_guided_hae_v2.sh",
+    ),
+}
+
+
+def _run(script: Path, **env: str) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if k not in ("MODEL_NUM", "MODEL_DIR", "W", "NPROC")}
+    return subprocess.run(
+        ["bash", str(script)], env={**base, **env}, capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.fixture()
+def layout(tmp_path):
+    data = tmp_path / "data"
+    for split in ("val", "test"):
+        (data / "data_splits" / split).mkdir(parents=True)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "ema_0.9999_210000.pt").touch()
+    (model / "model000010.pt").touch()
+    return data, model, tmp_path
+
+
+def test_launchers_parse():
+    for path in [REPO / "config" / "_launch_common.sh", *(v[0] for v in LAUNCHERS.values())]:
+        proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        text = path.read_text()
+        assert "sbatch" not in text.lower() and "conda" not in text and "/data/amciilab" not in text
+    for script, _, _ in LAUNCHERS.values():
+        assert "set -euo pipefail" in script.read_text() and os.access(script, os.X_OK)
+
+
+@pytest.mark.parametrize("kind", sorted(LAUNCHERS))
+def test_launcher_missing_inputs_exit_2(kind, layout):
+    script, default_model_dir, train = LAUNCHERS[kind]
+    data, model, tmp = layout
+    env = {"PYTHON": "/bin/false", "LOG_DIR": str(tmp / "out")}
+    proc = _run(script, DATA_DIR=str(tmp / "nodata"), MODEL_DIR=str(model), **env)
+    assert (
+        proc.returncode == 2 and str(tmp / "nodata") in proc.stderr and "make_synthetic_brats" in proc.stderr
+    )
+    (tmp / "flat").mkdir()
+    proc = _run(script, DATA_DIR=str(tmp / "flat"), MODEL_DIR=str(model), **env)
+    assert proc.returncode == 2 and "data_splits/val" in proc.stderr
+    proc = _run(script, DATA_DIR=str(data), MODEL_DIR=str(tmp / "nomodel"), **env)
+    assert proc.returncode == 2 and str(tmp / "nomodel") in proc.stderr
+    assert train in proc.stderr and default_model_dir in proc.stderr and "MODEL_NUM" in proc.stderr
+    proc = _run(script, DATA_DIR=str(data), MODEL_DIR=str(model), MODEL_NUM="20", **env)
+    assert proc.returncode == 2 and "ema_0.9999_000020.pt" in proc.stderr
+    assert "ema_0.9999_210000.pt model000010.pt" in proc.stderr  # lists what is there
+    proc = _run(script, DATA_DIR=str(data), MODEL_DIR=str(model), EMA="False", **env)
+    assert proc.returncode == 2 and "model210000.pt" in proc.stderr
+    assert not (tmp / "out").exists()  # nothing is created before the checks pass
+    # default MODEL_DIR = the training launcher's log dir (train -> segment without renaming)
+    proc = _run(script, DATA_DIR=str(data), PYTHON="echo", LOG_DIR=str(tmp / "out"))
+    assert default_model_dir in proc.stdout + proc.stderr and proc.returncode in (0, 2)
+
+
+@pytest.mark.parametrize("kind", sorted(LAUNCHERS))
+def test_launcher_command_line(kind, layout):
+    script, _, _ = LAUNCHERS[kind]
+    data, model, tmp = layout
+    env = {"DATA_DIR": str(data), "MODEL_DIR": str(model), "PYTHON": "echo", "LOG_DIR": str(tmp / "out")}
+    proc = _run(script, W="1 2", EXTRA_FLAGS="--save_nifti True --num_slices 10", **env)
+    assert proc.returncode == 0, proc.stderr
+    cmd = proc.stdout.split()
+    joined = " ".join(cmd)
+    target = "scripts/translation_FPDM_hae_v2.py" if kind == "hae_v2" else "scripts/translation_FPDM.py"
+    assert cmd[0] == target and (tmp / "out").is_dir()
+    for flags in (
+        "--w 1 2 --ema True",
+        "--forward_steps 600 --d_reverse True --model_num 210000",
+        "--image_size 128 --num_classes 2 --in_channels 4 --num_channels 128 --attention_resolutions 32,16,8",
+        "--modality 0 3 --seed 0",
+        "--diffusion_steps 1000 --noise_schedule linear",
+        f"--data_dir {data} --model_dir {model} --log_dir {tmp / 'out'}",
+        "--save_nifti True --num_slices 10",
+    ):
+        assert flags in joined, flags
+    batch = "10" if kind == "hae_v2" else "50"
+    assert f"--batch_size {batch} --batch_size_val {batch}" in joined
+    assert ("--unet_ver hae_v2 --use_hae True" in joined) == (kind == "hae_v2")
+    # several processes -> torchrun with the rendezvous settings
+    proc = _run(script, NPROC="2", MASTER_PORT="29999", MODEL_NUM="", **env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("-m torch.distributed.run --nproc-per-node 2 --nnodes 1")
+    assert "--master-port 29999" in proc.stdout and "--model_num" not in proc.stdout
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location(
+        "_bench_inference", REPO / "benchmarks" / "bench_inference.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_inference_tiny(tmp_path, capsys):
+    bench = _bench()
+    out = tmp_path / "bench.json"
+    argv = ["--config", "tiny", "--forward_steps", "3", "--repeats", "2", "--threads", "1"]
+    res = bench.main([*argv, "--skip_memory", "--json", str(out)])
+    stored = json.loads(out.read_text())
+    assert stored["forward_steps"] == 3 and set(stored["modes"]) == {"faithful", "upstream", "legacy"}
+    modes = res["modes"]
+    assert modes["faithful"]["calls_per_step"] == 1.0 and modes["legacy"]["calls_per_step"] == 1.0
+    assert modes["upstream"]["calls_per_step"] == pytest.approx(11 / 3)  # 4, 4, 3 calls
+    assert modes["faithful"]["samples_per_step"] == 2 * 2 and modes["upstream"]["samples_per_step"] > 7
+    assert modes["upstream"]["state_mib"] > modes["faithful"]["state_mib"]
+    assert len(modes["faithful"]["times_s"]) == 2 and modes["upstream"]["speedup_vs_upstream"] == 1.0
+    assert res["max_abs_div_diff_faithful_vs_upstream"] < 1e-5  # same x̂ sequences
+    assert "speed-up" in capsys.readouterr().out
+    # the CPU memory probe (normally run in a fresh subprocess per mode) returns a finite, non-negative MiB
+    args = bench.parse_args([*argv, "--child_mode", "faithful"])
+    peak = bench.cpu_peak_child(args)["peak_mib"]
+    assert math.isnan(peak) or peak >= 0
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--config", "huge"])

@@ -1,0 +1,134 @@
+"""scripts/select_guidance.py end to end on a tiny dataset and UNet (helpers of tests/test_translation.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("guided_diffusion.data.brats")
+
+from guided_diffusion import translation  # noqa: E402
+from guided_diffusion.calibration import load_calibrations, select_guidance  # noqa: E402
+from guided_diffusion.script_util import create_model_and_diffusion  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+helpers = _load("_translation_test_helpers", Path(__file__).with_name("test_translation.py"))
+select_script = _load("_select_guidance_script", REPO / "scripts" / "select_guidance.py")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Val/test splits with healthy and lesion slices + a random tiny checkpoint (EMA and plain)."""
+    root = tmp_path_factory.mktemp("select")
+    rng = np.random.default_rng(1)
+    data = root / "data"
+    helpers._write_split(data, "val", {"V0": [False, True, True, False], "V1": [True, False]}, rng)
+    helpers._write_split(data, "test", {"P0": [True, False, True]}, rng)
+    torch.manual_seed(1)
+    model, _ = create_model_and_diffusion(**helpers.MODEL_KW)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    mdir = root / "model"
+    mdir.mkdir()
+    torch.save(model.state_dict(), mdir / "ema_0.9999_000010.pt")
+    return data, mdir, root
+
+
+def _common(data: Path, mdir: Path, out: Path) -> list[str]:
+    return [
+        *helpers.MODEL_FLAGS,
+        *("--data_dir", str(data), "--model_dir", str(mdir), "--log_dir", str(out)),
+        *("--forward_steps", "4", "--modality", "0", "3", "--ema", "True", "--seed", "1"),
+        *("--progress", "False"),
+    ]
+
+
+def test_select_guidance_end_to_end(tiny, monkeypatch):
+    data, mdir, root = tiny
+    out = root / "select"
+    calls = []
+    real = translation.run_forward_process
+
+    def counting(*a, **k):
+        calls.append((a[2].shape[0], tuple(k["ws"])))
+        return real(*a, **k)
+
+    monkeypatch.setattr(translation, "run_forward_process", counting)
+    argv = [*_common(data, mdir, out), "--w", "3", "1", "2", "--batch_size_val", "6"]
+    res = select_script.main(argv)
+    assert calls == [(6, (3.0, 1.0, 2.0))]  # ONE forward pass over the 6 validation slices serves all w
+
+    stored = json.loads((out / "guidance_selection.json").read_text())
+    assert stored == json.loads(json.dumps(res))
+    cals = load_calibrations(str(out / "calibration.json"))
+    assert sorted(cals) == [1.0, 2.0, 3.0] and all(c.n_val == 6 for c in cals.values())
+    chosen, table = select_guidance(cals)
+    assert stored["chosen_w"] == chosen and stored["tolerance"] == 0.99
+    assert [r["w"] for r in stored["table"]] == [1.0, 2.0, 3.0]
+    for row, ref in zip(stored["table"], table):
+        assert row["accuracy"] == pytest.approx(cals[row["w"]].accuracy) == pytest.approx(ref["accuracy"])
+        assert row["thr_01"] == pytest.approx(cals[row["w"]].thr_01)
+        assert row["n_min"] == cals[row["w"]].n_min and len(row["diff_max"]) == 2
+        assert row["selected"] == (row["w"] == chosen)
+    best = max(c.accuracy for c in cals.values())
+    assert cals[chosen].accuracy >= 0.99 * best
+    assert all(w <= chosen for w, c in cals.items() if c.accuracy >= 0.99 * best)
+    assert stored["forward"]["forward_steps"] == 4 and stored["checkpoint"].endswith("ema_0.9999_000010.pt")
+    assert "guidance selection" in (out / "log.txt").read_text()
+
+    # translation_FPDM.py --calibration reuses the file: no validation pass, only the test slices
+    calls.clear()
+    seg = root / "segment"
+    metrics = translation.main(
+        [
+            *_common(data, mdir, seg),
+            *("--w", f"{chosen:g}", "--calibration", str(out / "calibration.json")),
+            *("--batch_size", "3", "--num_panels", "0", "--min_cc_size", "0"),
+        ]
+    )
+    assert calls == [(3, (chosen,))]
+    assert metrics["calibration"][f"{chosen:g}"]["thr_01"] == pytest.approx(cals[chosen].thr_01)
+    assert metrics["settings"]["min_cc_size"] == 0 and "guidance_selection" not in metrics
+    # settings that differ from the calibration's are refused
+    with pytest.raises(ValueError, match="forward_steps"):
+        translation.main(
+            [
+                *_common(data, mdir, root / "bad"),
+                *("--w", f"{chosen:g}", "--calibration", str(out / "calibration.json")),
+                *("--forward_steps", "5"),
+            ]
+        )
+
+
+def test_select_guidance_flags(tiny):
+    data, mdir, root = tiny
+    argv = [*_common(data, mdir, root / "x"), "--w", "1", "2"]
+    parser = select_script.create_argparser()
+    args = translation.finish_calibration_args(parser.parse_args([*argv, "--d_reverse", "False"]))
+    assert args.encoding == "ddpm" and args.class_cond and args.w == [1.0, 2.0]
+    for flag in ("--timestep_respacing", "--legacy_indexing", "--ugp", "--num_slices_val", "--ema_rate"):
+        assert flag in parser.format_help()
+    assert "--t_e_ratio" not in parser.format_help()  # test-split flags stay in translation_FPDM.py
+    with pytest.raises(ValueError, match="repeated"):
+        translation.finish_calibration_args(parser.parse_args([*argv, "--w", "1", "1"]))
+    with pytest.raises(ValueError, match="selection_tolerance"):
+        translation.finish_calibration_args(parser.parse_args([*argv, "--selection_tolerance", "1.5"]))
+    with pytest.raises(SystemExit):
+        parser.parse_args(argv[:-3])  # --w is required
+    with pytest.raises(FileNotFoundError, match="model_dir"):
+        select_script.main([*argv, "--model_dir", str(root / "missing")])
