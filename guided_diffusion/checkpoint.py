@@ -366,6 +366,31 @@ def load_training_checkpoint(directory: str, step: int) -> TrainingCheckpoint:
     )
 
 
+def remove_stale_temp_files(directory: str) -> list[str]:
+    """Delete temporary files left by atomic writes of processes that no longer run (a run killed during
+    a save). Temp names are ``.<name>.tmp-<pid>-<hex>`` (io_util); files of live processes are kept."""
+    removed = []
+    if not os.path.isdir(directory):
+        return removed
+    for name in os.listdir(directory):
+        match = re.fullmatch(r"\..+\.tmp-(\d+)-[0-9a-f]+", name)
+        if match is None or _pid_alive(int(match.group(1))):
+            continue
+        os.remove(os.path.join(directory, name))
+        removed.append(name)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def latest_complete_checkpoint(directory: str) -> TrainingCheckpoint | None:
     """The newest checkpoint whose files all load; older ones are tried (with a warning) when the newest
     is truncated or corrupt. None when the directory holds no complete checkpoint."""

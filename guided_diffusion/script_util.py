@@ -192,6 +192,14 @@ def create_model(
     if in_channels < 1:
         raise ValueError(f"--in_channels must be >= 1, got {in_channels}")
     mult = parse_channel_mult(image_size, channel_mult)
+    multiple = 2 ** (len(mult) - 1)
+    if image_size % multiple:
+        lower, upper = image_size // multiple * multiple or multiple, (image_size // multiple + 1) * multiple
+        raise ValueError(
+            f"--image_size {image_size} must be a multiple of {multiple} (the UNet downsamples "
+            f"{len(mult) - 1} times for channel_mult={mult}); use {lower} or {upper}, "
+            "or a shorter --channel_mult"
+        )
     factors = attention_downsample_factors(image_size, attention_resolutions)
     reachable = {2**level for level in range(len(mult))}
     if not factors <= reachable:

@@ -254,6 +254,9 @@ class TrainLoop:
         elif self.resume == "auto":
             step, found = None, None
             if dist_util.is_main_process():
+                stale = checkpoint.remove_stale_temp_files(self.log_dir)
+                if stale:
+                    logger.log(f"removed {len(stale)} temporary file(s) of an interrupted save: {stale}")
                 found = checkpoint.latest_complete_checkpoint(self.log_dir)
                 step = found.step if found else None
             step = dist_util.broadcast_object(step)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -118,3 +120,18 @@ def test_mismatched_model_names_file_keys_and_flags(tmp_path):
     assert "num_channels: saved 32, now 64" in msg
     with pytest.raises(ValueError, match="the run was trained with: .*'num_channels': 32"):
         checkpoint.load_model_checkpoint(big, str(tmp_path / "model000007.pt"))
+
+
+def test_remove_stale_temp_files_keeps_live_and_real_files(tmp_path):
+    """Temp files of dead writers are removed; those of a live process and real checkpoints stay."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    dead_pid = int(dead.stdout)
+    stale = tmp_path / f".model000004.pt.tmp-{dead_pid}-ab12cd34"
+    live = tmp_path / f".opt000004.pt.tmp-{os.getpid()}-00ff00ff"
+    real = tmp_path / "model000002.pt"
+    for path in (stale, live, real):
+        path.write_bytes(b"x")
+    removed = checkpoint.remove_stale_temp_files(str(tmp_path))
+    assert removed == [stale.name]
+    assert not stale.exists() and live.exists() and real.exists()
