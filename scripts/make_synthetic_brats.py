@@ -34,6 +34,8 @@ def main(argv=None) -> dict:
         default=0.2,
         help="share of tumour-free subjects per split (each split keeps >= 1 unhealthy subject)",
     )
+    p.add_argument("--slice_step", type=int, default=1,
+                   help="keep every N-th axial slice (2: 4 mm spacing, half the slices, for quick CPU runs)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
@@ -47,6 +49,7 @@ def main(argv=None) -> dict:
         healthy_fraction=args.healthy_fraction,
         overwrite=args.overwrite,
         progress=not args.quiet,
+        slice_step=args.slice_step,
     )
     stats["total_seconds"] = round(time.perf_counter() - t0, 2)
     print(json.dumps(stats, indent=1))

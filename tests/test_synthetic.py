@@ -60,7 +60,7 @@ def test_layout_matches_spec(built):
         assert [p.name for p in pdirs] == sorted(f"patient_{n}" for n in names)
         for pdir in pdirs:
             meta = json.loads((pdir / "meta.json").read_text())
-            assert set(meta) == {"affine", "shape", "slices", "modalities"}
+            assert set(meta) == {"affine", "shape", "slices", "slice_step", "modalities"}
             assert meta["modalities"] == ["flair", "t1", "t1ce", "t2"]
             assert meta["shape"] == [128, 128, 96]
             np.testing.assert_allclose(meta["affine"], load_atlas()["affine"])
@@ -146,3 +146,26 @@ def test_lesion_visible_in_flair_and_t2(built):
             assert inside > 1.3 * around, (pdir.name, c, inside, around)
         checked += 1
     assert checked >= 2
+
+
+def test_slice_step_keeps_every_nth_slice(built, tmp_path):
+    """--slice_step 2 writes the even-offset slices of the full build, byte for byte, and records the step."""
+    root, _ = built
+    thin = tmp_path / "thin"
+    _load_script("make_synthetic_brats").main(
+        ["--out", str(thin), "--subjects", "5", "--seed", "0", "--image_size", str(SIZE), "--quiet",
+         "--slice_step", "2"]
+    )
+    full, half = _npz_files(root), _npz_files(thin)
+    assert half and set(half) < set(full)
+    for pdir in sorted((thin / "npy_test").iterdir()):
+        meta = json.loads((pdir / "meta.json").read_text())
+        lo, hi = meta["slices"]
+        assert meta["slice_step"] == 2
+        numbers = sorted(int(p.stem.split("_")[1]) for p in pdir.glob("slice_*.npz"))
+        assert numbers == list(range(lo, hi + 1, 2))
+    for rel in half:
+        with np.load(root / rel) as a, np.load(thin / rel) as b:
+            assert a["x"].tobytes() == b["x"].tobytes() and a["y"].tobytes() == b["y"].tobytes()
+    with pytest.raises(ValueError, match="--slice_step must be >= 1"):
+        build_synthetic_dataset(tmp_path / "bad", subjects=5, seed=0, image_size=SIZE, slice_step=0)

@@ -230,15 +230,20 @@ def write_patient(
     affine: np.ndarray,
     raw_shape: Sequence[int],
     modalities: Sequence[str],
+    slice_step: int = 1,
 ) -> Path:
-    """Write ``slice_{k}.npz`` for k in the range (x [S, C, H, W], y [S, 1, H, W]) and meta.json (last).
+    """Write ``slice_{k}.npz`` for k = lo, lo + slice_step, ... <= hi (x [S, C, H, W], y [S, 1, H, W] hold
+    exactly those slices) and meta.json (last).
 
     Stale ``slice_*.npz`` from an earlier run that are not part of the new range are removed.
     """
     pdir = root / f"npy_{split}" / f"patient_{patient}"
     lo, hi = slice_range
+    numbers = range(lo, hi + 1, slice_step)
+    if len(numbers) != x.shape[0]:
+        raise ValueError(f"{patient}: {x.shape[0]} slices given for slice numbers {list(numbers)}")
     names = set()
-    for i, k in enumerate(range(lo, hi + 1)):
+    for i, k in enumerate(numbers):
         name = f"slice_{k}.npz"
         names.add(name)
         atomic_write_bytes(npz_bytes(x[i : i + 1], y[i : i + 1]), str(pdir / name))
@@ -249,6 +254,7 @@ def write_patient(
         "affine": np.asarray(affine, dtype=float).tolist(),
         "shape": [int(s) for s in raw_shape],
         "slices": [int(lo), int(hi)],
+        "slice_step": int(slice_step),
         "modalities": list(modalities),
     }
     atomic_write_text(json.dumps(meta, indent=2) + "\n", str(pdir / "meta.json"))
