@@ -24,19 +24,25 @@
 #   PYTHON          interpreter                                   (default python)
 #   EXTRA_FLAGS     appended to the command line, e.g. "--save_nifti True --t_e_ratio 1 2"
 # Exit code 2 (with a message naming the path) when the data, the model dir or the checkpoint is missing.
+# Variant launchers (config/run_translation_brats_fpdm_hae_v2.sh) set LAUNCH_VARIANT, LAUNCH_VARIANT_FLAGS,
+# TRANSLATION_SCRIPT and TRAIN_LAUNCHER and exec this file.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=config/_launch_common.sh
 . config/_launch_common.sh
 
 DATA_DIR="${DATA_DIR:-./data/preprocessed_data}"
-MODEL_DIR="${MODEL_DIR:-./logs/clf_free_guided}"
+LAUNCH_VARIANT="${LAUNCH_VARIANT:-}"  # log-dir suffix of a variant, e.g. _hae_v2
+LAUNCH_VARIANT_FLAGS="${LAUNCH_VARIANT_FLAGS:---unet_ver v2}"
+TRANSLATION_SCRIPT="${TRANSLATION_SCRIPT:-scripts/translation_FPDM.py}"
+TRAIN_LAUNCHER="${TRAIN_LAUNCHER:-config/run_train_brats_clf_free_guided.sh}"
+MODEL_DIR="${MODEL_DIR:-./logs/clf_free_guided${LAUNCH_VARIANT}}"
 MODEL_NUM="${MODEL_NUM-210000}"
 EMA="${EMA:-True}"
 EMA_RATE="${EMA_RATE:-0.9999}"
 W="${W:-2}"
 FORWARD_STEPS=600
-LOG_DIR="${LOG_DIR:-./logs/translation_fpdm_${W// /-}_${MODEL_NUM:-latest}_${FORWARD_STEPS}}"
+LOG_DIR="${LOG_DIR:-./logs/translation_fpdm${LAUNCH_VARIANT}_${W// /-}_${MODEL_NUM:-latest}_${FORWARD_STEPS}}"
 BATCH_SIZE="${BATCH_SIZE:-50}"
 BATCH_SIZE_VAL="${BATCH_SIZE_VAL:-50}"
 NUM_SLICES="${NUM_SLICES:-}"
@@ -51,16 +57,18 @@ EXTRA_FLAGS="${EXTRA_FLAGS:-}"
 
 launch_check_data "$DATA_DIR" val test
 launch_check_checkpoint "$MODEL_DIR" "$MODEL_NUM" "$EMA" "$EMA_RATE" \
-  config/run_train_brats_clf_free_guided.sh ./logs/clf_free_guided
+  "$TRAIN_LAUNCHER" "./logs/clf_free_guided${LAUNCH_VARIANT}"
 
 export OPENAI_LOGDIR="$LOG_DIR"
 mkdir -p "$OPENAI_LOGDIR"
 
 # shellcheck disable=SC2206  # W is a space-separated list
 W_LIST=($W)
+# shellcheck disable=SC2206  # LAUNCH_VARIANT_FLAGS is a flag list
+LAUNCH_VARIANT_LIST=($LAUNCH_VARIANT_FLAGS)
 MODEL_FLAGS=(
   --image_size 128 --num_classes 2 --in_channels 4 --num_channels 128 --attention_resolutions 32,16,8
-  --unet_ver v2 --w "${W_LIST[@]}" --ema "$EMA" --ema_rate "$EMA_RATE"
+  "${LAUNCH_VARIANT_LIST[@]}" --w "${W_LIST[@]}" --ema "$EMA" --ema_rate "$EMA_RATE"
   --forward_steps "$FORWARD_STEPS" --d_reverse True
 )
 if [ -n "$MODEL_NUM" ]; then
@@ -84,5 +92,5 @@ ABLATION_FLAGS=(--last_only False --subset_interval -1 --t_e_ratio 1)
 # shellcheck disable=SC2206  # EXTRA_FLAGS is meant to be word-split
 EXTRA=($EXTRA_FLAGS)
 
-launch_python scripts/translation_FPDM.py "${MODEL_FLAGS[@]}" "${DATA_FLAGS[@]}" "${DIFFUSION_FLAGS[@]}" \
+launch_python "$TRANSLATION_SCRIPT" "${MODEL_FLAGS[@]}" "${DATA_FLAGS[@]}" "${DIFFUSION_FLAGS[@]}" \
   "${DIR_FLAGS[@]}" "${ABLATION_FLAGS[@]}" ${EXTRA[@]+"${EXTRA[@]}"}
