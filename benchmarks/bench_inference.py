@@ -213,18 +213,9 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     cuda = args.device.startswith("cuda")
     stats: dict[str, dict[str, Any]] = {}
     results = {}
-    for mode in args.modes:  # warm-up, and the per-mode constants
+    for mode in args.modes:  # warm-up: thread pools, lazy initialisation
         run_mode(model, diffusion, x0, mode, min(2, args.forward_steps))
-        fr = run_mode(model, diffusion, x0, mode, args.forward_steps)
-        results[mode] = fr
-        stats[mode] = {
-            **MODES[mode],
-            "calls_per_step": fr.calls / args.forward_steps,
-            "samples_per_step": sum(fr.samples_per_call) / args.forward_steps,
-            "state_mib": fr.state_bytes() / 2**20,
-            "times_s": [],
-            "peaks_mib": [],
-        }
+        stats[mode] = {**MODES[mode], "times_s": [], "peaks_mib": []}
     for rep in range(args.repeats):
         order = args.modes[rep % len(args.modes) :] + args.modes[: rep % len(args.modes)]
         for mode in order:
@@ -234,11 +225,20 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 base = torch.cuda.memory_allocated()
             sync(args.device)
             t0 = time.perf_counter()
-            run_mode(model, diffusion, x0, mode, args.forward_steps)
+            fr = run_mode(model, diffusion, x0, mode, args.forward_steps)
             sync(args.device)
             stats[mode]["times_s"].append(time.perf_counter() - t0)
             if cuda:
                 stats[mode]["peaks_mib"].append((torch.cuda.max_memory_allocated() - base) / 2**20)
+            print(f"{mode}: {stats[mode]['times_s'][-1]:.2f} s", file=sys.stderr, flush=True)
+            if mode not in results:  # the per-mode constants, from the first timed run
+                results[mode] = fr
+                stats[mode].update(
+                    calls_per_step=fr.calls / args.forward_steps,
+                    samples_per_step=sum(fr.samples_per_call) / args.forward_steps,
+                    state_mib=fr.state_bytes() / 2**20,
+                )
+            del fr
     for mode in args.modes:
         s = stats[mode]
         s["s_per_slice"] = statistics.median(s["times_s"]) / args.batch

@@ -213,12 +213,19 @@ def get_calibrations(args, model, diffusion, sha: str, log_dir: str) -> dict[flo
         logger.log(f"using calibration {path}")
         return {float(w): cals[float(w)] for w in args.w}
     t0 = time.time()
-    cals = calibrate_for_ws(
+    cals = calibrate_from_args(args, model, diffusion, sha)
+    logger.log(f"calibration on the validation split took {time.time() - t0:.1f}s")
+    return cals
+
+
+def calibrate_from_args(args, model, diffusion, sha: str) -> dict[float, Calibration]:
+    """``calibrate_for_ws`` with the run's flags: every ``--w`` from one pass over the validation split."""
+    return calibrate_for_ws(
         model,
         diffusion,
         data_dir=args.data_dir,
         ws=args.w,
-        settings=settings,
+        settings=run_settings(args),
         checkpoint_sha256=sha,
         batch_size=args.batch_size_val,
         num_slices=args.num_slices_val,
@@ -226,8 +233,6 @@ def get_calibrations(args, model, diffusion, sha: str, log_dir: str) -> dict[flo
         in_channels=args.in_channels,
         progress=args.progress,
     )
-    logger.log(f"calibration on the validation split took {time.time() - t0:.1f}s")
-    return cals
 
 
 # ---------------------------------------------------------------------------------------------- test loop

@@ -27,7 +27,7 @@ from guided_diffusion import dist_util, logger  # noqa: E402
 from guided_diffusion.io_util import atomic_write_json  # noqa: E402
 from guided_diffusion.translation import (  # noqa: E402
     add_calibration_flags,
-    calibrate_for_ws,
+    calibrate_from_args,
     finish_calibration_args,
     guidance_selection,
     load_model,
@@ -53,20 +53,7 @@ def main(argv: Sequence[str] | None = None, overrides: Mapping[str, Any] | None 
     logger.log("args: " + json.dumps(vars(args), sort_keys=True, default=str))
     model, diffusion, path, sha = load_model(args)
     logger.log(f"loaded {path} (sha256 {sha[:12]}...) on {dist_util.dev()}")
-    settings = run_settings(args)
-    cals = calibrate_for_ws(
-        model,
-        diffusion,
-        data_dir=args.data_dir,
-        ws=args.w,
-        settings=settings,
-        checkpoint_sha256=sha,
-        batch_size=args.batch_size_val,
-        num_slices=args.num_slices_val,
-        seed=args.seed,
-        in_channels=args.in_channels,
-        progress=args.progress,
-    )
+    cals = calibrate_from_args(args, model, diffusion, sha)
     selection = guidance_selection(cals, args.selection_tolerance)
     out = None
     if dist_util.get_rank() == 0:
@@ -77,7 +64,7 @@ def main(argv: Sequence[str] | None = None, overrides: Mapping[str, Any] | None 
             "calibration_file": cal_path,
             "checkpoint": path,
             "checkpoint_sha256": sha,
-            "forward": settings,
+            "forward": run_settings(args),
             "num_slices_val": args.num_slices_val,
             "n_val": next(iter(cals.values())).n_val,
             "seed": args.seed,

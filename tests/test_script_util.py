@@ -169,8 +169,6 @@ def test_model_config_resolves_equivalent_spellings():
 
 
 def test_create_model_and_diffusion():
-    pytest.importorskip("guided_diffusion.respace")
-    pytest.importorskip("guided_diffusion.gaussian_diffusion")
     model, diffusion = su.create_model_and_diffusion(**tiny_flags(timestep_respacing="10", class_cond=True))
     assert isinstance(model, UNetModel) and model.num_classes == 2
     assert diffusion.num_timesteps == 10

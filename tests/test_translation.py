@@ -13,8 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("guided_diffusion.data.brats")
-
 from guided_diffusion import translation  # noqa: E402
 from guided_diffusion.dist_util import find_free_port  # noqa: E402
 from guided_diffusion.script_util import create_model_and_diffusion  # noqa: E402
