@@ -134,23 +134,25 @@ def _to_numpy(x: Any, name: str) -> np.ndarray:
     return np.asarray(x)
 
 
-def _as_masks(x: Any, name: str) -> np.ndarray:
-    """Masks [N, H, W] or [N, 1, H, W] -> bool [N, H, W] (values > 0.5 are True)."""
+def _as_nhw(x: Any, name: str) -> np.ndarray:
+    """[N, H, W] or [N, 1, H, W] -> numpy [N, H, W]; anything else is a ValueError naming ``name``."""
     a = _to_numpy(x, name)
     if a.ndim == 4 and a.shape[1] == 1:
         a = a[:, 0]
     if a.ndim != 3:
         raise ValueError(f"`{name}` must have shape [N, H, W] or [N, 1, H, W], got {tuple(a.shape)}")
+    return a
+
+
+def _as_masks(x: Any, name: str) -> np.ndarray:
+    """Masks [N, H, W] or [N, 1, H, W] -> bool [N, H, W] (values > 0.5 are True)."""
+    a = _as_nhw(x, name)
     return a if a.dtype == bool else a > 0.5
 
 
 def _as_maps(x: Any, name: str) -> np.ndarray:
     """Continuous maps [N, H, W] or [N, 1, H, W] -> float array [N, H, W]."""
-    a = _to_numpy(x, name)
-    if a.ndim == 4 and a.shape[1] == 1:
-        a = a[:, 0]
-    if a.ndim != 3:
-        raise ValueError(f"`{name}` must have shape [N, H, W] or [N, 1, H, W], got {tuple(a.shape)}")
+    a = _as_nhw(x, name)
     if not np.issubdtype(a.dtype, np.floating):
         a = a.astype(np.float32)
     return a
