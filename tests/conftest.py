@@ -1,8 +1,10 @@
 """Shared test setup: small thread counts so the suite behaves on 2-core CI machines."""
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -23,3 +25,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def load_module(name: str, path: Path) -> ModuleType:
+    """Import the file ``path`` (a script, benchmark or test module) as a module called ``name``."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

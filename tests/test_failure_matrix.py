@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import functools
-import importlib.util
 import io
 import json
 import math
@@ -32,6 +31,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+from conftest import load_module
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -131,10 +131,7 @@ def write_dataset(root: Path, channels: int = 2, side: int = 16, patients: int =
 
 def train_script():
     """scripts/train.py loaded as a module (under a private name, so it cannot clash with others)."""
-    spec = importlib.util.spec_from_file_location("_matrix_train_script", REPO / "scripts" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module("_matrix_train_script", REPO / "scripts" / "train.py")
 
 
 def make_loop(model, tmp_path: Path, precision: str = "fp32", **kw) -> TrainLoop:

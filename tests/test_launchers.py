@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -10,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import load_module
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHERS = {
@@ -113,12 +113,7 @@ def test_launcher_command_line(kind, layout):
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location(
-        "_bench_inference", REPO / "benchmarks" / "bench_inference.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module("_bench_inference", REPO / "benchmarks" / "bench_inference.py")
 
 
 def test_bench_inference_tiny(tmp_path, capsys):

@@ -1,6 +1,5 @@
 """NIfTI -> slice preprocessing, end to end on the synthetic --raw_nifti output."""
 
-import importlib.util
 import json
 import os
 import random
@@ -12,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import load_module
 
 from guided_diffusion.data.preprocess import (
     modality_list,
@@ -27,10 +27,7 @@ SIZE = 32
 
 
 def _load_script(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_module(name, REPO / "scripts" / f"{name}.py")
 
 
 @pytest.fixture(scope="module")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import load_module
 
 from guided_diffusion import translation  # noqa: E402
 from guided_diffusion.calibration import load_calibrations, select_guidance  # noqa: E402
@@ -17,15 +17,8 @@ from guided_diffusion.script_util import create_model_and_diffusion  # noqa: E40
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-helpers = _load("_translation_test_helpers", Path(__file__).with_name("test_translation.py"))
-select_script = _load("_select_guidance_script", REPO / "scripts" / "select_guidance.py")
+helpers = load_module("_translation_test_helpers", Path(__file__).with_name("test_translation.py"))
+select_script = load_module("_select_guidance_script", REPO / "scripts" / "select_guidance.py")
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,11 @@
 """Synthetic BraTS-like dataset: layout, determinism, label mix, lesion visibility."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_module
 
 from guided_diffusion.data.preprocess import split_counts
 from guided_diffusion.data.synthetic import (
@@ -20,10 +20,7 @@ SIZE = 32
 
 
 def _load_script(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_module(name, REPO / "scripts" / f"{name}.py")
 
 
 @pytest.fixture(scope="module")
