@@ -1,0 +1,69 @@
+"""How every entry point ends: expected errors as one line on stderr and exit status 2.
+
+``run_cli(main)`` calls ``main()`` and turns the errors a user can cause (bad flags, missing or corrupt
+files, values out of range, a full disk, a busy log dir) into ``error: <message>`` and exit 2, with no
+traceback. The traceback is shown when ``--debug`` is on the command line or ``HAE_FPDM_DEBUG=1`` is set
+(``TRAIN_DEBUG=1`` is accepted as the older name).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+DEBUG_ENV = ("HAE_FPDM_DEBUG", "TRAIN_DEBUG")
+
+# errors that bad input or a bad environment cause; anything else is a bug and keeps its traceback
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+    FileExistsError,
+    KeyError,
+    OSError,
+)
+
+
+def debug_enabled(argv: list[str] | None = None) -> bool:
+    """True when tracebacks were asked for (``--debug`` in argv or one of DEBUG_ENV set to non-empty)."""
+    argv = sys.argv[1:] if argv is None else argv
+    return "--debug" in argv or any(os.environ.get(k) for k in DEBUG_ENV)
+
+
+def strip_debug_flag(argv: list[str] | None = None) -> list[str]:
+    """``argv`` (default ``sys.argv[1:]``) without ``--debug``, for parsers that do not define it."""
+    argv = sys.argv[1:] if argv is None else argv
+    return [a for a in argv if a != "--debug"]
+
+
+def error_line(err: BaseException) -> str:
+    """The one line printed for ``err``: its message without the traceback (first line of it)."""
+    if isinstance(err, KeyError) and err.args:
+        text = str(err.args[0])
+    else:
+        text = str(err) or type(err).__name__
+    text = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    return f"error: {text}"
+
+
+def run_cli(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> int:
+    """Run ``main(argv without --debug)``; return its int status (0 for None) or 2 for an expected error.
+
+    Args:
+        main: the entry point's function taking the argument list.
+        argv: the arguments (default ``sys.argv[1:]``).
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = debug_enabled(argv)
+    try:
+        status = main(strip_debug_flag(argv))
+    except EXPECTED_ERRORS as err:
+        if debug:
+            raise
+        print(error_line(err) + "  (--debug or HAE_FPDM_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 2
+    return int(status) if isinstance(status, int) else 0
