@@ -22,10 +22,14 @@ setup(
         "scikit-learn>=1.2",
         "scikit-image>=0.21",
         "matplotlib>=3.6",
+        "monai>=1.4",
+        "safetensors>=0.4",
     ],
     extras_require={
         # mpi4py is imported only when the process was started by mpiexec.
         "mpi": ["mpi4py>=3.1", "mpich"],
+        # TensorBoard events during training (guided_diffusion.training_plots.ScalarWriter)
+        "tensorboard": ["tensorboard>=2.10"],
         "test": ["pytest>=7", "ruff>=0.4", "mpi4py>=3.1", "mpich"],
     },
 )
