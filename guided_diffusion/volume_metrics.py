@@ -174,22 +174,27 @@ def lesion_metrics(pred: Any, gt: Any, dilation: int = 0, min_lesion_voxels: int
         raise ValueError(f"dilation and min_lesion_voxels must be >= 0, got {dilation}, {min_lesion_voxels}")
     gl, n_gt = ndimage.label(g, structure=STRUCT_26)
     pl, n_pred = ndimage.label(p, structure=STRUCT_26)
+    pred_sizes = np.bincount(pl.ravel(), minlength=n_pred + 1)
     touched: set[int] = set()
     tp, fn, dice_sum = 0, 0, 0.0
-    for lab in range(1, n_gt + 1):
-        lesion = gl == lab
-        if lesion.sum() < min_lesion_voxels:
+    for lab, box in enumerate(ndimage.find_objects(gl), start=1):
+        # work in the lesion's bounding box grown by the dilation (the region cannot leave it)
+        crop = tuple(slice(max(b.start - dilation, 0), min(b.stop + dilation, n))
+                     for b, n in zip(box, g.shape))
+        lesion = gl[crop] == lab
+        size = int(lesion.sum())
+        if size < min_lesion_voxels:
             continue
         region = ndimage.binary_dilation(lesion, STRUCT_26, iterations=dilation) if dilation else lesion
-        hits = np.unique(pl[region])
+        hits = np.unique(pl[crop][region])
         hits = hits[hits > 0]
         if hits.size == 0:
             fn += 1
             continue
         tp += 1
         touched.update(int(h) for h in hits)
-        matched = np.isin(pl, hits)
-        dice_sum += 2.0 * float((matched & lesion).sum()) / float(matched.sum() + lesion.sum())
+        overlap = int(np.isin(pl[crop][lesion], hits).sum())
+        dice_sum += 2.0 * overlap / float(pred_sizes[hits].sum() + size)
     fp = n_pred - len(touched)
     total = tp + fn + fp
     return {
