@@ -117,3 +117,25 @@ def test_export_script_cli(tmp_path, capsys):
     assert script.run_cli(script.main, [str(run), "--out", str(tmp_path / "f"), "--rate", "0.5"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no EMA checkpoint with rate 0.5") and err.count("\n") == 1
+
+
+def test_export_of_a_real_training_run(tmp_path):
+    """scripts/train.py saves the config export reads: the export reproduces the EMA checkpoint exactly."""
+    from test_train import write_fake_brats
+
+    train = load_module("train_script_for_export", REPO / "scripts" / "train.py")
+    data = write_fake_brats(tmp_path / "data")
+    log = tmp_path / "log"
+    assert train.main(["--data_dir", str(data), "--log_dir", str(log), "--image_size", "16",
+                       "--num_channels", "8", "--in_channels", "2", "--num_classes", "2",
+                       "--channel_mult", "1,2", "--attention_resolutions", "8", "--num_heads", "1",
+                       "--num_res_blocks", "1", "--diffusion_steps", "40", "--batch_size", "4",
+                       "--max_steps", "2", "--save_interval", "2", "--log_interval", "1",
+                       "--num_workers", "0", "--lr", "1e-3"]) == 0
+    export_run(str(log), str(tmp_path / "export"))
+    loaded, diffusion, _ = load_pretrained(str(tmp_path / "export"))
+    flags = {**FLAGS, "num_channels": 8, "diffusion_steps": 40}
+    ref, _ = create_model_and_diffusion(**flags)
+    checkpoint.load_model_checkpoint(ref, checkpoint.find_checkpoint(str(log), ema_rate="0.9999"))
+    ref.eval()
+    assert torch.equal(_out(loaded), _out(ref)) and diffusion.num_timesteps == 40
