@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -96,6 +95,7 @@ def export_run(run_dir: str, out_dir: str, weights: str = "ema", rate: str = "0.
         raise FileExistsError(f"--out {out_dir} already holds {WEIGHTS_FILE}; pass --overwrite or pick "
                               "another folder")
     path, found_step = _select_weights(run_dir, weights, rate, step)
+    cal, metrics_data = _read_inputs(run_dir, calibration, metrics)
     saved = read_saved_config(run_dir, found_step)
     if not saved or "model" not in saved or "diffusion" not in saved:
         raise ValueError(f"{run_dir} has no saved config with 'model' and 'diffusion' (state*.pt or "
@@ -116,29 +116,45 @@ def export_run(run_dir: str, out_dir: str, weights: str = "ema", rate: str = "0.
         "weights": {"kind": weights, "ema_rate": rate if weights == "ema" else None, "step": found_step,
                     "source": os.path.basename(path), "sha256": _sha256(blob), "n_parameters": n_params},
     }
-    atomic_write_bytes(blob, os.path.join(out_dir, WEIGHTS_FILE))
+    from .model_card import model_card
+
+    card = model_card(config, metrics_data, cal is not None)
+    # calibration and card first, weights last: an interrupted export has no model.safetensors
+    stale = os.path.join(out_dir, CALIBRATION_FILE)
+    if cal is not None:
+        with open(cal, "rb") as f:
+            atomic_write_bytes(f.read(), stale)
+    elif os.path.exists(stale):
+        os.remove(stale)  # from an earlier export with --overwrite
+    atomic_write_text(card, os.path.join(out_dir, "README.md"))
     atomic_write_json(config, os.path.join(out_dir, CONFIG_FILE))
-    cal = calibration or os.path.join(run_dir, CALIBRATION_FILE)
+    atomic_write_bytes(blob, os.path.join(out_dir, WEIGHTS_FILE))
+    return config
+
+
+def _read_inputs(run_dir: str, calibration: str | None, metrics: str | None) -> tuple[str | None, Any]:
+    """(calibration path or None, metrics dict or None), checked before anything is written."""
+    from .calibration import load_calibrations
+
     if calibration and not os.path.isfile(calibration):
         raise FileNotFoundError(f"--calibration {calibration} does not exist")
-    has_cal = os.path.isfile(cal)
-    if has_cal:
-        from .calibration import load_calibrations
-
+    cal = calibration or os.path.join(run_dir, CALIBRATION_FILE)
+    if not os.path.isfile(cal):
+        cal = None
+    else:
         load_calibrations(cal)  # refuse a broken file before copying it
-        tmp = os.path.join(out_dir, f".{CALIBRATION_FILE}.tmp")
-        shutil.copyfile(cal, tmp)
-        os.replace(tmp, os.path.join(out_dir, CALIBRATION_FILE))
     metrics_data = None
     if metrics:
         if not os.path.isfile(metrics):
             raise FileNotFoundError(f"--metrics {metrics} does not exist")
         with open(metrics, encoding="utf-8") as f:
-            metrics_data = json.load(f)
-    from .model_card import model_card
-
-    atomic_write_text(model_card(config, metrics_data, has_cal), os.path.join(out_dir, "README.md"))
-    return config
+            try:
+                metrics_data = json.load(f)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"--metrics {metrics}: not valid JSON ({err})") from err
+        if not isinstance(metrics_data, dict):
+            raise ValueError(f"--metrics {metrics}: expected a JSON object (a metrics.json of an evaluation)")
+    return cal, metrics_data
 
 
 def _check_fits(model: torch.nn.Module, sd: Mapping[str, Any], path: str) -> None:

@@ -139,3 +139,14 @@ def test_export_of_a_real_training_run(tmp_path):
     checkpoint.load_model_checkpoint(ref, checkpoint.find_checkpoint(str(log), ema_rate="0.9999"))
     ref.eval()
     assert torch.equal(_out(loaded), _out(ref)) and diffusion.num_timesteps == 40
+
+
+def test_bad_export_inputs_write_nothing(tmp_path):
+    run, _, _ = _run_dir(tmp_path, with_cal=False)
+    out = tmp_path / "export"
+    with pytest.raises(FileNotFoundError, match="--calibration"):
+        export_run(str(run), str(out), calibration=str(tmp_path / "missing.json"))
+    (tmp_path / "m.json").write_text("{not json")
+    with pytest.raises(ValueError, match="--metrics .* not valid JSON"):
+        export_run(str(run), str(out), metrics=str(tmp_path / "m.json"))
+    assert not out.exists()
