@@ -30,9 +30,9 @@ CONTRAST_BL = np.array(
         [0.10, 0.15, 0.15, 1.00],
         [0.62, 0.55, 0.55, 0.60],
         [0.45, 0.85, 0.80, 0.38],
-        [0.85, 0.40, 0.42, 0.90],
-        [0.78, 0.45, 1.05, 0.75],
-        [0.62, 0.15, 0.14, 1.05],
+        [1.00, 0.40, 0.42, 0.92],
+        [0.85, 0.45, 1.08, 0.75],
+        [0.75, 0.15, 0.13, 1.06],
     ],
     dtype=np.float32,
 )
@@ -73,7 +73,7 @@ def healthy_extras(
     # periventricular caps: WM near the lateral ventricles, patchy
     patch = torch.sigmoid(2.5 * _field(rng, (6, 8, 5), centred)[0] + 1.0)
     cap = torch.exp(-dvent / rng.uniform(1.5, 3.0)) * (1.0 - vent) * (wm + 0.5 * gm) * patch
-    extra[0] += rng.uniform(0.25, 0.5) * cap
+    extra[0] += rng.uniform(0.3, 0.6) * cap
     extra[3] += rng.uniform(0.1, 0.3) * cap
     # CSF-flow artefacts: bright FLAIR blobs in ventricles and deep CSF
     flow = (_field(rng, (10, 10, 8), centred)[0] - rng.uniform(0.6, 1.2)).clamp(0, 1)
@@ -82,7 +82,7 @@ def healthy_extras(
     # bright rim at the brain edge (FLAIR), dural enhancement (T1ce)
     edge = torch.exp(-depth / rng.uniform(0.8, 1.6))
     rim_patch = torch.sigmoid(3.0 * _field(rng, (8, 8, 6), centred)[0])
-    extra[0] += rng.uniform(0.3, 0.7) * edge * rim_patch
+    extra[0] += rng.uniform(0.35, 0.8) * edge * rim_patch
     extra[2] += rng.uniform(0.2, 0.5) * edge * rim_patch.flip(0)
     # enhancing vessels: intersections of two random iso-surfaces = thin tubes, mostly near the surface
     v = _field(rng, (14, 14, 11), centred, ch=2)
@@ -132,13 +132,13 @@ def lesion_fields(
         else:
             core = nec = torch.zeros_like(whole)
         inner = ((r - dist) / (0.6 * r)).clamp(0.0, 1.0)  # 0 at the edge, 1 inside
-        level = rng.uniform(0.72, 1.1) if cored else rng.uniform(0.7, 1.0)
-        g = level * (0.72 + 0.28 * inner)
+        level = rng.uniform(0.9, 1.2) if cored else rng.uniform(0.85, 1.15)
+        g = level * (0.8 + 0.2 * inner)
         take = whole > comps[0, near]
         gain[near[take]] = g[take]
         for c, ind in enumerate((whole, core, nec)):
             comps[c, near] = torch.maximum(comps[c, near], ind)
-    texture = 1.0 + 0.12 * _field(rng, (16, 16, 12), centred)[0]
+    texture = 1.0 + 0.1 * _field(rng, (16, 16, 12), centred)[0]
     return comps, gain * texture
 
 
