@@ -143,7 +143,10 @@ def lesion_fields(
 
 
 def generate_brats_like(seed: int, index: int, healthy: bool, noise: float = 0.035):
-    """One ``brats_like`` subject: image [4, 128, 128, 96] float32, seg [128, 128, 96] uint8 (BraTS labels)."""
+    """One ``brats_like`` subject: image [4, 128, 128, 96] float32, seg [128, 128, 96] uint8 BraTS labels.
+
+    Draws from ``default_rng(SeedSequence([seed, index, 1]))`` (a stream apart from ``classic``'s).
+    """
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(index), 1]))
     brain, inside, pts, gm, wm, depth = S.warped_brain(rng)
     vmaps = S._sample(ventricle_maps(), pts)
@@ -158,7 +161,8 @@ def generate_brats_like(seed: int, index: int, healthy: bool, noise: float = 0.0
     else:
         comps, gain = lesion_fields(rng, pos, depth, centred)
     whole, core, nec = comps[0], torch.minimum(comps[1], comps[0]), torch.minimum(comps[2], comps[1])
-    contrast = torch.from_numpy(CONTRAST_BL * rng.uniform(0.93, 1.07, size=CONTRAST_BL.shape).astype(np.float32))
+    jitter = rng.uniform(0.93, 1.07, size=CONTRAST_BL.shape).astype(np.float32)
+    contrast = torch.from_numpy(CONTRAST_BL * jitter)
     healthy_vals = contrast[:3].T @ tissue + healthy_extras(rng, tissue, depth, vmaps[0:2], centred)
     lesion_frac = torch.stack([whole - core, core - nec, nec])
     lesion_vals = contrast[3:].T @ lesion_frac
