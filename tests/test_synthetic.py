@@ -1,5 +1,7 @@
-"""Synthetic BraTS-like dataset: layout, determinism, label mix, lesion visibility."""
+"""Synthetic BraTS-like dataset: layout, determinism, label mix, lesion visibility, classic style
+bit-identical to the original generator, FLAIR-threshold baseline (definition and target range)."""
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -7,13 +9,17 @@ import numpy as np
 import pytest
 from conftest import load_module
 
-from guided_diffusion.data.preprocess import split_counts
+from guided_diffusion.data.brats import BrainDataset
+from guided_diffusion.data.flair_baseline import flair_threshold_baseline
+from guided_diffusion.data.preprocess import split_counts, write_patient
 from guided_diffusion.data.synthetic import (
+    SUMMARY,
     build_synthetic_dataset,
     generate_subject,
     healthy_subjects,
     load_atlas,
 )
+from guided_diffusion.metrics import dice_per_sample, foreground_auroc_auprc
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -166,3 +172,122 @@ def test_slice_step_keeps_every_nth_slice(built, tmp_path):
             assert a["x"].tobytes() == b["x"].tobytes() and a["y"].tobytes() == b["y"].tobytes()
     with pytest.raises(ValueError, match="--slice_step must be >= 1"):
         build_synthetic_dataset(tmp_path / "bad", subjects=5, seed=0, image_size=SIZE, slice_step=0)
+
+
+def _dataset_sha256(root):
+    """sha256 over every npz (sorted relative path, x bytes, y bytes), then every meta.json (sorted)."""
+    h = hashlib.sha256()
+    for p in sorted(root.glob("npy_*/patient_*/slice_*.npz")):
+        h.update(str(p.relative_to(root)).encode())
+        with np.load(p) as z:
+            h.update(z["x"].tobytes())
+            h.update(z["y"].tobytes())
+    for p in sorted(root.glob("npy_*/patient_*/meta.json")):
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def test_classic_style_bit_identical_to_original(tmp_path):
+    """--style classic reproduces the generator as it was before brats_like existed (stored hashes)."""
+    ref = json.loads((REPO / "tests" / "data" / "synthetic_classic_sha256.json").read_text())
+    out = tmp_path / "classic"
+    stats = _load_script("make_synthetic_brats").main(
+        ["--out", str(out), "--subjects", "3", "--seed", "0", "--image_size", "16", "--slice_step", "4",
+         "--style", "classic", "--quiet"]
+    )
+    assert _dataset_sha256(out) == ref["dataset"]
+    image, seg = generate_subject(3, 1, healthy=False, style="classic")
+    assert hashlib.sha256(image.tobytes()).hexdigest() == ref["subject_image"]
+    assert hashlib.sha256(seg.tobytes()).hexdigest() == ref["subject_seg"]
+    assert stats["style"] == "classic"
+    stats.pop("total_seconds")  # added by the script after the summary is written
+    assert json.loads((out / SUMMARY).read_text()) == json.loads(json.dumps(stats))
+    for split in ("train", "val", "test"):
+        base = stats[split]["flair_baseline"]
+        assert base is None or base["split"] == split and 0.0 <= base["best_dice"] <= 1.0
+    with pytest.raises(ValueError, match="--style 'nope'"):
+        build_synthetic_dataset(tmp_path / "bad", subjects=3, style="nope")
+
+
+def test_styles_differ_and_brats_like_has_healthy_hyperintensities():
+    """A healthy brats_like brain has FLAIR voxels far above its grey matter (caps, rim, flow artefacts);
+    classic healthy FLAIR has almost none."""
+    tails = {}
+    for style in ("classic", "brats_like"):
+        image, seg = generate_subject(0, 2, healthy=True, style=style)
+        assert seg.max() == 0
+        f = image[0][image[0] > 0]
+        tails[style] = float((f > 1.45 * np.median(f)).mean())
+    assert tails["brats_like"] > 0.002 > 0.0005 > tails["classic"], tails
+
+
+@pytest.fixture(scope="module")
+def main_job_data(tmp_path_factory):
+    """The main job's data config (scripts/run_main_job.py defaults): 20 subjects, 32 px, slice_step 2."""
+    out = tmp_path_factory.mktemp("mainjob") / "data"
+    stats = build_synthetic_dataset(out, subjects=20, seed=0, image_size=32, slice_step=2)
+    return out, stats
+
+
+def test_default_data_not_solvable_by_flair_threshold(main_job_data):
+    """Issue 10 section 3: best-threshold FLAIR Dice on unhealthy test slices in [0.6, 0.8] (classic: 0.958)
+    while lesions stay clearly brighter than the brain around them."""
+    root, stats = main_job_data
+    base = stats["test"]["flair_baseline"]
+    assert stats["style"] == "brats_like"
+    assert 0.6 <= base["best_dice"] <= 0.8, base
+    assert base["dice_at_075"] <= base["best_dice"] and base["auprc"] < 0.9, base
+    assert json.loads((root / SUMMARY).read_text())["test"]["flair_baseline"] == base
+    train = stats["train"]["flair_baseline"]
+    assert 0.55 <= train["best_dice"] <= 0.85, train
+
+
+def _flair_slices(root, split):
+    ds = BrainDataset(root, split)
+    items = [ds.load(i) for i in range(len(ds))]
+    x = np.stack([it[0].numpy() for it in items])
+    gt = np.stack([it[1].numpy() for it in items])[:, 0] > 0.5
+    lab = np.array([it[2] for it in items], dtype=bool)
+    return x, gt, lab
+
+
+def test_flair_baseline_matches_direct_computation(built):
+    """best_dice / dice_at_075 are mean per-slice Dice of (flair01 > t) on unhealthy slices; best_dice is the
+    maximum over thresholds; AUROC / AUPRC agree with the evaluator's sklearn-based foreground metrics."""
+    root, _ = built
+    res = flair_threshold_baseline(root, "train")
+    x, gt, lab = _flair_slices(root, "train")
+    f01 = (x[:, 0] + 1.0) / 2.0
+    assert res["slices"] == len(x) and res["unhealthy_slices"] == int(lab.sum())
+
+    def mean_dice(t):
+        return float(np.mean(dice_per_sample(f01[lab] > t, gt[lab])))
+
+    assert res["dice_at_075"] == pytest.approx(mean_dice(0.75), abs=1e-3)
+    assert res["best_dice"] == pytest.approx(mean_dice(res["best_threshold"]), abs=1e-3)
+    assert all(res["best_dice"] >= mean_dice(t) - 1e-3 for t in np.linspace(0.05, 0.95, 19))
+    unh = foreground_auroc_auprc(f01[lab], gt[lab], x[lab])
+    mixed = foreground_auroc_auprc(f01, gt, x)
+    assert res["auc_method"] == "exact"
+    assert res["auroc"] == pytest.approx(unh["auroc"], abs=1e-3)
+    assert res["auprc"] == pytest.approx(unh["auprc"], abs=1e-3)
+    assert res["auroc_mixed"] == pytest.approx(mixed["auroc"], abs=1e-3)
+    assert res["auprc_mixed"] == pytest.approx(mixed["auprc"], abs=1e-3)
+    streamed = flair_threshold_baseline(root, "train", max_exact=0)  # the BraTS-sized (histogram) path
+    assert streamed["auc_method"] == "histogram_16384"
+    for key in ("auroc", "auprc", "auroc_mixed"):  # auprc_mixed: see the flair_baseline docstring
+        assert streamed[key] == pytest.approx(res[key], abs=6e-3), key
+    assert streamed["best_dice"] == res["best_dice"]
+
+
+def test_flair_baseline_bad_input(tmp_path, built):
+    root, _ = built
+    with pytest.raises(ValueError, match="channel 7 is out of range"):
+        flair_threshold_baseline(root, "test", channel=7)
+    x = np.random.default_rng(0).random((2, 1, 8, 8)).astype(np.float32)
+    write_patient(tmp_path, "test", "H", x, np.zeros((2, 1, 8, 8), np.float32), (0, 1), np.eye(4), (8, 8, 2),
+                  ["t1"])
+    with pytest.raises(ValueError, match="have no 'flair'"):
+        flair_threshold_baseline(tmp_path, "test")
+    with pytest.raises(ValueError, match="no unhealthy slice"):
+        flair_threshold_baseline(tmp_path, "test", channel=0)
