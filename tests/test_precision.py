@@ -136,3 +136,35 @@ def test_channels_last_keeps_outputs():
     out = to_channels_last(conv)(x.contiguous(memory_format=torch.channels_last))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_batch_size_flag_parsing():
+    from guided_diffusion.batch_size import parse_batch_size
+
+    assert parse_batch_size("auto") is None and parse_batch_size("16") == 16 and parse_batch_size(4) == 4
+    for bad in ("0", "-2", "many"):
+        with pytest.raises(ValueError, match="--batch_size must be a positive integer or 'auto'"):
+            parse_batch_size(bad)
+
+
+def test_auto_batch_size_cpu_rule_and_cuda_search(monkeypatch):
+    from guided_diffusion import batch_size as bs
+
+    assert bs.auto_batch_size(lambda n: None, "cpu", cpu_batch=6) == 6
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    tried: list[int] = []
+
+    def probe(n: int) -> None:  # "fits" up to 24 slices
+        tried.append(n)
+        if n > 24:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    assert bs.auto_batch_size(probe, "cuda") == 8  # largest power of two that fit (16), halved
+    assert tried == [1, 2, 4, 8, 16, 32]
+    assert bs.auto_batch_size(probe, "cuda", max_batch=16) == 16  # the cap fits: no halving
+
+    def broken(n: int) -> None:
+        raise RuntimeError("illegal memory access")
+
+    with pytest.raises(RuntimeError, match="illegal"):
+        bs.auto_batch_size(broken, "cuda")
