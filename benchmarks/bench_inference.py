@@ -10,6 +10,11 @@ Modes (same model, same inputs, same noise; anofpdm.run_forward_process):
   legacy           call_pattern="batched", legacy_indexing=True: upstream's off-by-one inversion, one call
                    per step on 3B samples (this step's two predictions + the next step's inversion).
   upstream_legacy  (optional) the upstream pattern with legacy indexing (upstream's exact schedule).
+  bf16, fp16       (optional) faithful with the network under autocast (statistics stay fp32).
+  compile          (optional) faithful with the network wrapped by torch.compile (eager fallback logged).
+  early_stop       (optional) faithful with early_stop_patience=--patience (changes results; see
+                   run_forward_process). Every mode is compared with faithful (fp32 eager, full run):
+                   max |ΔM_t| and the fraction of identical end steps t_e are reported.
 
 Timing: the modes alternate within every repetition (rotated order), after one short warm-up per mode; the
 median wall time per slice (= run time / batch) is reported, with the speed-up relative to upstream.
@@ -52,6 +57,7 @@ import torch  # noqa: E402
 
 from guided_diffusion.anofpdm import run_forward_process  # noqa: E402
 from guided_diffusion.io_util import atomic_write_json  # noqa: E402
+from guided_diffusion.precision import maybe_compile  # noqa: E402
 from guided_diffusion.script_util import create_model_and_diffusion  # noqa: E402
 
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -108,7 +114,12 @@ MODES: dict[str, dict[str, Any]] = {
     "upstream": dict(call_pattern="upstream", legacy_indexing=False),
     "legacy": dict(call_pattern="batched", legacy_indexing=True),
     "upstream_legacy": dict(call_pattern="upstream", legacy_indexing=True),
+    "bf16": dict(call_pattern="batched", legacy_indexing=False, precision="bf16"),
+    "fp16": dict(call_pattern="batched", legacy_indexing=False, precision="fp16"),
+    "compile": dict(call_pattern="batched", legacy_indexing=False, compile=True),
+    "early_stop": dict(call_pattern="batched", legacy_indexing=False, early_stop=True),
 }
+REFERENCE = "faithful"
 BASELINE = "upstream"
 CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 MODALITY = [0, 3]
@@ -136,17 +147,21 @@ def build(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, torch.Tensor]
     return model, diffusion, x0.to(args.device)
 
 
-def run_mode(model, diffusion, x0: torch.Tensor, mode: str, steps: int):
-    """One forward process of ``mode`` over x0 -> ForwardResult."""
+def run_mode(model, diffusion, x0: torch.Tensor, mode: str, steps: int, patience: int = 10, compiled=None):
+    """One forward process of ``mode`` over x0 -> ForwardResult (``compiled``: the compiled model)."""
+    kw = dict(MODES[mode])
+    net = compiled if kw.pop("compile", False) and compiled is not None else model
+    if kw.pop("early_stop", False):
+        kw["early_stop_patience"] = patience
     return run_forward_process(
-        model,
+        net,
         diffusion,
         x0,
         ws=[W],
         modality=MODALITY,
         forward_steps=steps,
         generator=torch.Generator().manual_seed(3),
-        **MODES[mode],
+        **kw,
     )
 
 
@@ -167,14 +182,16 @@ def _status_kib(field: str) -> int:
 def cpu_peak_child(args: argparse.Namespace) -> dict[str, Any]:
     """Inside a fresh process: peak RSS (MiB) of one forward process of ``args.child_mode``."""
     model, diffusion, x0 = build(args)
-    run_mode(model, diffusion, x0, args.child_mode, 1)  # warm-up: thread pools, lazy initialisation
+    compiled = maybe_compile(model, args.child_mode == "compile", log=lambda m: print(m, file=sys.stderr))
+    # warm-up: thread pools, lazy initialisation
+    run_mode(model, diffusion, x0, args.child_mode, 1, args.patience, compiled)
     try:
         base = _status_kib("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current RSS
     except (OSError, RuntimeError):
         return {"mode": args.child_mode, "peak_mib": math.nan}
-    run_mode(model, diffusion, x0, args.child_mode, args.forward_steps)
+    run_mode(model, diffusion, x0, args.child_mode, args.forward_steps, args.patience, compiled)
     return {"mode": args.child_mode, "peak_mib": max(0, _status_kib("VmHWM") - base) / 1024}
 
 
@@ -195,6 +212,8 @@ def cpu_peak(args: argparse.Namespace, mode: str) -> float:
         str(args.threads),
         "--unet_ver",
         args.unet_ver,
+        "--patience",
+        str(args.patience),
         "--child_mode",
         mode,
     ]
@@ -210,11 +229,12 @@ def cpu_peak(args: argparse.Namespace, mode: str) -> float:
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """Time (alternating modes) and memory of every mode -> results dict (see module docstring)."""
     model, diffusion, x0 = build(args)
+    compiled = maybe_compile(model, "compile" in args.modes, log=lambda m: print(m, file=sys.stderr))
     cuda = args.device.startswith("cuda")
     stats: dict[str, dict[str, Any]] = {}
     results = {}
-    for mode in args.modes:  # warm-up: thread pools, lazy initialisation
-        run_mode(model, diffusion, x0, mode, min(2, args.forward_steps))
+    for mode in args.modes:  # warm-up: thread pools, lazy initialisation (and compilation)
+        run_mode(model, diffusion, x0, mode, min(2, args.forward_steps), args.patience, compiled)
         stats[mode] = {**MODES[mode], "times_s": [], "peaks_mib": []}
     for rep in range(args.repeats):
         order = args.modes[rep % len(args.modes) :] + args.modes[: rep % len(args.modes)]
@@ -225,7 +245,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 base = torch.cuda.memory_allocated()
             sync(args.device)
             t0 = time.perf_counter()
-            fr = run_mode(model, diffusion, x0, mode, args.forward_steps)
+            fr = run_mode(model, diffusion, x0, mode, args.forward_steps, args.patience, compiled)
             sync(args.device)
             stats[mode]["times_s"].append(time.perf_counter() - t0)
             if cuda:
@@ -237,6 +257,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                     calls_per_step=fr.calls / args.forward_steps,
                     samples_per_step=sum(fr.samples_per_call) / args.forward_steps,
                     state_mib=fr.state_bytes() / 2**20,
+                    steps_run=fr.steps_run,
                 )
             del fr
     for mode in args.modes:
@@ -248,12 +269,19 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             s["peak_mib"] = math.nan
         else:
             s["peak_mib"] = cpu_peak(args, mode)
+    if REFERENCE in results:
+        ref = results[REFERENCE]
+        for mode, fr in results.items():
+            stats[mode]["max_abs_div_diff_vs_faithful"] = float((fr.div - ref.div).abs().max())
+            stats[mode]["same_end_step_fraction"] = float((fr.end_step == ref.end_step).float().mean())
+            stats[mode]["speedup_vs_faithful"] = stats[REFERENCE]["s_per_slice"] / stats[mode]["s_per_slice"]
     out: dict[str, Any] = {
         "config": args.config,
         "model_flags": {**CONFIGS[args.config], "unet_ver": args.unet_ver},
         "device": args.device,
         "device_name": torch.cuda.get_device_name() if cuda else "cpu",
         "threads": args.threads,
+        "patience": args.patience,
         "batch": args.batch,
         "forward_steps": args.forward_steps,
         "memory_steps": args.forward_steps if cuda else args.memory_steps,
@@ -282,6 +310,7 @@ def table(res: dict[str, Any]) -> str:
     head = (
         f"{'mode':<16}{'calls/step':>11}{'samples/step':>13}{'s/slice':>10}{'speed-up':>10}"
         f"{'peak MiB':>10}{'mem ratio':>10}{'state MiB':>11}"
+        f"{'x faithful':>11}{'max|dM_t|':>11}{'same t_e':>9}"
     )
     lines = [head, "-" * len(head)]
     for mode, s in res["modes"].items():
@@ -289,6 +318,9 @@ def table(res: dict[str, Any]) -> str:
             f"{mode:<16}{s['calls_per_step']:>11.2f}{s['samples_per_step']:>13.1f}{s['s_per_slice']:>10.4f}"
             f"{s.get('speedup_vs_upstream', math.nan):>9.2f}x{s['peak_mib']:>10.1f}"
             f"{s.get('memory_ratio_vs_upstream', math.nan):>10.2f}{s['state_mib']:>11.2f}"
+            f"{s.get('speedup_vs_faithful', math.nan):>10.2f}x"
+            f"{s.get('max_abs_div_diff_vs_faithful', math.nan):>11.2e}"
+            f"{s.get('same_end_step_fraction', math.nan):>9.3f}"
         )
     return "\n".join(lines)
 
@@ -303,6 +335,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--unet_ver", default="v2", help="v2 (FPDM UNet) or an HAE variant (hae_v2, ...)")
     p.add_argument("--modes", nargs="+", choices=list(MODES), default=["faithful", "upstream", "legacy"])
+    p.add_argument("--patience", type=int, default=10, help="early_stop mode: steps past the maximum")
     p.add_argument("--skip_memory", action="store_true", help="CPU: skip the per-mode memory subprocesses")
     p.add_argument(
         "--memory_steps",

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from .gaussian_diffusion import clamp_to_spatial_quantile
 from .guidance import guided_eps
+from .precision import autocast, check_precision
 
 ENCODINGS = ("ddim", "ddpm")
 UGP_MODES = ("null", "healthy_w0")
@@ -113,6 +114,7 @@ class ForwardResult:
     xstart_null: Tensor | None = None
     calls: int = 0
     samples_per_call: list[int] = field(default_factory=list)
+    steps_run: int | None = None
 
     @property
     def forward_steps(self) -> int:
@@ -167,6 +169,7 @@ class _OnlineAccumulator:
         self.agg = {k: torch.zeros(shape, device=dev) for k in names}
         self.grid_sum = torch.zeros(shape, device=dev) if self.interval > 0 else None
         self.prev_sam: Tensor | None = None
+        self.steps_run = steps
         self.sam_stack = (
             torch.zeros(b, n_w, steps, m, h, w, dtype=torch.float16, device=dev) if keep_sam_stack else None
         )
@@ -202,6 +205,17 @@ class _OnlineAccumulator:
             self.xstart_h[:, :, t] = xh
             self.xstart_null[:, t] = xn
 
+    def settled(self, t: int, patience: int) -> bool:
+        """True when every M_t has stayed below its running maximum for >= ``patience`` steps at step t."""
+        return bool((t - self.end_step >= patience).all())
+
+    def hold_from(self, t: int) -> None:
+        """Early stop after step t - 1: steps t.. hold the last computed mse/div values."""
+        self.steps_run = t
+        self.mse_h[:, :, t:] = self.mse_h[:, :, t - 1 : t]
+        self.mse_null[:, t:] = self.mse_null[:, t - 1 : t]
+        self.div[:, :, t:] = self.div[:, :, t - 1 : t]
+
     def result(self, ws: list[float], modality: list[int], calls: int, sizes: list[int]) -> ForwardResult:
         return ForwardResult(
             ws=ws,
@@ -217,6 +231,7 @@ class _OnlineAccumulator:
             xstart_null=self.xstart_null,
             calls=calls,
             samples_per_call=sizes,
+            steps_run=self.steps_run,
         )
 
 
@@ -325,6 +340,8 @@ def run_forward_process(
     keep_xstarts: bool = False,
     call_pattern: str = "batched",
     progress: bool = False,
+    precision: str = "fp32",
+    early_stop_patience: int = 0,
 ) -> ForwardResult:
     """Run the AnoFPDM forward process on x0 [B, C, H, W] for every w in ``ws``.
 
@@ -347,7 +364,17 @@ def run_forward_process(
         call_pattern: "batched" (1 call per step on 2B, or 3B with legacy_indexing) or "upstream" (4 separate
             calls per step and float32 stacks kept, for benchmarks; same x̂ sequences).
         progress: tqdm bar over steps.
+        precision: "fp32", "bf16" or "fp16" for the network calls only (autocast); the predictions are
+            cast back to fp32 and the statistics, the DDIM inversion and the accumulators stay fp32.
+        early_stop_patience: K > 0 stops the pass once every tracked M_t (each sample, w and modality)
+            has stayed below its running maximum for at least K steps; checked every K steps (one
+            host synchronisation per K steps). The remaining steps' mse/div entries hold the last computed
+            values and ``steps_run`` says how many steps ran. Changes results (t_e is an argmax over all
+            S steps and the image-level cosine uses whole curves): off (0) by default.
     """
+    check_precision(precision)
+    if early_stop_patience < 0:
+        raise ValueError(f"early_stop_patience must be >= 0 (0 = off), got {early_stop_patience}")
     ws = _check_args(model, diffusion, x0, ws, modality, forward_steps, encoding, ugp, call_pattern)
     modality = [int(m) for m in modality]
     upstream = call_pattern == "upstream"
@@ -360,7 +387,9 @@ def run_forward_process(
     def call(x: Tensor, t: Tensor, null: Tensor) -> Tensor:
         sizes.append(int(x.shape[0]))
         y = torch.zeros(x.shape[0], dtype=torch.long, device=dev)
-        return diffusion.model_eps(model, x, t, model_kwargs={"y": y, "null": null})["eps"]
+        with autocast(dev, precision):
+            eps = diffusion.model_eps(model, x, t, model_kwargs={"y": y, "null": null})["eps"]
+        return eps.float()
 
     def flags(*halves: bool) -> Tensor:
         return torch.cat([torch.full((b,), h, dtype=torch.bool, device=dev) for h in halves])
@@ -402,6 +431,9 @@ def run_forward_process(
         xm, ey, en = x[:, modality], eps_y[:, modality], eps_n[:, modality]
         hgp = torch.stack([x0_pred(xm, tt, guided_eps(ey, en, w)) for w in ws], dim=1)
         acc.update(t, hgp, x0_pred(xm, tt, eps_u[:, modality]))
+        if early_stop_patience and (t + 1) % early_stop_patience == 0 and acc.settled(t, early_stop_patience):
+            acc.hold_from(t + 1)
+            break
         if not ddim or t + 1 >= forward_steps:
             continue
         if legacy_indexing:

@@ -137,3 +137,15 @@ def test_bench_inference_tiny(tmp_path, capsys):
     assert math.isnan(peak) or peak >= 0
     with pytest.raises(SystemExit):
         bench.parse_args(["--config", "huge"])
+
+
+def test_bench_inference_precision_and_early_stop_modes():
+    bench = _bench()
+    argv = ["--config", "tiny", "--forward_steps", "6", "--repeats", "1", "--threads", "1", "--skip_memory"]
+    res = bench.main([*argv, "--modes", "faithful", "bf16", "early_stop", "--patience", "2"])
+    modes = res["modes"]
+    assert modes["faithful"]["max_abs_div_diff_vs_faithful"] == 0.0
+    assert modes["faithful"]["same_end_step_fraction"] == 1.0
+    assert modes["bf16"]["precision"] == "bf16" and modes["bf16"]["max_abs_div_diff_vs_faithful"] > 0.0
+    assert 0.0 <= modes["early_stop"]["same_end_step_fraction"] <= 1.0
+    assert 1 <= modes["early_stop"]["steps_run"] <= 6 and "speedup_vs_faithful" in modes["bf16"]
