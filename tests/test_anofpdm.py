@@ -316,7 +316,16 @@ def _handmade(divs, h=16, seed=0):
 def test_quantile_index_fixed_vs_legacy():
     s = torch.tensor([0.0, 1.0, 0.29, 0.5])
     assert quantile_index(s).tolist() == [0, 100, 29, 50]
-    assert quantile_index(s, legacy=True).tolist()[:3] == [0, 100, 28]
+    # upstream int(round(s, 2) * 100) on float32 tensors (spec 5.5 step 4.2): 0.53 -> 52, 0.59 -> 58,
+    # while 0.29, 0.57, 0.58 stay exact (a float64 computation would give 28, 56, 57 instead)
+    named = torch.tensor([0.29, 0.53, 0.57, 0.58, 0.59])
+    assert quantile_index(named, legacy=True).tolist() == [29, 52, 57, 58, 58]
+    assert quantile_index(named).tolist() == [29, 53, 57, 58, 59]
+    grid = torch.arange(101, dtype=torch.float64) / 100
+    legacy = quantile_index(grid.float(), legacy=True)
+    off = [i for i in range(101) if legacy[i].item() != i]
+    assert off == [53, 59] and legacy[53].item() == 52 and legacy[59].item() == 58
+    assert quantile_index(grid).tolist() == list(range(101))
     assert QUANTILE_GRID[0].item() == pytest.approx(0.98) and QUANTILE_GRID[100].item() == pytest.approx(0.90)
     assert QUANTILE_GRID[29].item() == pytest.approx(0.98 - 0.29 * 0.08, abs=1e-6)
 
@@ -329,9 +338,14 @@ def test_segmentation_end_step_aggregation_and_quantiles():
     sam = xh[0] ** 2  # [S, M, H, W]
     fixed = segment(fr, thr_01=0.0, diff_max=[0.9, 0.8 / 0.29], median_filter=False)
     legacy = segment(fr, thr_01=0.0, diff_max=[0.9, 0.8 / 0.29], median_filter=False, legacy=True)
-    # modality 0: s = 1 -> q 0.90; modality 1: s = 0.29 -> index 29 (fixed) / 28 (legacy)
+    # modality 0: s = 1 -> q 0.90; modality 1: s = 0.29 -> index 29 in both modes (float32 upstream)
     assert fixed.quantile[0].tolist() == pytest.approx([0.90, QUANTILE_GRID[29].item()])
-    assert legacy.quantile[0].tolist() == pytest.approx([0.90, QUANTILE_GRID[28].item()])
+    assert legacy.quantile[0].tolist() == pytest.approx([0.90, QUANTILE_GRID[29].item()])
+    # s = 0.53: index 53 (fixed) / 52 (legacy, upstream's float32 truncation)
+    f53 = segment(fr, thr_01=0.0, diff_max=[0.9, 0.8 / 0.53], median_filter=False)
+    l53 = segment(fr, thr_01=0.0, diff_max=[0.9, 0.8 / 0.53], median_filter=False, legacy=True)
+    assert f53.quantile[0, 1].item() == pytest.approx(QUANTILE_GRID[53].item())
+    assert l53.quantile[0, 1].item() == pytest.approx(QUANTILE_GRID[52].item())
     inc = (sam[:3, 0].mean(0) + sam[:2, 1].mean(0)) / 2
     exc = (sam[:2, 0].mean(0) + sam[:1, 1].mean(0)) / 2
     torch.testing.assert_close(fixed.anomaly_map[0, 0], inc, atol=1e-5, rtol=1e-5)
@@ -387,16 +401,39 @@ def test_segmentation_gating_and_median_filter():
     # about 10 % of the pixels (q = 0.90 for s = 1) are above the unfiltered threshold
     assert 0.05 < raw.mask_all[0].mean() < 0.15 and raw.mask[0].sum() == 0
     assert not torch.allclose(raw.anomaly_map, out.anomaly_map)
-    from scipy.ndimage import median_filter
-
-    torch.testing.assert_close(
-        out.anomaly_map[0, 0],
-        torch.from_numpy(median_filter(raw.anomaly_map[0, 0].numpy(), 5, mode="reflect")),
-    )
+    torch.testing.assert_close(out.anomaly_map, _torch_reflect_median5(raw.anomaly_map))
     with pytest.raises(ValueError, match="diff_max"):
         segment(fr, thr_01=0.9, diff_max=[0.5, 1.0])
     with pytest.raises(ValueError, match="keep_sam_stack"):
         segment(fr, thr_01=0.9, diff_max=[0.5], t_e_ratio=2.0)
+
+
+def _torch_reflect_median5(amap: torch.Tensor) -> torch.Tensor:
+    """Reference: upstream's median pool, torch F.pad(mode="reflect") by 2 then the median of each 5x5."""
+    padded = torch.nn.functional.pad(amap, (2, 2, 2, 2), mode="reflect")
+    patches = padded.unfold(2, 5, 1).unfold(3, 5, 1)  # [B, C, H, W, 5, 5]
+    return patches.reshape(*patches.shape[:4], 25).median(dim=-1).values
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_median_filter_pads_like_torch_reflect(legacy):
+    """The 5x5 median filter must not repeat the edge pixel (torch reflect = scipy "mirror")."""
+    from scipy.ndimage import median_filter
+
+    g = torch.Generator().manual_seed(3)
+    u = torch.rand(1, 1, 12, 12, generator=g) + 0.1
+    divs = [[0.2, 0.7, 0.4]]
+    xh = torch.stack([math.sqrt(d) * u[0] for d in divs[0]])[None, None]  # [1, 1, S, 1, H, W]
+    fr = forward_result_from_stacks(torch.zeros(1, 1, 12, 12), xh, torch.zeros(1, 3, 1, 12, 12), ws=[1.0])
+    raw = segment(fr, thr_01=0.0, diff_max=[0.7], median_filter=False, legacy=legacy)
+    out = segment(fr, thr_01=0.0, diff_max=[0.7], median_filter=True, legacy=legacy)
+    ref = _torch_reflect_median5(raw.anomaly_map)
+    torch.testing.assert_close(out.anomaly_map, ref)
+    torch.testing.assert_close(out.mask_all, (ref >= out.threshold[:, None, None, None]).float())
+    # the edge-repeating scipy "reflect" differs from it in the outer 2 px (so this test can fail)
+    repeated = torch.from_numpy(median_filter(raw.anomaly_map.numpy(), size=(1, 1, 5, 5), mode="reflect"))
+    assert not torch.allclose(repeated, ref)
+    torch.testing.assert_close(repeated[..., 2:-2, 2:-2], ref[..., 2:-2, 2:-2])
 
 
 def test_segmentation_interval_online_matches_stack():
