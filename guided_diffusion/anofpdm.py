@@ -14,7 +14,9 @@ samples. ``eps_y``/``eps_null`` do not depend on w, so a list of guidance streng
 Nothing of size [B, S, M, H, W] is kept by default: per step we record the scalars
 ``mse_h``/``mse_null``/``div`` and update the sub-anomaly-map aggregates online (running sum of
 SAM_t = (x̂h0,t - x0)², snapshotted whenever M_t = mean (x̂h0,t - x̂∅0,t)² reaches a new maximum), which is
-exact for t_e = argmax_t M_t. Optional stacks: SAMs in float16 (for t_e_ratio != 1) and float32 x̂ stacks
+exact for t_e = argmax_t M_t. ``sam_mode`` "gradient" / "gradient_para" replaces SAM_t by the guidance
+term (x̂h0,t - x̂∅0,t)² (spec 5.5 step 1 ablation; see gradient_sam.py). Optional stacks: SAMs in float16
+(for t_e_ratio != 1) and float32 x̂ stacks
 (``call_pattern="upstream"`` / ``keep_xstarts``).
 """
 
@@ -28,6 +30,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .gaussian_diffusion import clamp_to_spatial_quantile
+from .gradient_sam import gradient_sam_scale
 from .guidance import guided_eps
 
 ENCODINGS = ("ddim", "ddpm")
@@ -98,6 +101,7 @@ class ForwardResult:
         sam_stack [B, nW, S, M, H, W] float16 or None; xstart_h [B, nW, S, M, H, W] / xstart_null
         [B, S, M, H, W] float32 or None.
         calls: number of network calls made; samples_per_call: batch size of each call.
+        sam_mode: "default" (SAM_t = (x̂h0,t - x0)²) or the gradient-SAM ablation the aggregates hold.
     """
 
     ws: list[float]
@@ -113,6 +117,7 @@ class ForwardResult:
     xstart_null: Tensor | None = None
     calls: int = 0
     samples_per_call: list[int] = field(default_factory=list)
+    sam_mode: str = "default"
 
     @property
     def forward_steps(self) -> int:
@@ -151,8 +156,12 @@ class _OnlineAccumulator:
         subset_interval: int,
         keep_sam_stack: bool,
         keep_xstarts: bool,
+        sam_scale: Tensor | None = None,
+        sam_mode: str = "default",
     ):
         b, m, h, w = x0_sel.shape
+        self.sam_mode = sam_mode
+        self.sam_scale = None if sam_scale is None else sam_scale.to(x0_sel.device)
         dev = x0_sel.device
         self.x0 = x0_sel.float()
         self.interval = int(subset_interval)
@@ -179,7 +188,10 @@ class _OnlineAccumulator:
         sam = (xh - self.x0[:, None]) ** 2
         self.mse_h[:, :, t] = sam.mean(dim=(-2, -1))
         self.mse_null[:, t] = ((xn - self.x0) ** 2).mean(dim=(-2, -1))
-        d = ((xh - xn[:, None]) ** 2).mean(dim=(-2, -1))
+        guide = (xh - xn[:, None]) ** 2
+        d = guide.mean(dim=(-2, -1))
+        if self.sam_scale is not None:
+            sam = guide * self.sam_scale[t][None, :, None, None, None]
         self.div[:, :, t] = d
         new = d > self.best
         self.best = torch.where(new, d, self.best)
@@ -217,6 +229,7 @@ class _OnlineAccumulator:
             xstart_null=self.xstart_null,
             calls=calls,
             samples_per_call=sizes,
+            sam_mode=self.sam_mode,
         )
 
 
@@ -228,11 +241,14 @@ def forward_result_from_stacks(
     modality: Sequence[int] | None = None,
     subset_interval: int = -1,
     keep_sam_stack: bool = False,
+    sam_scale: Tensor | None = None,
+    sam_mode: str = "default",
 ) -> ForwardResult:
     """ForwardResult from given x̂ sequences (hand-made or from the upstream pattern).
 
     x0_sel [B, M, H, W] (already restricted to the modalities), xstart_h [B, nW, S, M, H, W] (or
-    [B, S, M, H, W] for one w), xstart_null [B, S, M, H, W].
+    [B, S, M, H, W] for one w), xstart_null [B, S, M, H, W]; sam_scale [S, nW] from gradient_sam_scale
+    (with its sam_mode) for the gradient-SAM ablation.
     """
     if xstart_h.dim() == 5:
         xstart_h = xstart_h[:, None]
@@ -244,7 +260,11 @@ def forward_result_from_stacks(
     b, n_w, steps = xstart_h.shape[:3]
     if len(ws) != n_w:
         raise ValueError(f"ws has {len(ws)} entries but xstart_h holds {n_w} guidance strengths")
-    acc = _OnlineAccumulator(x0_sel, n_w, steps, subset_interval, keep_sam_stack, keep_xstarts=False)
+    if (sam_scale is None) != (sam_mode == "default"):
+        raise ValueError(f"sam_mode={sam_mode!r} needs a sam_scale from gradient_sam_scale (and only then)")
+    acc = _OnlineAccumulator(
+        x0_sel, n_w, steps, subset_interval, keep_sam_stack, False, sam_scale=sam_scale, sam_mode=sam_mode
+    )
     for t in range(steps):
         acc.update(t, xstart_h[:, :, t], xstart_null[:, t])
     mods = list(modality) if modality is not None else list(range(x0_sel.shape[1]))
@@ -325,6 +345,8 @@ def run_forward_process(
     keep_xstarts: bool = False,
     call_pattern: str = "batched",
     progress: bool = False,
+    sam_mode: str = "default",
+    legacy_gradient_schedule: bool = False,
 ) -> ForwardResult:
     """Run the AnoFPDM forward process on x0 [B, C, H, W] for every w in ``ws``.
 
@@ -347,13 +369,25 @@ def run_forward_process(
         call_pattern: "batched" (1 call per step on 2B, or 3B with legacy_indexing) or "upstream" (4 separate
             calls per step and float32 stacks kept, for benchmarks; same x̂ sequences).
         progress: tqdm bar over steps.
+        sam_mode: "default", or the gradient-SAM ablation "gradient" / "gradient_para" (sam_mode_from_flags);
+            legacy_gradient_schedule: B_t from upstream's hard-coded linear schedule (see gradient_sam_scale).
     """
     ws = _check_args(model, diffusion, x0, ws, modality, forward_steps, encoding, ugp, call_pattern)
     modality = [int(m) for m in modality]
     upstream = call_pattern == "upstream"
     b, dev = x0.shape[0], x0.device
+    scale = gradient_sam_scale(
+        diffusion, forward_steps, ws, sam_mode=sam_mode, legacy_schedule=legacy_gradient_schedule
+    )
     acc = _OnlineAccumulator(
-        x0[:, modality], len(ws), forward_steps, subset_interval, keep_sam_stack, keep_xstarts or upstream
+        x0[:, modality],
+        len(ws),
+        forward_steps,
+        subset_interval,
+        keep_sam_stack,
+        keep_xstarts or upstream,
+        sam_scale=scale,
+        sam_mode=sam_mode,
     )
     sizes: list[int] = []
 

@@ -147,6 +147,7 @@ def segment(
     subset_interval: int = -1,
     legacy: bool = False,
     thr: float | None = None,
+    sam_mode: str | None = None,
 ) -> SegmentationResult:
     """Segment the batch of ``fr`` for guidance strength ``w`` (default: the only/first w of the pass).
 
@@ -157,7 +158,14 @@ def segment(
         last_only: S_te variant (single step); subset_interval: k > 0 uses every k-th step plus t_e.
         legacy: upstream aggregation / quantile-index behaviour (see module docstring).
         thr: fixed mask threshold instead of the per-sample quantile threshold.
+        sam_mode: if given, the SAM kind the caller expects ("default" / "gradient" / "gradient_para"); it is
+            chosen in run_forward_process (the aggregates are built there) and must match fr.sam_mode.
     """
+    if sam_mode is not None and sam_mode != fr.sam_mode:
+        raise ValueError(
+            f"sam_mode={sam_mode!r} but the forward pass built {fr.sam_mode!r} SAMs; pass sam_mode to "
+            "run_forward_process"
+        )
     if last_only and subset_interval > 0:
         raise ValueError("last_only and subset_interval > 0 cannot be combined (upstream asserts this too)")
     wi = 0 if w is None else fr.w_index(w)

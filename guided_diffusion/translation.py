@@ -42,6 +42,7 @@ from .calibration import (
     save_calibrations,
     select_guidance,
 )
+from .gradient_sam import sam_mode_from_flags
 from .io_util import atomic_torch_save
 from .script_util import args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults, model_config
 from .segmentation import segment
@@ -266,6 +267,8 @@ def process_batch(
         subset_interval=args.subset_interval,
         keep_sam_stack=any(r != 1 for r in args.t_e_ratio),
         progress=args.progress and dist_util.get_rank() == 0,
+        sam_mode=sam_mode_from_flags(args.use_gradient_sam, args.use_gradient_para_sam),
+        legacy_gradient_schedule=args.legacy_segmentation,
         **run_settings(args),
     )
     records = [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -523,3 +524,115 @@ def test_select_guidance_largest_w_within_one_percent():
     w, table = select_guidance(cals)
     assert w == 3.0 and [r["w"] for r in table] == [1.0, 2.0, 3.0, 5.0]
     assert [r["selected"] for r in table] == [False, False, True, False]
+
+
+# ------------------------------------------------------ gradient-SAM ablation (spec 5.5 step 1, 8.13)
+
+
+def _bt(abar):
+    abar = torch.as_tensor(abar, dtype=torch.float64)
+    return ((1 - abar) / abar.sqrt()).float()
+
+
+def test_gradient_sam_scale_model_schedule_vs_legacy_linear():
+    from guided_diffusion.gradient_sam import gradient_sam_scale
+    from guided_diffusion.respace import SpacedDiffusion, space_timesteps
+
+    diff = make_diffusion(50)  # "linear" at 50 steps: betas scaled by 1000/50, not upstream's 1e-4..0.02
+    fixed = gradient_sam_scale(diff, S, [0.0, 2.0], sam_mode="gradient")
+    bt = _bt(diff.alphas_cumprod[:S])
+    torch.testing.assert_close(fixed, 1 / (bt[:, None] ** 2 * torch.tensor([1.0, 9.0])[None]))
+    legacy = gradient_sam_scale(diff, S, [0.0, 2.0], sam_mode="gradient", legacy_schedule=True)
+    bt_up = _bt(np.cumprod(1 - np.linspace(1e-4, 0.02, 50))[:S])
+    torch.testing.assert_close(legacy, 1 / (bt_up[:, None] ** 2 * torch.tensor([1.0, 9.0])[None]))
+    assert not torch.allclose(fixed, legacy)
+    # a respaced model: B_t from its own (respaced) alphas_cumprod at the forward-step indices
+    spaced = SpacedDiffusion(
+        use_timesteps=space_timesteps(1000, "10"),
+        betas=get_named_beta_schedule("linear", 1000),
+        model_mean_type=ModelMeanType.EPSILON,
+        model_var_type=ModelVarType.FIXED_LARGE,
+        loss_type=LossType.MSE,
+    )
+    sp = gradient_sam_scale(spaced, 4, [1.0], sam_mode="gradient")
+    torch.testing.assert_close(sp[:, 0], 1 / (_bt(spaced.alphas_cumprod[:4]) ** 2 * 4.0))
+    up = gradient_sam_scale(spaced, 4, [1.0], sam_mode="gradient", legacy_schedule=True)  # 1000-step linear
+    bt_1000 = _bt(np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))[:4])
+    torch.testing.assert_close(up[:, 0], 1 / (bt_1000**2 * 4))
+    assert gradient_sam_scale(diff, S, [1.0], sam_mode="default") is None
+    assert torch.equal(gradient_sam_scale(diff, S, [1.0, 3.0], sam_mode="gradient_para"), torch.ones(S, 2))
+    with pytest.raises(ValueError, match="sam_mode"):
+        gradient_sam_scale(diff, S, [1.0], sam_mode="grad")
+
+
+@pytest.mark.parametrize("mode", ["gradient", "gradient_para"])
+def test_gradient_sam_forward_and_segmentation(mode):
+    from guided_diffusion.gradient_sam import gradient_sam_scale
+
+    model, diff, x0 = ToyEps(), make_diffusion(), make_x0()
+    kw = dict(ws=[1.0, 2.0], modality=[0, 1], forward_steps=S, keep_xstarts=True)
+    base = run_forward_process(model, diff, x0, generator=gen(), **kw)
+    fr = run_forward_process(model, diff, x0, generator=gen(), sam_mode=mode, **kw)
+    assert fr.sam_mode == mode and base.sam_mode == "default"
+    # the classifier statistics (MSEs, M_t, t_e) do not change; only the SAMs do
+    for name in ("mse_h", "mse_null", "div", "end_step"):
+        assert torch.equal(getattr(fr, name), getattr(base, name)), name
+    scale = gradient_sam_scale(diff, S, [1.0, 2.0], sam_mode=mode)
+    for wi, w in enumerate((1.0, 2.0)):
+        seg = segment(fr, w=w, thr_01=1.0, diff_max=[1.0, 1.0], median_filter=False, sam_mode=mode)
+        guide = (fr.xstart_h[:, wi] - fr.xstart_null) ** 2 * scale[:, wi][None, :, None, None, None]
+        want = torch.zeros(x0.shape[0], 1, 8, 8)
+        for b in range(x0.shape[0]):
+            for m in range(2):
+                te = int(fr.end_step[b, wi, m])
+                want[b, 0] += guide[b, : te + 1, m].mean(0) / 2
+        torch.testing.assert_close(seg.anomaly_map, want, rtol=1e-4, atol=1e-6)
+        plain = segment(base, w=w, thr_01=1.0, diff_max=[1.0, 1.0], median_filter=False)
+        assert not torch.allclose(seg.anomaly_map, plain.anomaly_map)
+    with pytest.raises(ValueError, match="sam_mode"):
+        segment(base, thr_01=1.0, diff_max=[1.0, 1.0], sam_mode=mode)
+
+
+def test_gradient_sam_flags():
+    from guided_diffusion import translation_flags
+    from guided_diffusion.gradient_sam import sam_mode_from_flags
+
+    assert sam_mode_from_flags(False, False) == "default"
+    assert sam_mode_from_flags(True, False) == "gradient"
+    assert sam_mode_from_flags(True, True) == "gradient_para"
+    with pytest.raises(ValueError, match="--use_gradient_para_sam True needs --use_gradient_sam True"):
+        sam_mode_from_flags(False, True)
+    argv = ["--w", "2", "--data_dir", "d", "--model_dir", "m"]
+    args = translation_flags.parse_args(
+        [*argv, "--use_gradient_sam", "True", "--use_gradient_para_sam", "True"]
+    )
+    assert sam_mode_from_flags(args.use_gradient_sam, args.use_gradient_para_sam) == "gradient_para"
+    with pytest.raises(ValueError, match="needs --use_gradient_sam"):
+        translation_flags.parse_args([*argv, "--use_gradient_para_sam", "True"])
+
+
+def test_translation_batch_passes_gradient_sam_to_the_forward_pass(monkeypatch):
+    """process_batch wires --use_gradient_sam / --legacy_segmentation into run_forward_process."""
+    from types import SimpleNamespace
+
+    from guided_diffusion import translation, translation_flags
+
+    seen = []
+    real = translation.run_forward_process
+
+    def spy(*a, **kw):
+        seen.append((kw["sam_mode"], kw["legacy_gradient_schedule"]))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(translation, "run_forward_process", spy)
+    argv = ["--w", "2", "--data_dir", "d", "--model_dir", "m", "--forward_steps", str(S)]
+    argv += ["--modality", "0", "1", "--progress", "False"]
+    cals = {2.0: SimpleNamespace(thr_01=1.0, diff_max=[1.0, 1.0])}
+    maps = {}
+    grad = ["--use_gradient_sam", "True"]
+    for extra in ([], grad, [*grad, "--legacy_segmentation", "True"]):
+        args = translation_flags.parse_args([*argv, *extra])
+        recs = translation.process_batch(args, ToyEps(), make_diffusion(), cals, make_x0(), [0, 1, 2])
+        maps[len(extra)] = recs[0]["out"][translation.setting_key(2.0, 1.0)]["map"]
+    assert seen == [("default", False), ("gradient", False), ("gradient", True)]
+    assert not np.allclose(maps[0], maps[2]) and not np.allclose(maps[2], maps[4])
