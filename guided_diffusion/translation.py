@@ -316,7 +316,7 @@ def run_test(args, model, diffusion, cals, log_dir: str) -> tuple[dict[int, dict
     results_dir = os.path.join(log_dir, "results")
     os.makedirs(results_dir, exist_ok=True)
     done = load_finished(results_dir) if args.resume else {}
-    loader, _ = get_eval_loader(
+    loader, dataset = get_eval_loader(
         args.data_dir, "test", args.batch_size, num_slices=args.num_slices, in_channels=args.in_channels
     )
     mine: dict[int, dict] = {}
@@ -331,6 +331,7 @@ def run_test(args, model, diffusion, cals, log_dir: str) -> tuple[dict[int, dict
         mine.update({r["idx"]: r for r in records})
         n_new += len(ids)
     seconds = time.time() - t0
+    logger.log(dataset.data_summary())
     timing = {
         "new_slices": n_new,
         "seconds": seconds,
