@@ -191,6 +191,8 @@ def _write_panels(args, records, cache, filtered, key, results, log_dir) -> None
                 "gt": gt[0].numpy(),
                 "anomaly_map": out["map"],
                 "pred_mask": filtered[i],
+                "pred_mask_raw": out["mask"],
+                "min_cc_size": resolve_min_cc_size(args.min_cc_size, args.image_size),
                 "patient": pid,
                 "slice": sl,
                 "label": int(lab),
