@@ -98,7 +98,8 @@ class ForwardResult:
             "sum_incl" = Σ_{t<=t_e} SAM_t, "sum_excl" = Σ_{t<t_e} SAM_t, "sam_te" = SAM_{t_e},
             "sam_prev" = SAM_{t_e-1} (SAM_0 when t_e = 0), and with subset_interval k > 0
             "grid_excl" = Σ_{t<t_e, t % k == 0} SAM_t.
-        sam_stack [B, nW, S, M, H, W] float16 or None; xstart_h [B, nW, S, M, H, W] / xstart_null
+        sam_stack [B, nW, S, M, H, W] float16 (float32 for sam_mode "gradient", whose 1/B_t² scale can
+            exceed the float16 range) or None; xstart_h [B, nW, S, M, H, W] / xstart_null
         [B, S, M, H, W] float32 or None.
         calls: number of network calls made; samples_per_call: batch size of each call.
         sam_mode: "default" (SAM_t = (x̂h0,t - x0)²) or the gradient-SAM ablation the aggregates hold.
@@ -176,8 +177,9 @@ class _OnlineAccumulator:
         self.agg = {k: torch.zeros(shape, device=dev) for k in names}
         self.grid_sum = torch.zeros(shape, device=dev) if self.interval > 0 else None
         self.prev_sam: Tensor | None = None
+        stack_dtype = torch.float32 if sam_mode == "gradient" else torch.float16
         self.sam_stack = (
-            torch.zeros(b, n_w, steps, m, h, w, dtype=torch.float16, device=dev) if keep_sam_stack else None
+            torch.zeros(b, n_w, steps, m, h, w, dtype=stack_dtype, device=dev) if keep_sam_stack else None
         )
         self.xstart_h = torch.zeros(b, n_w, steps, m, h, w, device=dev) if keep_xstarts else None
         self.xstart_null = torch.zeros(b, steps, m, h, w, device=dev) if keep_xstarts else None
@@ -209,7 +211,7 @@ class _OnlineAccumulator:
                 self.grid_sum += sam
         self.prev_sam = sam
         if self.sam_stack is not None:
-            self.sam_stack[:, :, t] = sam.to(torch.float16)
+            self.sam_stack[:, :, t] = sam.to(self.sam_stack.dtype)
         if self.xstart_h is not None:
             self.xstart_h[:, :, t] = xh
             self.xstart_null[:, t] = xn

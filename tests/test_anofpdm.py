@@ -593,6 +593,22 @@ def test_gradient_sam_forward_and_segmentation(mode):
         segment(base, thr_01=1.0, diff_max=[1.0, 1.0], sam_mode=mode)
 
 
+
+def test_gradient_sam_stack_beyond_float16_range():
+    """t_e_ratio != 1 reads the SAM stack; 1/B_t² (~1e8 near t = 0 at 1000 steps) exceeds float16."""
+    x0 = torch.zeros(1, 1, 4, 4)
+    xh = torch.ones(1, 1, 3, 1, 4, 4)  # (x̂h - x̂∅)² = 1 at every step
+    scale = torch.full((3, 1), 1e6)
+    xn = torch.zeros(1, 3, 1, 4, 4)
+    fr = forward_result_from_stacks(
+        x0, xh, xn, ws=[1.0], keep_sam_stack=True, sam_scale=scale, sam_mode="gradient"
+    )
+    r = segment(fr, thr_01=1.0, diff_max=[1.0], t_e_ratio=2.0, median_filter=False, sam_mode="gradient")
+    torch.testing.assert_close(r.anomaly_map, torch.full((1, 1, 4, 4), 1e6))
+    with pytest.raises(ValueError, match="needs a sam_scale"):
+        forward_result_from_stacks(x0, xh, torch.zeros(1, 3, 1, 4, 4), ws=[1.0], sam_mode="gradient")
+
+
 def test_gradient_sam_flags():
     from guided_diffusion import translation_flags
     from guided_diffusion.gradient_sam import sam_mode_from_flags
