@@ -14,7 +14,9 @@ samples. ``eps_y``/``eps_null`` do not depend on w, so a list of guidance streng
 Nothing of size [B, S, M, H, W] is kept by default: per step we record the scalars
 ``mse_h``/``mse_null``/``div`` and update the sub-anomaly-map aggregates online (running sum of
 SAM_t = (x̂h0,t - x0)², snapshotted whenever M_t = mean (x̂h0,t - x̂∅0,t)² reaches a new maximum), which is
-exact for t_e = argmax_t M_t. Optional stacks: SAMs in float16 (for t_e_ratio != 1) and float32 x̂ stacks
+exact for t_e = argmax_t M_t. ``sam_mode`` "gradient" / "gradient_para" replaces SAM_t by the guidance
+term (x̂h0,t - x̂∅0,t)² (spec 5.5 step 1 ablation; see gradient_sam.py). Optional stacks: SAMs in float16
+(for t_e_ratio != 1) and float32 x̂ stacks
 (``call_pattern="upstream"`` / ``keep_xstarts``).
 """
 
@@ -28,6 +30,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .gaussian_diffusion import clamp_to_spatial_quantile
+from .gradient_sam import gradient_sam_scale
 from .guidance import guided_eps
 from .precision import autocast, check_precision
 
@@ -96,9 +99,11 @@ class ForwardResult:
             "sum_incl" = Σ_{t<=t_e} SAM_t, "sum_excl" = Σ_{t<t_e} SAM_t, "sam_te" = SAM_{t_e},
             "sam_prev" = SAM_{t_e-1} (SAM_0 when t_e = 0), and with subset_interval k > 0
             "grid_excl" = Σ_{t<t_e, t % k == 0} SAM_t.
-        sam_stack [B, nW, S, M, H, W] float16 or None; xstart_h [B, nW, S, M, H, W] / xstart_null
+        sam_stack [B, nW, S, M, H, W] float16 (float32 for sam_mode "gradient", whose 1/B_t² scale can
+            exceed the float16 range) or None; xstart_h [B, nW, S, M, H, W] / xstart_null
         [B, S, M, H, W] float32 or None.
         calls: number of network calls made; samples_per_call: batch size of each call.
+        sam_mode: "default" (SAM_t = (x̂h0,t - x0)²) or the gradient-SAM ablation the aggregates hold.
     """
 
     ws: list[float]
@@ -115,6 +120,7 @@ class ForwardResult:
     calls: int = 0
     samples_per_call: list[int] = field(default_factory=list)
     steps_run: int | None = None
+    sam_mode: str = "default"
 
     @property
     def forward_steps(self) -> int:
@@ -153,8 +159,12 @@ class _OnlineAccumulator:
         subset_interval: int,
         keep_sam_stack: bool,
         keep_xstarts: bool,
+        sam_scale: Tensor | None = None,
+        sam_mode: str = "default",
     ):
         b, m, h, w = x0_sel.shape
+        self.sam_mode = sam_mode
+        self.sam_scale = None if sam_scale is None else sam_scale.to(x0_sel.device)
         dev = x0_sel.device
         self.x0 = x0_sel.float()
         self.interval = int(subset_interval)
@@ -170,8 +180,9 @@ class _OnlineAccumulator:
         self.grid_sum = torch.zeros(shape, device=dev) if self.interval > 0 else None
         self.prev_sam: Tensor | None = None
         self.steps_run = steps
+        stack_dtype = torch.float32 if sam_mode == "gradient" else torch.float16
         self.sam_stack = (
-            torch.zeros(b, n_w, steps, m, h, w, dtype=torch.float16, device=dev) if keep_sam_stack else None
+            torch.zeros(b, n_w, steps, m, h, w, dtype=stack_dtype, device=dev) if keep_sam_stack else None
         )
         self.xstart_h = torch.zeros(b, n_w, steps, m, h, w, device=dev) if keep_xstarts else None
         self.xstart_null = torch.zeros(b, steps, m, h, w, device=dev) if keep_xstarts else None
@@ -182,7 +193,10 @@ class _OnlineAccumulator:
         sam = (xh - self.x0[:, None]) ** 2
         self.mse_h[:, :, t] = sam.mean(dim=(-2, -1))
         self.mse_null[:, t] = ((xn - self.x0) ** 2).mean(dim=(-2, -1))
-        d = ((xh - xn[:, None]) ** 2).mean(dim=(-2, -1))
+        guide = (xh - xn[:, None]) ** 2
+        d = guide.mean(dim=(-2, -1))
+        if self.sam_scale is not None:
+            sam = guide * self.sam_scale[t][None, :, None, None, None]
         self.div[:, :, t] = d
         new = d > self.best
         self.best = torch.where(new, d, self.best)
@@ -200,7 +214,7 @@ class _OnlineAccumulator:
                 self.grid_sum += sam
         self.prev_sam = sam
         if self.sam_stack is not None:
-            self.sam_stack[:, :, t] = sam.to(torch.float16)
+            self.sam_stack[:, :, t] = sam.to(self.sam_stack.dtype)
         if self.xstart_h is not None:
             self.xstart_h[:, :, t] = xh
             self.xstart_null[:, t] = xn
@@ -232,6 +246,7 @@ class _OnlineAccumulator:
             calls=calls,
             samples_per_call=sizes,
             steps_run=self.steps_run,
+            sam_mode=self.sam_mode,
         )
 
 
@@ -243,11 +258,14 @@ def forward_result_from_stacks(
     modality: Sequence[int] | None = None,
     subset_interval: int = -1,
     keep_sam_stack: bool = False,
+    sam_scale: Tensor | None = None,
+    sam_mode: str = "default",
 ) -> ForwardResult:
     """ForwardResult from given x̂ sequences (hand-made or from the upstream pattern).
 
     x0_sel [B, M, H, W] (already restricted to the modalities), xstart_h [B, nW, S, M, H, W] (or
-    [B, S, M, H, W] for one w), xstart_null [B, S, M, H, W].
+    [B, S, M, H, W] for one w), xstart_null [B, S, M, H, W]; sam_scale [S, nW] from gradient_sam_scale
+    (with its sam_mode) for the gradient-SAM ablation.
     """
     if xstart_h.dim() == 5:
         xstart_h = xstart_h[:, None]
@@ -259,7 +277,11 @@ def forward_result_from_stacks(
     b, n_w, steps = xstart_h.shape[:3]
     if len(ws) != n_w:
         raise ValueError(f"ws has {len(ws)} entries but xstart_h holds {n_w} guidance strengths")
-    acc = _OnlineAccumulator(x0_sel, n_w, steps, subset_interval, keep_sam_stack, keep_xstarts=False)
+    if (sam_scale is None) != (sam_mode == "default"):
+        raise ValueError(f"sam_mode={sam_mode!r} needs a sam_scale from gradient_sam_scale (and only then)")
+    acc = _OnlineAccumulator(
+        x0_sel, n_w, steps, subset_interval, keep_sam_stack, False, sam_scale=sam_scale, sam_mode=sam_mode
+    )
     for t in range(steps):
         acc.update(t, xstart_h[:, :, t], xstart_null[:, t])
     mods = list(modality) if modality is not None else list(range(x0_sel.shape[1]))
@@ -342,6 +364,8 @@ def run_forward_process(
     progress: bool = False,
     precision: str = "fp32",
     early_stop_patience: int = 0,
+    sam_mode: str = "default",
+    legacy_gradient_schedule: bool = False,
 ) -> ForwardResult:
     """Run the AnoFPDM forward process on x0 [B, C, H, W] for every w in ``ws``.
 
@@ -371,6 +395,8 @@ def run_forward_process(
             host synchronisation per K steps). The remaining steps' mse/div entries hold the last computed
             values and ``steps_run`` says how many steps ran. Changes results (t_e is an argmax over all
             S steps and the image-level cosine uses whole curves): off (0) by default.
+        sam_mode: "default", or the gradient-SAM ablation "gradient" / "gradient_para" (sam_mode_from_flags);
+            legacy_gradient_schedule: B_t from upstream's hard-coded linear schedule (see gradient_sam_scale).
     """
     check_precision(precision)
     if early_stop_patience < 0:
@@ -379,8 +405,18 @@ def run_forward_process(
     modality = [int(m) for m in modality]
     upstream = call_pattern == "upstream"
     b, dev = x0.shape[0], x0.device
+    scale = gradient_sam_scale(
+        diffusion, forward_steps, ws, sam_mode=sam_mode, legacy_schedule=legacy_gradient_schedule
+    )
     acc = _OnlineAccumulator(
-        x0[:, modality], len(ws), forward_steps, subset_interval, keep_sam_stack, keep_xstarts or upstream
+        x0[:, modality],
+        len(ws),
+        forward_steps,
+        subset_interval,
+        keep_sam_stack,
+        keep_xstarts or upstream,
+        sam_scale=scale,
+        sam_mode=sam_mode,
     )
     sizes: list[int] = []
 

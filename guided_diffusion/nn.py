@@ -98,3 +98,13 @@ def checkpoint(func: Callable[..., Any], *args: Any, enabled: bool) -> Any:
     if enabled and torch.is_grad_enabled():
         return torch.utils.checkpoint.checkpoint(func, *args, use_reentrant=False)
     return func(*args)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters of ``model`` (every parameter, trainable or not; works on the meta device)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def format_param_count(n: int) -> str:
+    """The one way a parameter count is printed: ``"571,234 parameters (0.57 M)"``, M = 10**6 (SI)."""
+    return f"{int(n):,} parameters ({int(n) / 1e6:.2f} M)"

@@ -16,7 +16,9 @@ API
         -> list[str]: one PNG per item (columns: each shown modality, ground truth, anomaly map, predicted
         mask, overlay TP/FP/FN; Dice in the title) + ``index.html`` linking them under a metrics table.
         item = {"source": [C,H,W], "gt": [H,W], "anomaly_map": [H,W], "pred_mask": [H,W],
-                optional "patient", "slice", "dice", "label", "pred_label", "name"}.
+                optional "patient", "slice", "dice", "label", "pred_label", "name", "pred_mask_raw" (the mask
+                before the size filter), "min_cc_size"}; an empty predicted mask of a slice predicted
+                unhealthy is explained in the title (empty_mask_reason).
     write_index_html(out_dir, metrics, panel_files, title="AnoFPDM evaluation") -> str
     read_meta(path_or_none) -> dict | None       (a patient's meta.json; None when missing)
     resampled_affine(affine, original_shape, new_hw) -> np.ndarray [4, 4]
@@ -207,6 +209,33 @@ def _panel_png(item: Mapping[str, Any], modality_names: Sequence[str], modalitie
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
+    reason = empty_mask_reason(item)
+    if reason:
+        axes[k + 2].text(0.5, 0.5, "empty", color="white", ha="center", va="center", fontsize=9,
+                         transform=axes[k + 2].transAxes)
+    fig.suptitle(panel_title(item), fontsize=10 if not reason else 8)
+    fig.tight_layout()
+    return _render_png(fig)
+
+
+def empty_mask_reason(item: Mapping[str, Any]) -> str | None:
+    """Why the predicted mask of ``item`` is empty although the slice was predicted unhealthy (else None):
+    every component removed by the size filter (``pred_mask_raw`` non-empty) or no pixel above the
+    threshold. A slice predicted healthy is not segmented (its title already says ``pred 0``)."""
+    if int(item.get("pred_label", 1)) != 1 or bool((_np(item["pred_mask"]) > 0.5).any()):
+        return None
+    raw = item.get("pred_mask_raw")
+    if raw is not None and bool((_np(raw) > 0.5).any()):
+        size = item.get("min_cc_size")
+        limit = f" (components <= {int(size)} px are dropped)" if size is not None else ""
+        return f"empty mask: every component removed by the size filter{limit}"
+    if raw is not None:
+        return "empty mask: no pixel of the anomaly map reached the threshold"
+    return "empty mask"
+
+
+def panel_title(item: Mapping[str, Any]) -> str:
+    """Panel headline: patient | slice | label | pred | Dice, plus the empty-mask reason when there is one."""
     parts = []
     if "patient" in item:
         parts.append(f"patient {item['patient']}")
@@ -218,9 +247,8 @@ def _panel_png(item: Mapping[str, Any], modality_names: Sequence[str], modalitie
         parts.append(f"pred {int(item['pred_label'])}")
     if item.get("dice") is not None:
         parts.append(f"Dice {float(item['dice']):.3f}")
-    fig.suptitle(" | ".join(parts), fontsize=10)
-    fig.tight_layout()
-    return _render_png(fig)
+    reason = empty_mask_reason(item)
+    return " | ".join(parts) + (f"\n{reason}" if reason else "")
 
 
 def write_index_html(out_dir: str, metrics: Mapping[str, Any] | None, panel_files: Sequence[str],

@@ -8,7 +8,7 @@ map >= threshold, mask = mask_all if cos <= thr_01 (predicted unhealthy) else 0.
 
 Fixed behaviour (default): t_e included (t in [0, t_e]), any number of modalities, index = round(100 s),
 ``last_only`` uses SAM_{t_e}. ``legacy=True`` reproduces upstream: end-exclusive [0, t_e), index
-int(round(s, 2) * 100) (float truncation), ``last_only`` uses t_e - 1; the upstream NaN for t_e = 0 (empty
+int(round(s, 2) * 100) (float32 truncation), ``last_only`` uses t_e - 1; the upstream NaN for t_e = 0 (empty
 range) is guarded in both modes by falling back to SAM_0.
 """
 
@@ -54,12 +54,19 @@ def cosine_similarity(mse_h: Tensor, mse_null: Tensor) -> Tensor:
     return F.cosine_similarity(mse_h.float().mean(-1), mse_null.float().mean(-1), dim=-1, eps=1e-6)
 
 
+def median_filter_5x5(amap: Tensor) -> Tensor:
+    """5x5 median filter of [B, C, H, W] maps, padded like upstream's torch F.pad(mode="reflect"): the
+    edge pixel is not repeated (scipy mode="mirror"; spec 5.5 step 5). Same in default and legacy mode."""
+    arr = amap.detach().cpu().numpy()
+    return torch.from_numpy(np.stack([_median_filter(a, size=(1, 5, 5), mode="mirror") for a in arr]))
+
+
 def quantile_index(s: Tensor, legacy: bool = False) -> Tensor:
     """Index into QUANTILE_GRID for scaled divergences s in [0, 1]: round(100 s), or upstream's
-    int(round(s, 2) * 100) (float64 product then truncation, e.g. 0.29 -> 28, as in the spec) when
-    ``legacy``."""
+    int(round(s, 2) * 100) when ``legacy``: rounding, product and truncation in float32 as upstream's
+    tensors are (0.53 -> 52, 0.59 -> 58; 0.29, 0.57, 0.58 stay exact; spec 5.5 step 4.2)."""
     if legacy:
-        return (torch.round(s.double(), decimals=2) * 100).to(torch.int64)
+        return (torch.round(s.float(), decimals=2) * 100).to(torch.int64)
     return torch.round(s.double() * 100).to(torch.int64)
 
 
@@ -140,17 +147,25 @@ def segment(
     subset_interval: int = -1,
     legacy: bool = False,
     thr: float | None = None,
+    sam_mode: str | None = None,
 ) -> SegmentationResult:
     """Segment the batch of ``fr`` for guidance strength ``w`` (default: the only/first w of the pass).
 
     Args:
         thr_01: cosine threshold (cos <= thr_01 -> predicted unhealthy); diff_max: [M] from calibration.
         t_e_ratio: t_e <- round(t_e * ratio) (needs fr.sam_stack unless 1).
-        median_filter: 5x5 median filter (scipy, mode="reflect") on the modality-averaged map.
+        median_filter: 5x5 median filter (median_filter_5x5) on the modality-averaged map.
         last_only: S_te variant (single step); subset_interval: k > 0 uses every k-th step plus t_e.
         legacy: upstream aggregation / quantile-index behaviour (see module docstring).
         thr: fixed mask threshold instead of the per-sample quantile threshold.
+        sam_mode: if given, the SAM kind the caller expects ("default" / "gradient" / "gradient_para"); it is
+            chosen in run_forward_process (the aggregates are built there) and must match fr.sam_mode.
     """
+    if sam_mode is not None and sam_mode != fr.sam_mode:
+        raise ValueError(
+            f"sam_mode={sam_mode!r} but the forward pass built {fr.sam_mode!r} SAMs; pass sam_mode to "
+            "run_forward_process"
+        )
     if last_only and subset_interval > 0:
         raise ValueError("last_only and subset_interval > 0 cannot be combined (upstream asserts this too)")
     wi = 0 if w is None else fr.w_index(w)
@@ -188,8 +203,7 @@ def segment(
         thresholds.fill_(float(thr))
     amap = maps.sum(dim=1, keepdim=True) / n_mod
     if median_filter:
-        arr = amap.numpy()
-        amap = torch.from_numpy(np.stack([_median_filter(a, size=(1, 5, 5), mode="reflect") for a in arr]))
+        amap = median_filter_5x5(amap)
     mask_all = (amap >= thresholds[:, None, None, None]).float()
     pred_lab = (cos <= thr_01).to(torch.int64)
     mask = mask_all * pred_lab[:, None, None, None].float()

@@ -42,6 +42,7 @@ from .calibration import (
     save_calibrations,
     select_guidance,
 )
+from .gradient_sam import sam_mode_from_flags
 from .io_util import atomic_torch_save
 from .script_util import args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults, model_config
 from .segmentation import segment
@@ -266,6 +267,8 @@ def process_batch(
         subset_interval=args.subset_interval,
         keep_sam_stack=any(r != 1 for r in args.t_e_ratio),
         progress=args.progress and dist_util.get_rank() == 0,
+        sam_mode=sam_mode_from_flags(args.use_gradient_sam, args.use_gradient_para_sam),
+        legacy_gradient_schedule=args.legacy_segmentation,
         **run_settings(args),
     )
     records = [
@@ -313,7 +316,7 @@ def run_test(args, model, diffusion, cals, log_dir: str) -> tuple[dict[int, dict
     results_dir = os.path.join(log_dir, "results")
     os.makedirs(results_dir, exist_ok=True)
     done = load_finished(results_dir) if args.resume else {}
-    loader, _ = get_eval_loader(
+    loader, dataset = get_eval_loader(
         args.data_dir, "test", args.batch_size, num_slices=args.num_slices, in_channels=args.in_channels
     )
     mine: dict[int, dict] = {}
@@ -328,6 +331,7 @@ def run_test(args, model, diffusion, cals, log_dir: str) -> tuple[dict[int, dict
         mine.update({r["idx"]: r for r in records})
         n_new += len(ids)
     seconds = time.time() - t0
+    logger.log(dataset.data_summary())
     timing = {
         "new_slices": n_new,
         "seconds": seconds,

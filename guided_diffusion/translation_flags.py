@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .anofpdm import ENCODINGS, UGP_MODES, forward_settings
+from .gradient_sam import sam_mode_from_flags
 from .script_util import add_dict_to_argparser, model_and_diffusion_defaults, str2bool
 from .translation_outputs import resolve_min_cc_size
 
@@ -98,8 +99,16 @@ def create_argparser() -> argparse.ArgumentParser:
     p.add_argument(
         "--use_weighted_sampler", type=str2bool, default=False, help="ignored (deterministic order)"
     )
-    p.add_argument("--use_gradient_sam", type=str2bool, default=False, help="not implemented")
-    p.add_argument("--use_gradient_para_sam", type=str2bool, default=False, help="not implemented")
+    p.add_argument(
+        "--use_gradient_sam",
+        type=str2bool,
+        default=False,
+        help="ablation: SAM = (x̂h - x̂∅)² / (B_t² (1+w)²) (spec 5.5 step 1; B_t from the model's schedule, "
+        "upstream's linear one with --legacy_segmentation)",
+    )
+    p.add_argument(
+        "--use_gradient_para_sam", type=str2bool, default=False, help="with --use_gradient_sam: undivided"
+    )
     return p
 
 
@@ -133,8 +142,7 @@ def parse_args(
 ) -> argparse.Namespace:
     """Parse and validate the flags; ``overrides`` are applied after parsing (e.g. unet_ver=hae_v2)."""
     args = finish_calibration_args(create_argparser().parse_args(argv), overrides)
-    if args.use_gradient_sam or args.use_gradient_para_sam:
-        raise ValueError("--use_gradient_sam / --use_gradient_para_sam are not implemented in this version")
+    sam_mode_from_flags(args.use_gradient_sam, args.use_gradient_para_sam)  # ValueError for para alone
     if args.num_slices is None and args.num_batches is not None:
         args.num_slices = args.num_batches * args.batch_size
     if args.last_only and args.subset_interval > 0:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .calibration import Calibration
+from .gradient_sam import sam_mode_from_flags
 
 MODALITY_NAMES = {4: ["FLAIR", "T1", "T1ce", "T2"], 1: ["T1"]}
 PAPER_MIN_CC_SIZE = 40  # px at the paper's 128 x 128 slices (spec 5.6)
@@ -128,6 +129,7 @@ def write_outputs(
             "median_filter": args.median_filter,
             "last_only": args.last_only,
             "subset_interval": args.subset_interval,
+            "sam_mode": sam_mode_from_flags(args.use_gradient_sam, args.use_gradient_para_sam),
             "min_cc_size": min_cc,
             "seed": args.seed,
             **extra,
@@ -191,6 +193,8 @@ def _write_panels(args, records, cache, filtered, key, results, log_dir) -> None
                 "gt": gt[0].numpy(),
                 "anomaly_map": out["map"],
                 "pred_mask": filtered[i],
+                "pred_mask_raw": out["mask"],
+                "min_cc_size": resolve_min_cc_size(args.min_cc_size, args.image_size),
                 "patient": pid,
                 "slice": sl,
                 "label": int(lab),

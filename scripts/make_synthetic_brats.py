@@ -13,11 +13,9 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from guided_diffusion.data.synthetic import STYLES, build_synthetic_dataset  # noqa: E402
+from guided_diffusion.cli import run_cli
+from guided_diffusion.data.synthetic import STYLES, build_synthetic_dataset
 
 
 def main(argv=None) -> dict:
@@ -67,4 +65,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -12,9 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from guided_diffusion.data.preprocess import (  # noqa: E402
+from guided_diffusion.cli import run_cli
+from guided_diffusion.data.preprocess import (
     MASK_RESIZE_CHOICES,
     MOD_CHOICES,
     NAME_CHOICES,
@@ -61,4 +60,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

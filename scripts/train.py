@@ -16,6 +16,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from guided_diffusion import dist_util, logger  # noqa: E402
+from guided_diffusion.nn import count_parameters, format_param_count  # noqa: E402
 from guided_diffusion.script_util import (  # noqa: E402
     add_dict_to_argparser,
     args_to_dict,
@@ -152,8 +153,7 @@ def train(args: argparse.Namespace) -> None:
     md_flags = args_to_dict(args, model_and_diffusion_defaults().keys())
     model, diffusion = create_model_and_diffusion(**md_flags)
     model.to(dist_util.dev())
-    n_params = sum(p.numel() for p in model.parameters())
-    logger.log(f"unet_ver {args.unet_ver}: {n_params:,} parameters ({n_params / 1024 ** 2:.2f} M)")
+    logger.log(f"unet_ver {args.unet_ver}: {format_param_count(count_parameters(model))}")
     schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
 
     logger.log("creating data loader...")

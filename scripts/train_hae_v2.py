@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from guided_diffusion.hae_blocks import HybridCNNTransformerBlockBase, check_bottleneck_ratio  # noqa: E402
+from guided_diffusion.nn import count_parameters, format_param_count  # noqa: E402
 from guided_diffusion.script_util import args_to_dict, create_model_and_diffusion  # noqa: E402
 from guided_diffusion.script_util import model_and_diffusion_defaults as _md_defaults  # noqa: E402
 
@@ -44,12 +45,11 @@ def describe(args: Any) -> str:
     flags["class_cond"] = bool(flags.get("num_classes") and flags["num_classes"] > 0)
     with torch.device("meta"):
         model, _ = create_model_and_diffusion(**flags)
-    total = sum(p.numel() for p in model.parameters())
-    hybrid = sum(p.numel() for m in model.modules() if isinstance(m, HybridCNNTransformerBlockBase)
-                 for p in m.parameters())
+    total = count_parameters(model)
+    hybrid = sum(count_parameters(m) for m in model.modules() if isinstance(m, HybridCNNTransformerBlockBase))
     return (f"HAE V2: unet_ver=hae_v2 use_hae={flags['use_hae']} "
-            f"bottleneck_ratio={flags['bottleneck_ratio']} parameters={total:,} ({total / 1e6:.2f} M; "
-            f"hybrid blocks {hybrid:,})")
+            f"bottleneck_ratio={flags['bottleneck_ratio']} {format_param_count(total)}, "
+            f"hybrid blocks {format_param_count(hybrid)}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -316,7 +317,16 @@ def _handmade(divs, h=16, seed=0):
 def test_quantile_index_fixed_vs_legacy():
     s = torch.tensor([0.0, 1.0, 0.29, 0.5])
     assert quantile_index(s).tolist() == [0, 100, 29, 50]
-    assert quantile_index(s, legacy=True).tolist()[:3] == [0, 100, 28]
+    # upstream int(round(s, 2) * 100) on float32 tensors (spec 5.5 step 4.2): 0.53 -> 52, 0.59 -> 58,
+    # while 0.29, 0.57, 0.58 stay exact (a float64 computation would give 28, 56, 57 instead)
+    named = torch.tensor([0.29, 0.53, 0.57, 0.58, 0.59])
+    assert quantile_index(named, legacy=True).tolist() == [29, 52, 57, 58, 58]
+    assert quantile_index(named).tolist() == [29, 53, 57, 58, 59]
+    grid = torch.arange(101, dtype=torch.float64) / 100
+    legacy = quantile_index(grid.float(), legacy=True)
+    off = [i for i in range(101) if legacy[i].item() != i]
+    assert off == [53, 59] and legacy[53].item() == 52 and legacy[59].item() == 58
+    assert quantile_index(grid).tolist() == list(range(101))
     assert QUANTILE_GRID[0].item() == pytest.approx(0.98) and QUANTILE_GRID[100].item() == pytest.approx(0.90)
     assert QUANTILE_GRID[29].item() == pytest.approx(0.98 - 0.29 * 0.08, abs=1e-6)
 
@@ -329,9 +339,14 @@ def test_segmentation_end_step_aggregation_and_quantiles():
     sam = xh[0] ** 2  # [S, M, H, W]
     fixed = segment(fr, thr_01=0.0, diff_max=[0.9, 0.8 / 0.29], median_filter=False)
     legacy = segment(fr, thr_01=0.0, diff_max=[0.9, 0.8 / 0.29], median_filter=False, legacy=True)
-    # modality 0: s = 1 -> q 0.90; modality 1: s = 0.29 -> index 29 (fixed) / 28 (legacy)
+    # modality 0: s = 1 -> q 0.90; modality 1: s = 0.29 -> index 29 in both modes (float32 upstream)
     assert fixed.quantile[0].tolist() == pytest.approx([0.90, QUANTILE_GRID[29].item()])
-    assert legacy.quantile[0].tolist() == pytest.approx([0.90, QUANTILE_GRID[28].item()])
+    assert legacy.quantile[0].tolist() == pytest.approx([0.90, QUANTILE_GRID[29].item()])
+    # s = 0.53: index 53 (fixed) / 52 (legacy, upstream's float32 truncation)
+    f53 = segment(fr, thr_01=0.0, diff_max=[0.9, 0.8 / 0.53], median_filter=False)
+    l53 = segment(fr, thr_01=0.0, diff_max=[0.9, 0.8 / 0.53], median_filter=False, legacy=True)
+    assert f53.quantile[0, 1].item() == pytest.approx(QUANTILE_GRID[53].item())
+    assert l53.quantile[0, 1].item() == pytest.approx(QUANTILE_GRID[52].item())
     inc = (sam[:3, 0].mean(0) + sam[:2, 1].mean(0)) / 2
     exc = (sam[:2, 0].mean(0) + sam[:1, 1].mean(0)) / 2
     torch.testing.assert_close(fixed.anomaly_map[0, 0], inc, atol=1e-5, rtol=1e-5)
@@ -387,16 +402,39 @@ def test_segmentation_gating_and_median_filter():
     # about 10 % of the pixels (q = 0.90 for s = 1) are above the unfiltered threshold
     assert 0.05 < raw.mask_all[0].mean() < 0.15 and raw.mask[0].sum() == 0
     assert not torch.allclose(raw.anomaly_map, out.anomaly_map)
-    from scipy.ndimage import median_filter
-
-    torch.testing.assert_close(
-        out.anomaly_map[0, 0],
-        torch.from_numpy(median_filter(raw.anomaly_map[0, 0].numpy(), 5, mode="reflect")),
-    )
+    torch.testing.assert_close(out.anomaly_map, _torch_reflect_median5(raw.anomaly_map))
     with pytest.raises(ValueError, match="diff_max"):
         segment(fr, thr_01=0.9, diff_max=[0.5, 1.0])
     with pytest.raises(ValueError, match="keep_sam_stack"):
         segment(fr, thr_01=0.9, diff_max=[0.5], t_e_ratio=2.0)
+
+
+def _torch_reflect_median5(amap: torch.Tensor) -> torch.Tensor:
+    """Reference: upstream's median pool, torch F.pad(mode="reflect") by 2 then the median of each 5x5."""
+    padded = torch.nn.functional.pad(amap, (2, 2, 2, 2), mode="reflect")
+    patches = padded.unfold(2, 5, 1).unfold(3, 5, 1)  # [B, C, H, W, 5, 5]
+    return patches.reshape(*patches.shape[:4], 25).median(dim=-1).values
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_median_filter_pads_like_torch_reflect(legacy):
+    """The 5x5 median filter must not repeat the edge pixel (torch reflect = scipy "mirror")."""
+    from scipy.ndimage import median_filter
+
+    g = torch.Generator().manual_seed(3)
+    u = torch.rand(1, 1, 12, 12, generator=g) + 0.1
+    divs = [[0.2, 0.7, 0.4]]
+    xh = torch.stack([math.sqrt(d) * u[0] for d in divs[0]])[None, None]  # [1, 1, S, 1, H, W]
+    fr = forward_result_from_stacks(torch.zeros(1, 1, 12, 12), xh, torch.zeros(1, 3, 1, 12, 12), ws=[1.0])
+    raw = segment(fr, thr_01=0.0, diff_max=[0.7], median_filter=False, legacy=legacy)
+    out = segment(fr, thr_01=0.0, diff_max=[0.7], median_filter=True, legacy=legacy)
+    ref = _torch_reflect_median5(raw.anomaly_map)
+    torch.testing.assert_close(out.anomaly_map, ref)
+    torch.testing.assert_close(out.mask_all, (ref >= out.threshold[:, None, None, None]).float())
+    # the edge-repeating scipy "reflect" differs from it in the outer 2 px (so this test can fail)
+    repeated = torch.from_numpy(median_filter(raw.anomaly_map.numpy(), size=(1, 1, 5, 5), mode="reflect"))
+    assert not torch.allclose(repeated, ref)
+    torch.testing.assert_close(repeated[..., 2:-2, 2:-2], ref[..., 2:-2, 2:-2])
 
 
 def test_segmentation_interval_online_matches_stack():
@@ -486,3 +524,131 @@ def test_select_guidance_largest_w_within_one_percent():
     w, table = select_guidance(cals)
     assert w == 3.0 and [r["w"] for r in table] == [1.0, 2.0, 3.0, 5.0]
     assert [r["selected"] for r in table] == [False, False, True, False]
+
+
+# ------------------------------------------------------ gradient-SAM ablation (spec 5.5 step 1, 8.13)
+
+
+def _bt(abar):
+    abar = torch.as_tensor(abar, dtype=torch.float64)
+    return ((1 - abar) / abar.sqrt()).float()
+
+
+def test_gradient_sam_scale_model_schedule_vs_legacy_linear():
+    from guided_diffusion.gradient_sam import gradient_sam_scale
+    from guided_diffusion.respace import SpacedDiffusion, space_timesteps
+
+    diff = make_diffusion(50)  # "linear" at 50 steps: betas scaled by 1000/50, not upstream's 1e-4..0.02
+    fixed = gradient_sam_scale(diff, S, [0.0, 2.0], sam_mode="gradient")
+    bt = _bt(diff.alphas_cumprod[:S])
+    torch.testing.assert_close(fixed, 1 / (bt[:, None] ** 2 * torch.tensor([1.0, 9.0])[None]))
+    legacy = gradient_sam_scale(diff, S, [0.0, 2.0], sam_mode="gradient", legacy_schedule=True)
+    bt_up = _bt(np.cumprod(1 - np.linspace(1e-4, 0.02, 50))[:S])
+    torch.testing.assert_close(legacy, 1 / (bt_up[:, None] ** 2 * torch.tensor([1.0, 9.0])[None]))
+    assert not torch.allclose(fixed, legacy)
+    # a respaced model: B_t from its own (respaced) alphas_cumprod at the forward-step indices
+    spaced = SpacedDiffusion(
+        use_timesteps=space_timesteps(1000, "10"),
+        betas=get_named_beta_schedule("linear", 1000),
+        model_mean_type=ModelMeanType.EPSILON,
+        model_var_type=ModelVarType.FIXED_LARGE,
+        loss_type=LossType.MSE,
+    )
+    sp = gradient_sam_scale(spaced, 4, [1.0], sam_mode="gradient")
+    torch.testing.assert_close(sp[:, 0], 1 / (_bt(spaced.alphas_cumprod[:4]) ** 2 * 4.0))
+    up = gradient_sam_scale(spaced, 4, [1.0], sam_mode="gradient", legacy_schedule=True)  # 1000-step linear
+    bt_1000 = _bt(np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))[:4])
+    torch.testing.assert_close(up[:, 0], 1 / (bt_1000**2 * 4))
+    assert gradient_sam_scale(diff, S, [1.0], sam_mode="default") is None
+    assert torch.equal(gradient_sam_scale(diff, S, [1.0, 3.0], sam_mode="gradient_para"), torch.ones(S, 2))
+    with pytest.raises(ValueError, match="sam_mode"):
+        gradient_sam_scale(diff, S, [1.0], sam_mode="grad")
+
+
+@pytest.mark.parametrize("mode", ["gradient", "gradient_para"])
+def test_gradient_sam_forward_and_segmentation(mode):
+    from guided_diffusion.gradient_sam import gradient_sam_scale
+
+    model, diff, x0 = ToyEps(), make_diffusion(), make_x0()
+    kw = dict(ws=[1.0, 2.0], modality=[0, 1], forward_steps=S, keep_xstarts=True)
+    base = run_forward_process(model, diff, x0, generator=gen(), **kw)
+    fr = run_forward_process(model, diff, x0, generator=gen(), sam_mode=mode, **kw)
+    assert fr.sam_mode == mode and base.sam_mode == "default"
+    # the classifier statistics (MSEs, M_t, t_e) do not change; only the SAMs do
+    for name in ("mse_h", "mse_null", "div", "end_step"):
+        assert torch.equal(getattr(fr, name), getattr(base, name)), name
+    scale = gradient_sam_scale(diff, S, [1.0, 2.0], sam_mode=mode)
+    for wi, w in enumerate((1.0, 2.0)):
+        seg = segment(fr, w=w, thr_01=1.0, diff_max=[1.0, 1.0], median_filter=False, sam_mode=mode)
+        guide = (fr.xstart_h[:, wi] - fr.xstart_null) ** 2 * scale[:, wi][None, :, None, None, None]
+        want = torch.zeros(x0.shape[0], 1, 8, 8)
+        for b in range(x0.shape[0]):
+            for m in range(2):
+                te = int(fr.end_step[b, wi, m])
+                want[b, 0] += guide[b, : te + 1, m].mean(0) / 2
+        torch.testing.assert_close(seg.anomaly_map, want, rtol=1e-4, atol=1e-6)
+        plain = segment(base, w=w, thr_01=1.0, diff_max=[1.0, 1.0], median_filter=False)
+        assert not torch.allclose(seg.anomaly_map, plain.anomaly_map)
+    with pytest.raises(ValueError, match="sam_mode"):
+        segment(base, thr_01=1.0, diff_max=[1.0, 1.0], sam_mode=mode)
+
+
+
+def test_gradient_sam_stack_beyond_float16_range():
+    """t_e_ratio != 1 reads the SAM stack; 1/B_t² (~1e8 near t = 0 at 1000 steps) exceeds float16."""
+    x0 = torch.zeros(1, 1, 4, 4)
+    xh = torch.ones(1, 1, 3, 1, 4, 4)  # (x̂h - x̂∅)² = 1 at every step
+    scale = torch.full((3, 1), 1e6)
+    xn = torch.zeros(1, 3, 1, 4, 4)
+    fr = forward_result_from_stacks(
+        x0, xh, xn, ws=[1.0], keep_sam_stack=True, sam_scale=scale, sam_mode="gradient"
+    )
+    r = segment(fr, thr_01=1.0, diff_max=[1.0], t_e_ratio=2.0, median_filter=False, sam_mode="gradient")
+    torch.testing.assert_close(r.anomaly_map, torch.full((1, 1, 4, 4), 1e6))
+    with pytest.raises(ValueError, match="needs a sam_scale"):
+        forward_result_from_stacks(x0, xh, torch.zeros(1, 3, 1, 4, 4), ws=[1.0], sam_mode="gradient")
+
+
+def test_gradient_sam_flags():
+    from guided_diffusion import translation_flags
+    from guided_diffusion.gradient_sam import sam_mode_from_flags
+
+    assert sam_mode_from_flags(False, False) == "default"
+    assert sam_mode_from_flags(True, False) == "gradient"
+    assert sam_mode_from_flags(True, True) == "gradient_para"
+    with pytest.raises(ValueError, match="--use_gradient_para_sam True needs --use_gradient_sam True"):
+        sam_mode_from_flags(False, True)
+    argv = ["--w", "2", "--data_dir", "d", "--model_dir", "m"]
+    args = translation_flags.parse_args(
+        [*argv, "--use_gradient_sam", "True", "--use_gradient_para_sam", "True"]
+    )
+    assert sam_mode_from_flags(args.use_gradient_sam, args.use_gradient_para_sam) == "gradient_para"
+    with pytest.raises(ValueError, match="needs --use_gradient_sam"):
+        translation_flags.parse_args([*argv, "--use_gradient_para_sam", "True"])
+
+
+def test_translation_batch_passes_gradient_sam_to_the_forward_pass(monkeypatch):
+    """process_batch wires --use_gradient_sam / --legacy_segmentation into run_forward_process."""
+    from types import SimpleNamespace
+
+    from guided_diffusion import translation, translation_flags
+
+    seen = []
+    real = translation.run_forward_process
+
+    def spy(*a, **kw):
+        seen.append((kw["sam_mode"], kw["legacy_gradient_schedule"]))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(translation, "run_forward_process", spy)
+    argv = ["--w", "2", "--data_dir", "d", "--model_dir", "m", "--forward_steps", str(S)]
+    argv += ["--modality", "0", "1", "--progress", "False"]
+    cals = {2.0: SimpleNamespace(thr_01=1.0, diff_max=[1.0, 1.0])}
+    maps = {}
+    grad = ["--use_gradient_sam", "True"]
+    for extra in ([], grad, [*grad, "--legacy_segmentation", "True"]):
+        args = translation_flags.parse_args([*argv, *extra])
+        recs = translation.process_batch(args, ToyEps(), make_diffusion(), cals, make_x0(), [0, 1, 2])
+        maps[len(extra)] = recs[0]["out"][translation.setting_key(2.0, 1.0)]["map"]
+    assert seen == [("default", False), ("gradient", False), ("gradient", True)]
+    assert not np.allclose(maps[0], maps[2]) and not np.allclose(maps[2], maps[4])

@@ -2,6 +2,7 @@
 
 import io
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -174,3 +175,51 @@ def test_nan_size_and_channel_errors(tmp_path):
     assert ds.num_channels == 4 and ds[0][0].shape == (4, 16, 16)
     with pytest.raises(ValueError, match="slice_3.npz has 4 channels but --in_channels is 1"):
         BrainDataset(tmp_path / "c", "test", in_channels=1)
+
+
+def test_slice_of_another_size_named_not_a_stack_error(tmp_path):
+    """A slice of another H x W than its dataset: the file and expected vs found size, not torch.stack."""
+    root = _fake_root(tmp_path)
+    odd = root / "npy_test" / "patient_A" / "slice_4.npz"
+    _write_slice(odd, np.ones((1, 4, 12, 12), np.float32), np.zeros((1, 1, 12, 12), np.float32))
+    loader, _ = get_eval_loader(root, "test", batch_size=2)
+    with pytest.raises(ValueError, match=r"slice_4.npz: image size \(12, 12\) differs from the dataset's "
+                       r"\(16, 16\) \(of .*slice_3.npz\)"):
+        next(iter(loader))
+
+
+def test_nan_mask_and_complex_image_refused(tmp_path):
+    y = np.zeros((1, 1, 16, 16), np.float32)
+    y[0, 0, 3, 3] = np.nan
+    with pytest.raises(ValueError, match=r"slice_3.npz: y \(mask\) contains NaN"):
+        BrainDataset(_fake_root(tmp_path / "a", y=y), "test")
+    # also on the label-only read of the healthy-slice selection
+    root = _fake_root(tmp_path / "b", y=y, split="train")
+    with pytest.raises(ValueError, match=r"slice_3.npz: y \(mask\) contains NaN"):
+        BrainDataset(root, "train", mixed=False, n_unhealthy_patients=0)
+    x = (np.ones((1, 4, 16, 16)) + 1j).astype(np.complex64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # refused with an error, not cast with a ComplexWarning
+        with pytest.raises(ValueError, match="slice_3.npz: x has complex dtype complex64"):
+            BrainDataset(_fake_root(tmp_path / "c", x=x), "test")
+
+
+def test_all_zero_slice_and_empty_patient_warn_once_with_count(tmp_path):
+    root = _fake_root(tmp_path)
+    zero = np.zeros((1, 4, 16, 16), np.float32)
+    for k in (4, 5, 6):
+        _write_slice(root / "npy_test" / "patient_A" / f"slice_{k}.npz", zero, np.zeros((1, 1, 16, 16)))
+    for name in ("patient_B", "patient_C"):
+        (root / "npy_test" / name).mkdir()
+    msg = r"2 of 3 patient folders hold no slice_\*.npz.*patient_B, patient_C"
+    with pytest.warns(UserWarning, match=msg):
+        ds = BrainDataset(root, "test")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(len(ds)):
+            ds[i]
+    zero_warnings = [w for w in caught if "all zero" in str(w.message)]
+    assert len(zero_warnings) == 1 and "slice_4.npz" in str(zero_warnings[0].message)
+    summary = ds.data_summary()
+    assert "4 slices, 1 patients" in summary and "2 empty patient folders skipped" in summary
+    assert "3 all-zero slices" in summary

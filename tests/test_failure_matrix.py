@@ -427,6 +427,67 @@ def _mask_size(tmp_path: Path):
     return e
 
 
+@case("slice-of-another-size-than-its-dataset", CLEAR, None)
+def _other_size(tmp_path: Path):
+    ds = _dataset_with(tmp_path, lambda p: write_slice(p, np.ones((1, 2, 12, 12), np.float32)))
+    loader = torch.utils.data.DataLoader(ds, batch_size=3)
+    msg = r"slice_1.npz: image size \(12, 12\) differs from the dataset's \(16, 16\) \(of .*slice_0.npz\)"
+    with pytest.raises(ValueError, match=msg) as e:
+        next(iter(loader))
+    return e
+
+
+@case("mask-with-nan", CLEAR, None)
+def _nan_mask(tmp_path: Path):
+    y = np.zeros((1, 1, 16, 16), np.float32)
+    y[0, 0, 5, 5] = np.nan
+    ds = _dataset_with(tmp_path, lambda p: write_slice(p, np.ones((1, 2, 16, 16), np.float32), y))
+    with pytest.raises(ValueError, match=r"slice file .*slice_1.npz: y \(mask\) contains NaN or inf") as e:
+        ds[1]
+    return e
+
+
+@case("image-complex", CLEAR, None)
+def _complex_x(tmp_path: Path):
+    ds = _dataset_with(tmp_path, lambda p: write_slice(p, np.ones((1, 2, 16, 16), np.complex128)))
+    with pytest.raises(ValueError, match="slice file .*slice_1.npz: x has complex dtype complex128") as e:
+        ds[1]
+    return e
+
+
+def _nifti_subjects(src: Path, n: int = 3) -> list[str]:
+    """n tiny BraTS-style subjects (16 x 16 x 6 volumes, every slice with brain)."""
+    import nibabel as nib
+
+    names = [f"BraTS2021_{i:05d}" for i in range(1, n + 1)]
+    rng = np.random.default_rng(0)
+    for sid in names:
+        (src / sid).mkdir(parents=True)
+        for mod in ("flair", "t1", "t1ce", "t2", "seg"):
+            vol = rng.integers(0, 2, (16, 16, 6)) if mod == "seg" else rng.integers(50, 200, (16, 16, 6))
+            nib.save(nib.Nifti1Image(vol.astype(np.int16), np.eye(4)), str(src / sid / f"{sid}_{mod}.nii.gz"))
+    return names
+
+
+@case("preprocess-corrupt-volume-mid-run", CLEAR, None)
+def _corrupt_mid_run(tmp_path: Path):
+    src, out = tmp_path / "source", tmp_path / "out"
+    names = _nifti_subjects(src)
+    assert preprocess.preprocess(src, out=out, shape=8, progress=False) == out
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    last = preprocess.split_subjects(names)["test"][0]  # processed last: the others are written first
+    (src / last / f"{last}_t2.nii.gz").write_bytes(b"not a nifti volume")
+    fresh = tmp_path / "fresh"
+    with pytest.raises(ValueError, match=f"subject '{last}': cannot read .*{last}_t2.nii.gz"):
+        preprocess.preprocess(src, out=fresh, shape=8, progress=False)
+    assert not fresh.exists(), "a failed run must not leave a partial output tree"
+    with pytest.raises(ValueError, match=f"subject '{last}': cannot read") as e:
+        preprocess.preprocess(src, out=out, shape=8, progress=False)
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before, "the earlier output changed"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [], "temporary tree left over"
+    return e
+
+
 @case("train-script-channels-differ-from-in-channels", CLEAR, None)
 def _train_channels(tmp_path: Path):
     """Through scripts/train.py main: exit status 2 and one line naming --in_channels (no traceback)."""

@@ -5,6 +5,7 @@ import os
 import random
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -134,3 +135,26 @@ def test_run_preprocess_sh_requires_source():
         ["bash", str(REPO / "config" / "run_preprocess.sh")], env=env, capture_output=True, text=True
     )
     assert res.returncode == 2 and "set SOURCE" in res.stderr
+
+
+@pytest.mark.parametrize(
+    "script,argv,message",
+    [
+        ("preprocess", ["-s", "{tmp}/missing"], "error: --source {tmp}/missing is not a directory"),
+        ("make_synthetic_brats", ["--out", "{tmp}/syn", "--subjects", "2"], "error: --subjects must be >= 3"),
+    ],
+)
+def test_scripts_end_bad_input_with_one_line_exit_2(tmp_path, script, argv, message):
+    """Bad input: one line on stderr, exit 2, no traceback; --debug / HAE_FPDM_DEBUG=1 shows it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HAE_FPDM_DEBUG", "TRAIN_DEBUG")}
+    env["PYTHONPATH"] = str(REPO)
+    cmd = [sys.executable, str(REPO / "scripts" / f"{script}.py"), *(a.format(tmp=tmp_path) for a in argv)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message.format(tmp=tmp_path)), res.stderr
+    assert "Traceback" not in res.stderr
+    res = subprocess.run([*cmd, "--debug"], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode != 0 and "Traceback" in res.stderr
+    text = (REPO / "scripts" / f"{script}.py").read_text()
+    assert "sys.path.insert" not in text and "run_cli(main)" in text

@@ -139,3 +139,59 @@ def test_save_arrays(tmp_path):
     with pytest.raises(ValueError, match="no arrays"):
         R.save_arrays(str(tmp_path / "empty.npz"))
     _no_temp_files(tmp_path)
+
+
+def test_empty_predicted_mask_panel_says_why(tmp_path):
+    """"label 1 | pred 1" next to an empty mask: the title names the size filter / the threshold."""
+    side = 16
+    src = np.full((1, 2, side, side), 0.5, np.float32)
+    gt = np.zeros((1, side, side), bool)
+    gt[0, 4:9, 4:9] = True
+    raw = np.zeros((1, side, side), bool)
+    raw[0, 5:7, 5:7] = True  # a 4 px component: removed by a 10 px size filter
+    ev = SegmentationEvaluator(min_cc_size=10)
+    res = ev.add_batch(pred_mask_gated=raw, pred_mask_all=raw, anomaly_map=raw.astype(np.float32), gt=gt,
+                       source=src, label=[1], pred_label=[1], slice_ids=[("P1", 3)])
+    filtered = res["pred_mask_gated"][0]
+    assert not filtered.any()
+    item = dict(source=src[0], gt=gt[0], anomaly_map=raw[0].astype(np.float32), pred_mask=filtered,
+                pred_mask_raw=raw[0], min_cc_size=10, label=1, pred_label=1, patient="P1", slice=3)
+    title = R.panel_title(item)
+    assert title.startswith("patient P1 | slice 3 | label 1 | pred 1")
+    assert "every component removed by the size filter (components <= 10 px are dropped)" in title
+    below = {**item, "pred_mask_raw": np.zeros((side, side), bool)}
+    assert "no pixel of the anomaly map reached the threshold" in R.panel_title(below)
+    assert R.empty_mask_reason({**item, "pred_label": 0}) is None  # predicted healthy: "pred 0" says it
+    assert R.empty_mask_reason({**item, "pred_mask": raw[0]}) is None  # mask not empty
+    paths = R.save_panels(str(tmp_path / "panels"), [item, below], ["FLAIR", "T2"])
+    assert len(paths) == 3 and all(os.path.getsize(p) > 0 for p in paths)
+
+
+def test_parameter_count_has_one_definition():
+    """The same model's count is printed identically everywhere (M = 10**6; not 0.57 M here, 0.54 M there)."""
+    import ast
+    from pathlib import Path
+
+    from conftest import load_module
+
+    from guided_diffusion.nn import count_parameters, format_param_count
+
+    assert format_param_count(571_234) == "571,234 parameters (0.57 M)"
+    repo = Path(__file__).resolve().parents[1]
+    hae = load_module("_report_train_hae_v2", repo / "scripts" / "train_hae_v2.py")
+    args = hae.load_train_script().build_arg_parser().parse_args(
+        ["--num_channels", "32", "--image_size", "32", "--attention_resolutions", "16"])
+    line = hae.describe(args)
+    flags = hae.args_to_dict(args, hae._md_defaults().keys())
+    flags.update(hae.HAE_V2_OVERRIDES)
+    flags["class_cond"] = bool(flags.get("num_classes"))
+    with torch.device("meta"):
+        model, _ = hae.create_model_and_diffusion(**flags)
+    assert format_param_count(count_parameters(model)) in line
+    # no entry point formats a parameter count on its own (e.g. / 1024 ** 2 next to / 1e6)
+    for script in ("train.py", "train_hae_v2.py"):
+        tree = ast.parse((repo / "scripts" / script).read_text())
+        calls = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and hasattr(n.func, "id")}
+        assert "format_param_count" in calls, script
+        text = (repo / "scripts" / script).read_text()
+        assert "1024 ** 2" not in text and "/ 1e6" not in text, script

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import re
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -75,8 +76,31 @@ def _read_npz(path: Path, keys: tuple[str, ...] = ("x", "y")) -> dict[str, np.nd
         ) from err
 
 
-def _check_slice(path: Path, x: np.ndarray, y: np.ndarray, in_channels: int | None) -> None:
-    """Validate one slice's arrays; ValueError naming the file, what was found and what was expected."""
+def _check_mask(path: Path, y: np.ndarray) -> None:
+    """A mask must be real and finite (a NaN compares False with 0.5 and would read as healthy)."""
+    if np.iscomplexobj(y):
+        raise ValueError(f"slice file {path}: y has complex dtype {y.dtype}, expected a real mask")
+    if not np.isfinite(y).all():
+        raise ValueError(
+            f"slice file {path}: y (mask) contains NaN or inf values; it would read as healthy. "
+            "Fix or re-create this file"
+        )
+
+
+def _check_slice(
+    path: Path,
+    x: np.ndarray,
+    y: np.ndarray,
+    in_channels: int | None,
+    image_size: tuple[int, ...] | None = None,
+    size_from: Path | None = None,
+) -> None:
+    """Validate one slice's arrays; ValueError naming the file, what was found and what was expected.
+
+    image_size: the dataset's H x W (taken from ``size_from``, its first slice); every slice must match it.
+    """
+    if np.iscomplexobj(x):
+        raise ValueError(f"slice file {path}: x has complex dtype {x.dtype}, expected a real image")
     if x.ndim != 4 or x.shape[0] != 1:
         raise ValueError(f"slice file {path}: x has shape {tuple(x.shape)}, expected [1, C, H, W]")
     if y.ndim != 4 or y.shape[:2] != (1, 1):
@@ -86,6 +110,12 @@ def _check_slice(path: Path, x: np.ndarray, y: np.ndarray, in_channels: int | No
             f"slice file {path}: mask size {tuple(y.shape[2:])} differs from image size "
             f"{tuple(x.shape[2:])} (y {tuple(y.shape)}, x {tuple(x.shape)}); re-run the preprocessing"
         )
+    if image_size is not None and tuple(x.shape[2:]) != tuple(image_size):
+        raise ValueError(
+            f"slice file {path}: image size {tuple(int(v) for v in x.shape[2:])} differs from the dataset's "
+            f"{tuple(image_size)} (of {size_from}); every slice of a dataset must have one H x W, "
+            "re-run the preprocessing"
+        )
     if in_channels is not None and x.shape[1] != in_channels:
         raise ValueError(
             f"slice file {path} has {x.shape[1]} channels but --in_channels is {in_channels}; "
@@ -93,6 +123,7 @@ def _check_slice(path: Path, x: np.ndarray, y: np.ndarray, in_channels: int | No
         )
     if not np.isfinite(x).all():
         raise ValueError(f"slice file {path}: x contains NaN or inf values; fix or re-create this file")
+    _check_mask(path, y)
 
 
 class BrainDataset(Dataset):
@@ -147,6 +178,17 @@ class BrainDataset(Dataset):
             files = [f for f in p.iterdir() if _SLICE_RE.match(f.name)]
             return sorted(files, key=_slice_number)
 
+        self.empty_patients = sorted(p.name for p in patients if not slices_of(p))
+        self.zero_slices: set[str] = set()  # all-zero x among the slices read so far (see data_summary)
+        self._zero_warned = False
+        if self.empty_patients:
+            warnings.warn(
+                f"{split_dir}: {len(self.empty_patients)} of {len(patients)} patient folders hold no "
+                f"slice_*.npz files and are skipped ({', '.join(self.empty_patients[:5])}"
+                f"{', ...' if len(self.empty_patients) > 5 else ''})",
+                stacklevel=2,
+            )
+
         items: list[tuple[str, int, Path]] = []
         if mixed:
             chosen = patients if num_mix is None else patients[:num_mix]
@@ -169,7 +211,9 @@ class BrainDataset(Dataset):
                 for p in group:
                     for f in slices_of(p):
                         if keep is not None:
-                            positive = bool((_read_npz(f, ("y",))["y"] > 0.5).any())
+                            y = _read_npz(f, ("y",))["y"]
+                            _check_mask(f, y)
+                            positive = bool((y > 0.5).any())
                             if positive != (keep == "unhealthy"):
                                 continue
                         items.append((p.name[len("patient_") :], _slice_number(f), f))
@@ -185,6 +229,7 @@ class BrainDataset(Dataset):
         _check_slice(items[0][2], first["x"], first["y"], in_channels)
         self.num_channels = int(first["x"].shape[1])
         self.image_size = tuple(int(s) for s in first["x"].shape[2:])
+        self._size_from = items[0][2]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -202,12 +247,33 @@ class BrainDataset(Dataset):
         """(x [C, H, W], gt [1, H, W], lab) of item ``index`` regardless of the split."""
         path = self.items[index][2]
         arrays = _read_npz(path)
-        _check_slice(path, arrays["x"], arrays["y"], self.in_channels)
+        _check_slice(path, arrays["x"], arrays["y"], self.in_channels, self.image_size, self._size_from)
+        if not arrays["x"].any():
+            self.zero_slices.add(str(path))
+            if not self._zero_warned:
+                self._zero_warned = True
+                warnings.warn(
+                    f"slice file {path} is all zero (a blank image after rescaling); further all-zero "
+                    "slices are counted in the data summary",
+                    stacklevel=2,
+                )
         return process_slice(arrays["x"], arrays["y"])
+
+    def data_summary(self) -> str:
+        """One line: slices, patients, empty patient folders skipped, all-zero slices among those read."""
+        text = f"{self.split} split of {self.root}: {len(self.items)} slices, {len(self.patients)} patients"
+        if self.empty_patients:
+            text += f"; {len(self.empty_patients)} empty patient folders skipped"
+        if self.zero_slices:
+            text += f"; warning: {len(self.zero_slices)} all-zero slices read (blank images)"
+        return text
 
     def read_label(self, index: int) -> int:
         """Slice label from the mask only (reads just ``y``)."""
-        return int((_read_npz(self.items[index][2], ("y",))["y"] > 0.5).any())
+        path = self.items[index][2]
+        y = _read_npz(path, ("y",))["y"]
+        _check_mask(path, y)
+        return int((y > 0.5).any())
 
     def __getitem__(self, index: int):
         x, gt, lab = self.load(index)

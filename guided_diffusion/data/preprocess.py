@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -300,6 +302,32 @@ def default_out(source: str | Path, mod: str, first: int, last: int, shape: int)
     return source.parent / f"preprocessed_data_{mod}_{first}{last}_{shape}"
 
 
+def _check_output_root(root: Path) -> None:
+    """An existing output root may only hold a preprocessed dataset (it is replaced as a whole)."""
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise NotADirectoryError(f"--out {root} exists and is not a directory")
+    foreign = [p.name for p in root.iterdir() if p.name != "data_splits" and not p.name.startswith("npy_")]
+    if foreign:
+        names = ", ".join(sorted(foreign)[:5])
+        raise FileExistsError(
+            f"--out {root} holds files that are not a preprocessed dataset ({names}); "
+            "it would be replaced as a whole: choose a new or empty folder"
+        )
+
+
+def _swap_into_place(tmp: Path, root: Path) -> None:
+    """Replace ``root`` by the finished ``tmp`` tree with renames (the old tree is removed afterwards)."""
+    if root.exists():
+        old = root.parent / f".{root.name}.old-{os.getpid()}"
+        os.replace(root, old)
+        os.replace(tmp, root)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, root)
+
+
 def preprocess(
     source: str | Path,
     name: str = "brats",
@@ -314,6 +342,9 @@ def preprocess(
     """Preprocess every subject folder of ``source`` into the slice layout; returns the output root.
 
     All subjects are checked for missing files before anything is written. Existing split files are reused.
+    The tree is written to a temporary sibling ``.{root}.partial-{pid}`` and renamed to the output root only
+    when every subject succeeded, so a corrupt volume found mid-run leaves no partial output (an existing
+    output root stays as it was; after success it is replaced as a whole).
     """
     from tqdm import tqdm
 
@@ -338,15 +369,22 @@ def preprocess(
     todo = [(sp, s) for sp in SPLITS for s in splits[sp]]
     for _, s in todo:
         check_subject_files(source / s, name, mods)
-    if not (root / "data_splits").is_dir():
-        write_splits(root, splits)
-    bar = tqdm(todo, desc="preprocess", unit="subject", disable=not progress)
-    for split, sid in bar:
-        image, seg, affine = load_subject(source / sid, name, mods)
-        try:
-            x, y, rng = process_volumes(image, seg, shape, first, last, mask_resize)
-        except ValueError as err:
-            raise ValueError(f"subject {sid!r}: {err}") from err
-        bar.set_postfix_str(f"{sid} slices {rng[0]}-{rng[1]}")
-        write_patient(root, split, sid, x, y, rng, affine, image.shape[1:], mods)
+    _check_output_root(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.parent / f".{root.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write_splits(tmp, splits)
+        bar = tqdm(todo, desc="preprocess", unit="subject", disable=not progress)
+        for split, sid in bar:
+            image, seg, affine = load_subject(source / sid, name, mods)
+            try:
+                x, y, rng = process_volumes(image, seg, shape, first, last, mask_resize)
+            except ValueError as err:
+                raise ValueError(f"subject {sid!r}: {err}") from err
+            bar.set_postfix_str(f"{sid} slices {rng[0]}-{rng[1]}")
+            write_patient(tmp, split, sid, x, y, rng, affine, image.shape[1:], mods)
+        _swap_into_place(tmp, root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return root
