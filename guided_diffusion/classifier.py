@@ -27,7 +27,7 @@ def classifier_defaults() -> dict[str, Any]:
     return dict(image_size=128, classifier_width=128, classifier_depth=2,
                 classifier_attention_resolutions="32,16,8", classifier_use_scale_shift_norm=True,
                 classifier_resblock_updown=True, classifier_pool="attention", in_channels=4, num_classes=2,
-                classifier_channel_mult="")
+                classifier_channel_mult="", classifier_num_head_channels=64)
 
 
 class AttentionPool2d(nn.Module):
@@ -107,7 +107,7 @@ def create_classifier(image_size: int, classifier_width: int, classifier_depth: 
                       classifier_attention_resolutions: str, classifier_use_scale_shift_norm: bool,
                       classifier_resblock_updown: bool, classifier_pool: str, in_channels: int,
                       num_classes: int = 2, classifier_channel_mult: str = "",
-                      num_head_channels: int = 64) -> EncoderUNetModel:
+                      classifier_num_head_channels: int = 64) -> EncoderUNetModel:
     """Build the classifier from upstream-named flags (channel_mult "" = the UNet's per-size default)."""
     from .script_util import attention_downsample_factors, parse_channel_mult
 
@@ -118,7 +118,7 @@ def create_classifier(image_size: int, classifier_width: int, classifier_depth: 
         out_channels=num_classes, num_res_blocks=classifier_depth,
         attention_resolutions=attention_downsample_factors(image_size, classifier_attention_resolutions),
         channel_mult=parse_channel_mult(image_size, classifier_channel_mult),
-        num_head_channels=num_head_channels, use_scale_shift_norm=classifier_use_scale_shift_norm,
+        num_head_channels=classifier_num_head_channels, use_scale_shift_norm=classifier_use_scale_shift_norm,
         resblock_updown=classifier_resblock_updown, pool=classifier_pool)
 
 

@@ -159,7 +159,7 @@ def test_classifier_keys_logits_and_upstream_defaults():
     model = create_classifier(image_size=16, classifier_width=8, classifier_depth=1,
                               classifier_attention_resolutions="8", classifier_use_scale_shift_norm=True,
                               classifier_resblock_updown=True, classifier_pool="attention", in_channels=2,
-                              classifier_channel_mult="1,2", num_head_channels=8)
+                              classifier_channel_mult="1,2", classifier_num_head_channels=8)
     keys = set(model.state_dict())
     assert {"time_embed.0.weight", "input_blocks.0.0.weight", "input_blocks.2.0.in_layers.2.weight",
             "middle_block.1.qkv.weight", "out.0.weight", "out.2.positional_embedding",
@@ -239,3 +239,48 @@ def test_learned_range_variance_used_in_p_mean_variance():
     mid = diff.p_mean_variance(lambda a, b: torch.zeros(2, 4, 8, 8), x, t)["log_variance"]
     lo, hi = torch.tensor(diff.posterior_log_variance_clipped[[5, 50]]), torch.tensor(diff.log_betas[[5, 50]])
     assert torch.allclose(mid[:, 0, 0, 0], ((lo + hi) / 2).float(), atol=1e-6)
+
+
+# ---------------------------------------------------------------- scripts/train_classifier.py
+def _fake_train_split(root, channels=2, size=16, patients=2, slices=4):
+    rng = np.random.default_rng(0)
+    for p in range(patients):
+        d = root / "npy_train" / f"patient_P{p:03d}"
+        d.mkdir(parents=True)
+        for k in range(slices):
+            y = np.zeros((1, 1, size, size), np.float32)
+            y[..., 4:9, 5:10] = float(k % 2)
+            np.savez(d / f"slice_{k}.npz", x=rng.random((1, channels, size, size)).astype(np.float32), y=y)
+    (root / "data_splits" / "train").mkdir(parents=True)
+    (root / "data_splits" / "train" / "scans.csv").write_text("".join(f"P{p:03d}\n" for p in range(patients)))
+    return root
+
+
+def test_train_classifier_script(tmp_path, capsys):
+    from pathlib import Path
+
+    from conftest import load_module
+
+    script = load_module("train_classifier_script",
+                         Path(__file__).resolve().parents[1] / "scripts" / "train_classifier.py")
+    data = _fake_train_split(tmp_path / "data")
+    flags = ["--data_dir", str(data), "--log_dir", str(tmp_path / "log"), "--image_size", "16",
+             "--in_channels", "2", "--classifier_width", "8", "--classifier_depth", "1",
+             "--classifier_attention_resolutions", "8", "--classifier_channel_mult", "1,2",
+             "--diffusion_steps", "40", "--batch_size", "4", "--max_steps", "3", "--log_interval", "1",
+             "--save_interval", "2", "--device", "cpu"]
+    with pytest.raises(ValueError, match="num_head_channels"):
+        script.main(flags)  # width 8 cannot have upstream's 64 channels per head
+    flags += ["--classifier_num_head_channels", "8"]
+    model = create_classifier(image_size=16, classifier_width=8, classifier_depth=1,
+                              classifier_attention_resolutions="8", classifier_use_scale_shift_norm=True,
+                              classifier_resblock_updown=True, classifier_pool="adaptive", in_channels=2,
+                              classifier_channel_mult="1,2", classifier_num_head_channels=8)
+    assert script.main(flags + ["--classifier_pool", "adaptive"]) == 0
+    log = tmp_path / "log"
+    saved = sorted(p.name for p in log.glob("classifier_*.pt"))
+    assert saved == ["classifier_000002.pt", "classifier_000003.pt"]
+    model.load_state_dict(torch.load(log / "classifier_000003.pt"), strict=True)
+    assert capsys.readouterr().out.count("loss") == 3
+    assert script.run_cli(script.main, ["--log_dir", str(log)]) == 2
+    assert "--data_dir" in capsys.readouterr().err
