@@ -164,6 +164,9 @@ def cfg_ddim_map(model: Callable[..., Tensor], diffusion: Any, x: Tensor, level:
     """DDIB-style: DDIM-encode with the null condition, decode with healthy classifier-free guidance w
     (the AnoFPDM model, ``model(x, t, y=..., null=...)``). Deterministic. Returns (map, 3L)."""
     mods = _check(x, diffusion, level, modality)
+    if getattr(model, "num_classes", 1) is None:
+        raise ValueError("DDIM + classifier-free guidance needs a class-conditional classifier-free model "
+                         "(--class_cond True, e.g. the AnoFPDM model); this one is unconditional")
     counter = _CountingModel(model)
     y = torch.full((x.shape[0],), int(healthy_label), dtype=torch.long, device=x.device)
     with torch.no_grad():

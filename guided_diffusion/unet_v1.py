@@ -179,23 +179,34 @@ class UNetV1(UNetModel):
         self.out = nn.Sequential(normalization(ch), nn.SiLU(),
                                  zero_module(conv_nd(dims, input_ch, out_channels, 3, padding=1)))
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor,  # type: ignore[override]
-                y: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, in_channels, H, W], [B] (, y [B]) -> [B, out_channels, H, W] in x's dtype."""
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None,
+                null: bool | torch.Tensor = False, threshold: float = 0.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """[B, in_channels, H, W], [B] (, y [B]) -> [B, out_channels, H, W] in x's dtype.
+
+        ``null`` / ``threshold`` / ``generator`` exist for the shared training and sampling code: v1 has
+        no null condition, so any null row or a label-dropout threshold > 0 is a ValueError.
+        """
+        if bool(torch.as_tensor(null).any()) or threshold > 0:
+            raise ValueError("--unet_ver v1 has no classifier-free null condition (null=True or label "
+                             "dropout --threshold > 0); use a classifier-free model (e.g. --unet_ver v2)")
         timesteps = self._check_input(x, timesteps)
         dtype = self.time_embed[0].weight.dtype
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(dtype))
         if self.num_classes is not None:
             if y is None:
-                raise ValueError(f"this v1 model is class-conditional (num_classes={self.num_classes}): "
-                                 "pass y [B]")
+                raise ValueError(f"this model is class-conditional (num_classes={self.num_classes}): pass "
+                                 "class labels y [B] (--unet_ver v1 has no null condition)")
             y = torch.as_tensor(y, device=x.device)
             if y.shape != (x.shape[0],) or y.dtype.is_floating_point:
                 raise ValueError(f"y must be an integer tensor of shape [{x.shape[0]}]; got {y.dtype} "
                                  f"{tuple(y.shape)}")
+            if x.shape[0] and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+                raise ValueError(f"y has labels in [{int(y.min())}, {int(y.max())}] but the model has "
+                                 f"num_classes={self.num_classes} (valid labels 0..{self.num_classes - 1})")
             emb = emb + self.label_emb(y.long())
         elif y is not None:
-            raise ValueError("y was given but this v1 model is unconditional (num_classes=None)")
+            raise ValueError("y was given but this model is unconditional (num_classes=None; --unet_ver v1)")
         hs, h = [], x.to(dtype)
         for module in self.input_blocks:
             h = module(h, emb)

@@ -115,6 +115,13 @@ def test_clf_guided_scale_zero_is_plain_ddim_round_trip(diffusion, x, uncond, cl
     assert torch.allclose(amap, (x - h).abs().mean(1, keepdim=True), atol=1e-5)
 
 
+def test_clf_guided_with_v1_learned_sigma_model(x, clf):
+    diff = create_gaussian_diffusion(steps=100, timestep_respacing="10", learn_sigma=True)
+    model = _randomise(UNetV1(out_channels=4, resblock_updown=True, **ARCH), 6)
+    amap, n = methods.clf_guided_ddim_map(model, clf, diff, x, 2, scale=10.0, modality=[0])
+    assert amap.shape == (2, 1, 16, 16) and n == 6 and torch.isfinite(amap).all()
+
+
 # ---------------------------------------------------------------- DDIM + classifier-free guidance
 def test_cfg_ddim_counts_determinism_zero_level(diffusion, x, cond):
     a, n = methods.cfg_ddim_map(cond, diffusion, x, 4, w=2.0)
@@ -124,6 +131,10 @@ def test_cfg_ddim_counts_determinism_zero_level(diffusion, x, cond):
     assert not torch.allclose(a, c)
     zero, n0 = methods.cfg_ddim_map(cond, diffusion, x, 0, w=2.0)
     assert n0 == 0 and zero.abs().max() < 1e-6
+    with pytest.raises(ValueError, match="class-conditional classifier-free"):
+        methods.cfg_ddim_map(_randomise(UNetModel(out_channels=2, **ARCH), 1), diffusion, x, 2, w=1.0)
+    with pytest.raises(ValueError, match="no classifier-free null"):
+        methods.cfg_ddim_map(UNetV1(out_channels=2, num_classes=2, **ARCH), diffusion, x, 2, w=1.0)
 
 
 # ---------------------------------------------------------------- FLAIR baseline and thresholds

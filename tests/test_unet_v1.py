@@ -72,6 +72,13 @@ def test_forward_shapes_and_conditioning():
         model(x, t)
     with pytest.raises(ValueError, match="unconditional"):
         _tiny()(x, t, y=torch.tensor([0, 0, 1]))
+    with pytest.raises(ValueError, match="valid labels 0..1"):
+        model(x, t, y=torch.tensor([0, 2, 1]))
+    with pytest.raises(ValueError, match="no classifier-free null condition"):
+        model(x, t, y=torch.tensor([0, 0, 1]), null=True)
+    with pytest.raises(ValueError, match="no classifier-free null condition"):
+        model(x, t, y=torch.tensor([0, 0, 1]), threshold=0.1)
+    assert torch.equal(model(x, t, y=torch.tensor([0, 0, 1]), threshold=-1.0), a)  # upstream's "off"
 
 
 def test_strict_state_dict_round_trip():
