@@ -192,17 +192,21 @@ def flair_map(x: Tensor, flair_channel: int) -> tuple[Tensor, int]:
     return torch.where(span > 0, (f - lo) / span.clamp(min=1e-12), torch.zeros_like(f)), 0
 
 
-def best_threshold(maps: Any, gt: Any, thresholds: Sequence[float] | int = 101) -> tuple[float, float]:
+def best_threshold(maps: Any, gt: Any, thresholds: Sequence[float] | int = 101,
+                   lesion_only: bool = False) -> tuple[float, float]:
     """Grid-search the map threshold with the best mean per-slice Dice (uses PIXEL LABELS).
 
     maps / gt [N, 1, H, W] or [N, H, W] (gt binary); thresholds: explicit values, or a count of evenly
-    spaced values between the maps' min and max. Returns (threshold, its mean Dice); ties keep the
-    lowest threshold.
+    spaced values between the maps' min and max; lesion_only: average over slices with lesions only
+    (default: all slices, an empty prediction on a healthy slice scoring 1). Returns (threshold, its mean
+    Dice); ties keep the lowest threshold.
     """
     m = np.asarray(maps.detach().cpu() if isinstance(maps, Tensor) else maps, dtype=np.float64)
     g = np.asarray(gt.detach().cpu() if isinstance(gt, Tensor) else gt) > 0.5
     if m.shape != g.shape or m.ndim not in (3, 4) or m.size == 0:
         raise ValueError(f"maps {m.shape} and gt {g.shape} must be equal non-empty [N, (1,) H, W] arrays")
+    if lesion_only and not g.any():
+        raise ValueError("best_threshold(lesion_only=True): gt has no lesion pixels")
     if isinstance(thresholds, (int, np.integer)):
         if thresholds < 2:
             raise ValueError(f"thresholds: need a count >= 2 or explicit values, got {thresholds}")
@@ -213,7 +217,7 @@ def best_threshold(maps: Any, gt: Any, thresholds: Sequence[float] | int = 101) 
             raise ValueError("thresholds: the list of candidate values is empty")
     best_t, best_d = float(grid[0]), -1.0
     for thr in grid:
-        d = float(dice_per_sample(m >= thr, g).mean())
+        d = float(np.nanmean(dice_per_sample(m >= thr, g, lesion_only=lesion_only)))
         if d > best_d:
             best_t, best_d = float(thr), d
     return best_t, best_d

@@ -6,7 +6,7 @@ Each [H, W] slice of every sample and channel is an independent fractal sum of 2
 every octave), then normalised to zero mean and unit variance per slice so that it can replace N(0, I) in
 ``q_sample`` and in the reverse chain. Defaults are upstream's (octaves 6, persistence 0.8, frequency 64).
 Randomness (one permutation table and one offset per slice and octave) comes from ``generator`` only, so
-a seeded generator gives the same noise on every call and device.
+a seeded generator gives the same noise on every call (on other devices up to float64 rounding).
 """
 
 from __future__ import annotations

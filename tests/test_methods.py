@@ -161,6 +161,8 @@ def test_best_threshold_recovers_the_separating_value():
     thr2, dice2 = methods.best_threshold(torch.from_numpy(maps), torch.from_numpy(gt), thresholds=[0.1, 0.9])
     assert thr2 == 0.9 and dice2 < 1.0  # 0.9 predicts nothing: Dice 1 on the 3 healthy slices only
     assert dice2 == pytest.approx(0.5, abs=1e-3)
+    thr3, dice3 = methods.best_threshold(maps, gt, thresholds=[0.1, 0.9], lesion_only=True)
+    assert thr3 == 0.1 and dice3 == pytest.approx(50 / 281, abs=1e-3)  # all-foreground: 2*25/(256+25)
     with pytest.raises(ValueError, match="maps"):
         methods.best_threshold(maps[:2], gt)
 
