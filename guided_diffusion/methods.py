@@ -38,6 +38,10 @@ from .metrics import dice_per_sample
 from .simplex import simplex_noise_like
 
 NOISE_TYPES = ("gaussian", "simplex")
+# AnoDDPM noise level L (of 1000 steps) per noise type in upstream's config/run_translation_brats_anoddpm.sh
+ANODDPM_LEVELS = {"gaussian": 300, "simplex": 200}
+# rows whose hyper-parameters (L, s or w) and threshold are tuned on validation slices WITH pixel labels
+PIXEL_LABEL_TUNED = ("anoddpm_gaussian", "anoddpm_simplex", "ddim_classifier", "ddim_cfg", "flair")
 
 
 class _CountingModel:
