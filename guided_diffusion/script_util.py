@@ -179,12 +179,12 @@ def create_model(
     """
     if unet_ver not in MODEL_REGISTRY:
         raise ValueError(f"unknown --unet_ver {unet_ver!r}; valid names: {', '.join(sorted(MODEL_REGISTRY))}")
-    if resblock_updown:
-        raise ValueError("--resblock_updown True is not supported (plain conv up/down-sampling only); "
-                         "use --resblock_updown False")
-    if use_new_attention_order:
+    if resblock_updown and unet_ver != "v1":
+        raise ValueError("--resblock_updown True is supported by --unet_ver v1 only (plain conv "
+                         "up/down-sampling otherwise); use --resblock_updown False")
+    if use_new_attention_order and unet_ver != "v1":
         raise ValueError("--use_new_attention_order True is not supported (the FPDM UNet uses the legacy "
-                         "head order); use --use_new_attention_order False")
+                         "head order; --unet_ver v1 supports it); use --use_new_attention_order False")
     classes = _resolve_num_classes(class_cond, num_classes)
     if classes is not None and not clf_free:
         raise ValueError("--clf_free False with class conditioning is not supported (the UNet only has "
@@ -211,7 +211,9 @@ def create_model(
             f"channel_mult={mult}; sizes: {sizes}); no attention block is built for it",
             stacklevel=2,
         )
+    v1_flags = dict(resblock_updown=resblock_updown, use_new_attention_order=use_new_attention_order)
     return MODEL_REGISTRY[unet_ver](
+        **(v1_flags if unet_ver == "v1" else {}),
         image_size=image_size,
         in_channels=in_channels,
         model_channels=num_channels,
@@ -306,7 +308,10 @@ def model_config(args_or_dict: argparse.Namespace | Mapping[str, Any]) -> dict[s
     cfg["num_classes"] = _resolve_num_classes(cfg.pop("class_cond"), cfg["num_classes"])
     if cfg["num_heads_upsample"] == -1:
         cfg["num_heads_upsample"] = cfg["num_heads"]
-    if cfg["unet_ver"] == "v2":
+    if cfg["unet_ver"] == "v1":
+        cfg.update(resblock_updown=bool(flags["resblock_updown"]),
+                   use_new_attention_order=bool(flags["use_new_attention_order"]))
+    if cfg["unet_ver"] in ("v1", "v2"):
         cfg.pop("use_hae")
         cfg.pop("bottleneck_ratio")
     return cfg
@@ -351,7 +356,7 @@ def _import_model_plugins() -> None:
     """Import the HAE modules that exist so that their ``@register_model`` builders run."""
     package = __name__.rpartition(".")[0]
     here = Path(__file__).resolve().parent
-    for mod in ("unet_hae", "unet_hae_lite", "unet_hae_v2"):
+    for mod in ("unet_v1", "unet_hae", "unet_hae_lite", "unet_hae_v2"):
         if (here / f"{mod}.py").exists():
             importlib.import_module(f"{package}.{mod}")
 
