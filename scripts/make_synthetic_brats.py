@@ -8,13 +8,9 @@ Split: spec rule (random.seed(10), 75/5/20) with at least one subject in val and
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from guided_diffusion.data.synthetic import build_synthetic_dataset  # noqa: E402
+from guided_diffusion.data.synthetic import build_synthetic_dataset
 
 
 def main(argv=None) -> dict:

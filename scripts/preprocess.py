@@ -9,12 +9,9 @@ rescale cancels it.
 """
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from guided_diffusion.data.preprocess import (  # noqa: E402
+from guided_diffusion.data.preprocess import (
     MASK_RESIZE_CHOICES,
     MOD_CHOICES,
     NAME_CHOICES,

@@ -16,16 +16,12 @@ Example:
 import argparse
 import json
 import os
-import sys
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from guided_diffusion import dist_util, logger  # noqa: E402
-from guided_diffusion.io_util import atomic_write_json  # noqa: E402
-from guided_diffusion.translation import (  # noqa: E402
+from guided_diffusion import dist_util, logger
+from guided_diffusion.io_util import atomic_write_json
+from guided_diffusion.translation import (
     add_calibration_flags,
     calibrate_from_args,
     finish_calibration_args,

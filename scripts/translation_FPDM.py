@@ -6,12 +6,9 @@ Thin entry point; the logic lives in ``guided_diffusion.translation`` (see its m
         --image_size 128 --in_channels 4 --num_channels 128 --attention_resolutions 32,16,8 --ema True
 """
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from guided_diffusion.translation import main  # noqa: E402
+from guided_diffusion.translation import main
 
 if __name__ == "__main__":
     main()

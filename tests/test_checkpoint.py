@@ -10,12 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from guided_diffusion import checkpoint, logger
+from guided_diffusion import script_util as su
 
-from guided_diffusion import checkpoint, logger  # noqa: E402
-from guided_diffusion import script_util as su  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _save(tmp_path, step, model=None, rates=("0.9999",)):

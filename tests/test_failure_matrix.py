@@ -31,18 +31,16 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from conftest import load_module
+
+from guided_diffusion import checkpoint, logger, training
+from guided_diffusion import script_util as su
+from guided_diffusion.anofpdm import run_forward_process
+from guided_diffusion.cli import run_cli
+from guided_diffusion.data import preprocess
+from guided_diffusion.data.brats import BrainDataset, get_train_loader
+from guided_diffusion.train_util import TrainLoop
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from guided_diffusion import checkpoint, logger  # noqa: E402
-from guided_diffusion import script_util as su  # noqa: E402
-from guided_diffusion.anofpdm import run_forward_process  # noqa: E402
-from guided_diffusion.data import preprocess  # noqa: E402
-from guided_diffusion.data.brats import BrainDataset, get_train_loader  # noqa: E402
-from guided_diffusion.train_util import TrainLoop  # noqa: E402
 
 VARIANTS = ("v2", "hae", "hae_lite", "hae_v2")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -127,11 +125,6 @@ def write_dataset(root: Path, channels: int = 2, side: int = 16, patients: int =
             write_slice(root / "npy_train" / f"patient_P{p}" / f"slice_{k}.npz",
                         rng.random((1, channels, side, side)).astype(np.float32), y)
     return root
-
-
-def train_script():
-    """scripts/train.py loaded as a module (under a private name, so it cannot clash with others)."""
-    return load_module("_matrix_train_script", REPO / "scripts" / "train.py")
 
 
 def make_loop(model, tmp_path: Path, precision: str = "fp32", **kw) -> TrainLoop:
@@ -435,18 +428,17 @@ def _train_channels(tmp_path: Path):
             "--image_size", "16", "--num_channels", "16", "--channel_mult", "1,2",
             "--attention_resolutions", "8", "--num_res_blocks", "1", "--batch_size", "2", "--max_steps", "1",
             "--num_workers", "0"]
-    script = train_script()
     stderr = io.StringIO()
     with mock.patch.dict(os.environ), contextlib.redirect_stderr(stderr):
         os.environ.pop("TRAIN_DEBUG", None)
-        status = script.main(argv)
+        status = run_cli(training.main, argv)
     assert status == 2, stderr.getvalue()
     assert "has 2 channels but --in_channels is 4; set --in_channels 2" in stderr.getvalue()
     assert "Traceback" not in stderr.getvalue()
     with mock.patch.dict(os.environ, {"TRAIN_DEBUG": "1"}):  # the same error, raised instead of printed
         msg = "has 2 channels but --in_channels is 4; set --in_channels 2"
         with pytest.raises(ValueError, match=msg) as e:
-            script.main(argv)
+            run_cli(training.main, argv)
     return e
 
 

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import load_module
 
 from guided_diffusion.data.preprocess import split_counts
 from guided_diffusion.data.synthetic import (
@@ -17,10 +16,6 @@ from guided_diffusion.data.synthetic import (
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32
-
-
-def _load_script(name):
-    return load_module(name, REPO / "scripts" / f"{name}.py")
 
 
 @pytest.fixture(scope="module")
@@ -88,12 +83,11 @@ def test_split_rule_keeps_val_and_test():
             assert names and any(s not in healthy for s in names)
 
 
-def test_same_seed_identical_via_cli(built, tmp_path):
+def test_same_seed_identical_via_cli(built, tmp_path, run_script):
     root, _ = built
     other = tmp_path / "again"
-    _load_script("make_synthetic_brats").main(
-        ["--out", str(other), "--subjects", "5", "--seed", "0", "--image_size", str(SIZE), "--quiet"]
-    )
+    run_script("scripts/make_synthetic_brats.py",
+               "--out", other, "--subjects", "5", "--seed", "0", "--image_size", SIZE, "--quiet")
     files = _npz_files(root)
     assert files == _npz_files(other)
     for rel in files:
@@ -145,14 +139,12 @@ def test_lesion_visible_in_flair_and_t2(built):
     assert checked >= 2
 
 
-def test_slice_step_keeps_every_nth_slice(built, tmp_path):
+def test_slice_step_keeps_every_nth_slice(built, tmp_path, run_script):
     """--slice_step 2 writes the even-offset slices of the full build, byte for byte, and records the step."""
     root, _ = built
     thin = tmp_path / "thin"
-    _load_script("make_synthetic_brats").main(
-        ["--out", str(thin), "--subjects", "5", "--seed", "0", "--image_size", str(SIZE), "--quiet",
-         "--slice_step", "2"]
-    )
+    run_script("scripts/make_synthetic_brats.py", "--out", thin, "--subjects", "5", "--seed", "0",
+               "--image_size", SIZE, "--quiet", "--slice_step", "2")
     full, half = _npz_files(root), _npz_files(thin)
     assert half and set(half) < set(full)
     for pdir in sorted((thin / "npy_test").iterdir()):

@@ -22,13 +22,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from guided_diffusion import checkpoint, dist_util, logger, training
+from guided_diffusion import script_util as su
+from guided_diffusion.cli import run_cli
+from guided_diffusion.train_util import TrainLoop, get_rng_state, loader_from_batch
 
-from guided_diffusion import checkpoint, dist_util, logger  # noqa: E402
-from guided_diffusion import script_util as su  # noqa: E402
-from guided_diffusion.train_util import TrainLoop, get_rng_state, loader_from_batch  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 SUBPROCESS_TIMEOUT = 180
 # CUDA runs are bitwise reproducible only with deterministic kernels (cuBLAS reads this at first use)
@@ -278,18 +277,16 @@ def test_sigkill_mid_training_resumes(tmp_path):
 
 
 def test_train_script_errors_are_short(tmp_path, capsys):
-    sys.path.insert(0, str(REPO / "scripts"))
-    import train as train_script
-
-    status = train_script.main(["--data_dir", str(tmp_path / "missing"), "--log_dir", str(tmp_path / "log")])
+    status = run_cli(training.main, ["--data_dir", str(tmp_path / "missing"),
+                                     "--log_dir", str(tmp_path / "log")])
     err = capsys.readouterr().err
     assert status == 2
     assert "does not exist" in err and "make_synthetic_brats.py --out DIR" in err
     assert "Traceback" not in err
-    status = train_script.main(["--data_dir", str(tmp_path), "--sample_shape", "2", "3", "16", "16",
+    status = run_cli(training.main, ["--data_dir", str(tmp_path), "--sample_shape", "2", "3", "16", "16",
                                 "--in_channels", "4"])
     assert status == 2 and "--in_channels" in capsys.readouterr().err
-    parser = train_script.build_arg_parser()
+    parser = training.build_arg_parser()
     args = parser.parse_args(["--w", "1", "1.8", "--threshold", "0.1",
                               "--sample_shape", "12", "4", "128", "128"])
     assert args.w == [1.0, 1.8] and args.sample_shape == [12, 4, 128, 128] and args.resume == "auto"
@@ -314,9 +311,6 @@ def write_fake_brats(root: Path, channels: int = 2, size: int = 16, patients: in
 
 
 def test_train_script_end_to_end(tmp_path, capsys):
-    sys.path.insert(0, str(REPO / "scripts"))
-    import train as train_script
-
     data = write_fake_brats(tmp_path / "data")
     flags = ["--data_dir", str(data), "--log_dir", str(tmp_path / "log"), "--image_size", "16",
              "--num_channels", "32", "--in_channels", "2", "--num_classes", "2", "--channel_mult", "1,2",
@@ -324,7 +318,7 @@ def test_train_script_end_to_end(tmp_path, capsys):
              "--diffusion_steps", "40", "--batch_size", "4", "--max_steps", "2", "--save_interval", "2",
              "--log_interval", "1", "--threshold", "0.1", "--num_workers", "0", "--sample_shape", "2", "2",
              "16", "16", "--w", "1", "--preview_steps", "4", "--lr", "1e-3"]
-    assert train_script.main(flags) == 0
+    assert run_cli(training.main, flags) == 0
     log = tmp_path / "log"
     assert checkpoint.list_checkpoints(log) == [2]
     assert (log / "images" / "000002_w1.png").is_file()
@@ -332,13 +326,53 @@ def test_train_script_end_to_end(tmp_path, capsys):
     assert "parameters" in (log / "log.txt").read_text()
     assert checkpoint.read_saved_config(str(log))["model"]["num_channels"] == 32
     # resume with different architecture flags stops with a message
-    status = train_script.main([*flags, "--num_channels", "64", "--max_steps", "3"])
+    status = run_cli(training.main, [*flags, "--num_channels", "64", "--max_steps", "3"])
     assert status == 2 and "num_channels" in capsys.readouterr().err
     # channel mismatch between data and --in_channels
-    status = train_script.main([*flags, "--in_channels", "4", "--sample_shape",
+    status = run_cli(training.main, [*flags, "--in_channels", "4", "--sample_shape",
                                 "--log_dir", str(tmp_path / "l2")])
     err = capsys.readouterr().err
     assert status == 2 and "channels" in err and "Traceback" not in err
+
+
+GOLDEN = REPO / "tests" / "data" / "train_golden_sha256.json"
+
+
+def tree_digest(obj) -> str:
+    """sha256 over every tensor (name, bytes) and plain value of a nested state dict, in sorted key order."""
+    h = hashlib.sha256()
+
+    def walk(o, key=""):
+        if isinstance(o, torch.Tensor):
+            h.update(key.encode())
+            h.update(o.detach().cpu().contiguous().numpy().tobytes())
+        elif isinstance(o, dict):
+            for k in sorted(o, key=str):
+                walk(o[k], f"{key}/{k}")
+        elif isinstance(o, list | tuple):
+            for i, v in enumerate(o):
+                walk(v, f"{key}/{i}")
+        else:
+            h.update(f"{key}={o!r}".encode())
+
+    walk(obj)
+    return h.hexdigest()
+
+
+def test_short_run_checkpoints_match_pinned_hashes(tmp_path):
+    """Same seed -> the same checkpoints as the code before training moved into the package (hashes of
+    model, EMA and optimizer files recorded with that code in tests/data/train_golden_sha256.json)."""
+    data = write_fake_brats(tmp_path / "data")
+    flags = ["--data_dir", str(data), "--log_dir", str(tmp_path / "log"), "--image_size", "16",
+             "--num_channels", "16", "--in_channels", "2", "--num_classes", "2", "--channel_mult", "1,2",
+             "--attention_resolutions", "8", "--num_heads", "1", "--num_res_blocks", "1", "--dropout", "0.1",
+             "--diffusion_steps", "40", "--batch_size", "2", "--max_steps", "3", "--save_interval", "2",
+             "--log_interval", "1", "--threshold", "0.5", "--num_workers", "0", "--lr", "1e-3",
+             "--ema_rate", "0.9,0.99", "--seed", "3"]
+    assert run_cli(training.main, flags) == 0
+    got = {p.name: tree_digest(torch.load(p, weights_only=True))
+           for p in sorted((tmp_path / "log").glob("*.pt")) if not p.name.startswith("state")}
+    assert got == json.loads(GOLDEN.read_text())
 
 
 def test_config_script(tmp_path):
