@@ -1,25 +1,24 @@
-"""Flag defaults, the model registry, model/diffusion factories and argparse helpers.
+"""Flag defaults, model/diffusion factories and argparse helpers.
 
-Model builders are registered by ``unet_ver`` name with ``@register_model(name)``. The FPDM UNet is
-``v2``; the HAE variants (``hae``, ``hae_lite``, ``hae_v2``) register themselves from their own modules,
-which are imported at the bottom of this file so that the registry is complete after import.
+The networks come from the registry (``guided_diffusion.registry``), completed by
+``guided_diffusion.variants``, which imports every variant explicitly; ``MODEL_REGISTRY`` and
+``register_model`` are re-exported here.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import warnings
-from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from torch import nn
 
+from . import variants
 from .configs import DiffusionConfig, ModelConfig, str2bool
-from .unet import UNetModel
+from .registry import MODEL_REGISTRY, register_model
 
-__all__ = ["str2bool"]  # re-exported: str2bool lives in configs
+__all__ = ["MODEL_REGISTRY", "register_model", "str2bool"]  # re-exported from registry / configs
 
 # channel_mult chosen from the image size when --channel_mult is empty (anofpdm_spec.md §2.2)
 DEFAULT_CHANNEL_MULT: dict[int, tuple[float, ...]] = {
@@ -29,9 +28,6 @@ DEFAULT_CHANNEL_MULT: dict[int, tuple[float, ...]] = {
     64: (1, 2, 3, 4),
     32: (1, 2, 2, 2),
 }
-
-MODEL_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
-
 
 def diffusion_defaults() -> dict[str, Any]:
     """Defaults of the flags that define the Gaussian diffusion process (the fields of DiffusionConfig)."""
@@ -45,30 +41,6 @@ def model_and_diffusion_defaults() -> dict[str, Any]:
     res.update(resblock_updown=False, use_fp16=False, use_new_attention_order=False)
     res.update(diffusion_defaults())
     return res
-
-
-def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator registering ``builder(**model_kwargs) -> nn.Module`` under ``unet_ver`` = ``name``."""
-
-    def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        old = MODEL_REGISTRY.get(name)
-        ident = (builder.__module__, builder.__qualname__)
-        if old is not None and (old.__module__, old.__qualname__) != ident:
-            raise ValueError(
-                f"unet_ver {name!r} is already registered by {old.__module__}.{old.__qualname__}"
-            )
-        MODEL_REGISTRY[name] = builder
-        return builder
-
-    return wrap
-
-
-@register_model("v2")
-def build_fpdm_unet(
-    *, use_hae: bool = False, bottleneck_ratio: float = 0.25, **kwargs: Any
-) -> UNetModel:
-    """The AnoFPDM UNet: upstream UNet v2, missing SiLU activations included (HAE flags unused)."""
-    return UNetModel(resblock_activation=False, **kwargs)
 
 
 def parse_channel_mult(image_size: int, channel_mult: str | Iterable[float]) -> tuple[float, ...]:
@@ -155,8 +127,7 @@ def create_model(
     """
     if isinstance(image_size, ModelConfig):
         return create_model(**{**image_size.to_dict(), "learn_sigma": learn_sigma})
-    if unet_ver not in MODEL_REGISTRY:
-        raise ValueError(f"unknown --unet_ver {unet_ver!r}; valid names: {', '.join(sorted(MODEL_REGISTRY))}")
+    build = variants.builder(unet_ver)
     if resblock_updown:
         raise ValueError("--resblock_updown True is not supported (plain conv up/down-sampling only); "
                          "use --resblock_updown False")
@@ -189,7 +160,7 @@ def create_model(
             f"channel_mult={mult}; sizes: {sizes}); no attention block is built for it",
             stacklevel=2,
         )
-    return MODEL_REGISTRY[unet_ver](
+    return build(
         image_size=image_size,
         in_channels=in_channels,
         model_channels=num_channels,
@@ -327,15 +298,3 @@ def args_to_dict(args: argparse.Namespace, keys: Iterable[str]) -> dict[str, Any
     if missing:
         raise ValueError(f"parsed arguments lack flags {missing}; add them with add_dict_to_argparser")
     return {k: getattr(args, k) for k in keys}
-
-
-def _import_model_plugins() -> None:
-    """Import the HAE modules that exist so that their ``@register_model`` builders run."""
-    package = __name__.rpartition(".")[0]
-    here = Path(__file__).resolve().parent
-    for mod in ("unet_hae", "unet_hae_lite", "unet_hae_v2"):
-        if (here / f"{mod}.py").exists():
-            importlib.import_module(f"{package}.{mod}")
-
-
-_import_model_plugins()
