@@ -70,7 +70,8 @@ def write_outputs(
     """
     from . import report
     from .data.brats import get_eval_loader
-    from .metrics import LegacyRunningMetrics, SegmentationEvaluator
+    from .evaluator import SegmentationEvaluator
+    from .metrics_legacy import LegacyRunningMetrics
 
     _, dataset = get_eval_loader(
         args.data_dir, "test", args.batch_size, num_slices=args.num_slices, in_channels=args.in_channels

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from guided_diffusion import report as R
-from guided_diffusion.metrics import SegmentationEvaluator
+from guided_diffusion.evaluator import SegmentationEvaluator
 
 
 def _no_temp_files(d):

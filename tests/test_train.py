@@ -286,10 +286,9 @@ def test_train_script_errors_are_short(tmp_path, capsys):
     status = run_cli(training.main, ["--data_dir", str(tmp_path), "--sample_shape", "2", "3", "16", "16",
                                 "--in_channels", "4"])
     assert status == 2 and "--in_channels" in capsys.readouterr().err
-    parser = training.build_arg_parser()
-    args = parser.parse_args(["--w", "1", "1.8", "--threshold", "0.1",
-                              "--sample_shape", "12", "4", "128", "128"])
-    assert args.w == [1.0, 1.8] and args.sample_shape == [12, 4, 128, 128] and args.resume == "auto"
+    _, _, t = training.parse_configs_for_training(["--w", "1", "1.8", "--threshold", "0.1",
+                                                   "--sample_shape", "12", "4", "128", "128"])
+    assert t.w == (1.0, 1.8) and t.sample_shape == (12, 4, 128, 128) and t.resume == "auto"
 
 
 def write_fake_brats(root: Path, channels: int = 2, size: int = 16, patients: int = 2, slices: int = 5):
