@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import fcntl
 import json
 import os
@@ -38,10 +39,10 @@ def _open_lock_file(directory: str, flag: str) -> int:
     try:
         os.makedirs(directory, exist_ok=True)
         return os.open(os.path.join(directory, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
-    except PermissionError as err:
-        raise PermissionError(f"{flag} {directory} is not writable ({err.strerror}); "
-                              f"pass a folder you can write to") from None
     except OSError as err:
+        if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise PermissionError(f"{flag} {directory} is not writable ({err.strerror}); "
+                                  "pass a folder you can write to") from None
         raise OSError(f"{flag} {directory}: cannot create the run lock ({err.strerror})") from None
 
 

@@ -129,6 +129,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     for action in parser._actions:
         if action.dest in ("sample_shape", "w"):
             action.nargs = "*"  # given without values: no previews (overrides a run file)
+        elif action.dest == "num_classes":
+            action.help = "classes of the label conditioning (0: an unconditional model) (default: 2)"
     add_config_flag(parser)
     add_compat_flags(parser, TRAIN_COMPAT)
     return parser

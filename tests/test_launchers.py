@@ -111,6 +111,24 @@ def test_launcher_command_line(kind, layout):
     assert "--master-port 29999" in proc.stdout and "--model_num" not in proc.stdout
 
 
+@pytest.mark.parametrize("launcher", ["config/run_train_brats_clf_free_guided.sh",
+                                      "config/run_translation_brats_fpdm.sh"])
+@pytest.mark.parametrize("nproc", ["abc", "0", "-2", "1.5", ""])
+def test_launcher_nproc_must_be_a_positive_integer(launcher, nproc, layout):
+    """Issue 8 §6: NPROC that is not a positive integer stops the launcher (exit 2, one line naming
+    NPROC) before anything runs; "" means the default 1 and is not an error."""
+    data, model, tmp = layout
+    (data / "data_splits" / "train").mkdir()
+    proc = _run(REPO / launcher, NPROC=nproc, DATA_DIR=str(data), MODEL_DIR=str(model), PYTHON="echo",
+                LOG_DIR=str(tmp / "out"))
+    if nproc == "":
+        assert proc.returncode == 0, proc.stderr
+        assert not proc.stdout.startswith("-m torch.distributed.run")
+    else:
+        assert proc.returncode == 2 and "NPROC must be a positive integer" in proc.stderr, proc.stderr
+        assert f"'{nproc}'" in proc.stderr and proc.stdout == ""
+
+
 def test_bench_inference_tiny(tmp_path, run_script):
     out = tmp_path / "bench.json"
     argv = ["--config", "tiny", "--forward_steps", "3", "--repeats", "2", "--threads", "1"]

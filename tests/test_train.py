@@ -391,6 +391,205 @@ def test_config_script(tmp_path):
     assert saved["train"]["threshold"] == 0.1 and saved["train"]["w"] == [1.0, 1.8, 2.0, 3.0]
 
 
+# ------------------------------------------------------- issue 8: one run per log dir, clear errors
+TINY_FLAGS = ["--image_size", "16", "--num_channels", "16", "--in_channels", "2", "--num_classes", "2",
+              "--channel_mult", "1,2", "--attention_resolutions", "8", "--num_heads", "1", "--num_res_blocks",
+              "1", "--diffusion_steps", "40", "--batch_size", "2", "--save_interval", "2", "--log_interval",
+              "1", "--threshold", "0.5", "--num_workers", "0", "--lr", "1e-3", "--ema_rate", "0.9"]
+
+
+def _cli(capsys, main, argv) -> tuple[int, str]:
+    status = run_cli(main, argv)
+    err = capsys.readouterr().err
+    return status, err
+
+
+def test_second_run_in_the_same_log_dir_stops(tmp_path, capsys):
+    """§4: while a run holds the log dir, another one stops at once naming the holder (pid, host); a lock
+    file left by a dead run is taken over."""
+    import socket
+
+    from guided_diffusion.run_lock import LOCK_NAME, RunLockError, run_lock
+
+    data, log = write_fake_brats(tmp_path / "data"), tmp_path / "log"
+    argv = ["--data_dir", str(data), "--log_dir", str(log), *TINY_FLAGS, "--max_steps", "2"]
+    with run_lock(str(log)):
+        status, err = _cli(capsys, training.main, argv)
+        assert status == 2 and f"pid {os.getpid()} on host {socket.gethostname()}" in err, err
+        assert "in use by another run" in err and len(err.strip().splitlines()) == 1
+        assert checkpoint.list_checkpoints(log) == [] and not (log / "progress.csv").exists()
+        with pytest.raises(RunLockError, match="--log_dir"):
+            with run_lock(str(log)):
+                pass
+    (log / LOCK_NAME).write_text(json.dumps({"pid": 999999, "host": socket.gethostname()}))  # dead holder
+    status, err = _cli(capsys, training.main, argv)
+    assert status == 0, err
+    assert checkpoint.list_checkpoints(log) == [2]
+    assert json.loads((log / LOCK_NAME).read_text())["pid"] == os.getpid()
+
+
+def test_resume_never_refuses_existing_checkpoints(tmp_path, capsys):
+    """§4: --resume never in a dir with checkpoints refuses (files untouched); --clear_checkpoints True
+    deletes them, so no newer stale step is left for a later auto resume."""
+    data, log = write_fake_brats(tmp_path / "data"), tmp_path / "log"
+    base = ["--data_dir", str(data), "--log_dir", str(log), *TINY_FLAGS]
+    assert run_cli(training.main, [*base, "--max_steps", "4"]) == 0
+    before = {p.name: p.read_bytes() for p in log.glob("*.pt")}
+    status, err = _cli(capsys, training.main, [*base, "--max_steps", "2", "--resume", "never"])
+    assert status == 2 and "--resume never" in err and "steps 2, 4" in err and "--clear_checkpoints" in err
+    assert {p.name: p.read_bytes() for p in log.glob("*.pt")} == before
+    status, err = _cli(capsys, training.main, [*base, "--max_steps", "2", "--resume", "never",
+                                               "--clear_checkpoints", "True"])
+    assert status == 0, err
+    assert checkpoint.list_checkpoints(log) == [2] and checkpoint.list_model_steps(log) == [2]
+
+
+def test_resume_checks_the_seed_and_run_flags(tmp_path, capsys):
+    """§4: a resume with another --seed or --lr stops naming the setting; --max_steps may grow."""
+    data, log = write_fake_brats(tmp_path / "data"), tmp_path / "log"
+    base = ["--data_dir", str(data), "--log_dir", str(log), *TINY_FLAGS]
+    assert run_cli(training.main, [*base, "--max_steps", "2"]) == 0
+    status, err = _cli(capsys, training.main, [*base, "--max_steps", "4", "--seed", "1"])
+    assert status == 2 and "train.seed: checkpoint 0, flags 1" in err, err
+    status, err = _cli(capsys, training.main, [*base, "--max_steps", "4", "--lr", "0.01"])
+    assert status == 2 and "train.lr" in err
+    assert checkpoint.list_checkpoints(log) == [2]
+    assert run_cli(training.main, [*base, "--max_steps", "4"]) == 0
+    assert checkpoint.list_checkpoints(log) == [2, 4]
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--num_channels", "0"], "--num_channels must be >= 1"),
+    (["--ema_rate", "abc"], "--ema_rate"),
+    (["--ema_rate", "1.5"], "--ema_rate 1.5: must be in [0, 1)"),
+    (["--ema_rate", "0.9,1.0"], "--ema_rate 1.0: must be in [0, 1)"),
+])
+def test_bad_training_values_name_the_flag(tmp_path, capsys, flags, expected):
+    """§5/§6: one line naming the flag, exit 2, no traceback, nothing trained."""
+    data = write_fake_brats(tmp_path / "data")
+    argv = ["--data_dir", str(data), "--log_dir", str(tmp_path / "log"), *TINY_FLAGS, "--max_steps", "1",
+            *flags]
+    status, err = _cli(capsys, training.main, argv)
+    assert status == 2 and expected in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert checkpoint.list_checkpoints(tmp_path / "log") == []
+
+
+def test_read_only_log_dir_names_the_flag(tmp_path, capsys, monkeypatch):
+    """§5: a log dir that cannot be written (EROFS, simulated: the tests may run as root) -> one line
+    naming --log_dir."""
+    import errno
+
+    data, log = write_fake_brats(tmp_path / "data"), tmp_path / "ro"
+    real_open = os.open
+
+    def read_only(path, *a, **k):
+        if str(path).startswith(str(log)):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(os, "open", read_only)
+    status, err = _cli(capsys, training.main, ["--data_dir", str(data), "--log_dir", str(log), *TINY_FLAGS,
+                                               "--max_steps", "1"])
+    assert status == 2 and f"--log_dir {log} is not writable (Read-only file system)" in err, err
+
+
+def test_disk_full_during_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    """§5: ENOSPC while writing step 4 (simulated in the atomic write, after a partial temp file) ->
+    OSError naming the step and the kept step 2; no file of step 4 and no temp file is left; a rerun
+    resumes from step 2."""
+    import errno
+
+    make_loop(tmp_path, max_steps=2, save_interval=2).run_loop()
+    real = checkpoint.atomic_write_bytes
+    calls = []
+
+    def full_disk(data, path):
+        calls.append(path)
+        if len(calls) == 3:  # model and first EMA file written, the second EMA file fails midway
+            Path(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}-abcdef12").write_bytes(
+                data[:10])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(data, path)
+
+    monkeypatch.setattr(checkpoint, "atomic_write_bytes", full_disk)
+    loop = make_loop(tmp_path, max_steps=4, save_interval=2)
+    with pytest.raises(OSError, match=r"step 4 .*No space left on device.*last complete checkpoint is step 2"
+                       ):
+        loop.run_loop()
+    left = sorted(p.name for p in tmp_path.iterdir() if "000004" in p.name or ".tmp-" in p.name)
+    assert left == []
+    monkeypatch.setattr(checkpoint, "atomic_write_bytes", real)
+    assert checkpoint.list_checkpoints(tmp_path) == [2]
+    assert make_loop(tmp_path, max_steps=4, save_interval=2).step == 2
+
+
+class _BadSlices(Dataset):
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int):
+        raise ValueError(f"slice file patient_P0/slice_{i}.npz holds NaN in x")
+
+
+def test_data_worker_error_is_one_line():
+    """§5: an error raised in a DataLoader worker (torch wraps the worker's traceback into the message)
+    is printed as its original one-line message."""
+    from guided_diffusion.cli import error_line
+
+    loader = DataLoader(_BadSlices(), batch_size=2, num_workers=1)
+    with pytest.raises(ValueError) as info:
+        next(iter(loader))
+    assert "Traceback" in str(info.value)  # what torch raises
+    assert error_line(info.value) == "error: slice file patient_P0/slice_0.npz holds NaN in x"
+
+
+def test_train_hae_v2_refuses_another_unet_ver(tmp_path, capsys):
+    """§6: scripts/train_hae_v2.py --unet_ver v2 is refused (it used to be replaced silently)."""
+    data = write_fake_brats(tmp_path / "data")
+    argv = ["--data_dir", str(data), "--log_dir", str(tmp_path / "log"), *TINY_FLAGS, "--max_steps", "1"]
+    status, err = _cli(capsys, training.main_hae_v2, [*argv, "--unet_ver", "v2"])
+    assert status == 2 and "--unet_ver v2 contradicts" in err and "hae_v2" in err
+    assert not (tmp_path / "log").exists()
+
+
+def test_saved_run_config_reruns_to_the_same_checkpoints(tmp_path, capsys):
+    """A run writes run_config.json; --config FILE with another --log_dir trains bit-identically; a flag
+    given with --config overrides the file."""
+    data = write_fake_brats(tmp_path / "data")
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    assert run_cli(training.main, ["--data_dir", str(data), "--log_dir", str(a), *TINY_FLAGS,
+                                   "--max_steps", "2", "--seed", "5"]) == 0
+    run = json.loads((a / training.RUN_CONFIG).read_text())
+    assert run["train"]["seed"] == 5 and run["model"]["num_channels"] == 16
+    assert run["train"]["log_dir"] == str(a)
+    assert run_cli(training.main, ["--config", str(a / training.RUN_CONFIG), "--log_dir", str(b)]) == 0
+    digest = {p.name: tree_digest(torch.load(p, weights_only=True)) for p in sorted(a.glob("[meo]*.pt"))}
+    assert digest == {p.name: tree_digest(torch.load(p, weights_only=True))
+                      for p in sorted(b.glob("[meo]*.pt"))}
+    assert run_cli(training.main, ["--config", str(a / training.RUN_CONFIG), "--log_dir", str(c),
+                                   "--seed", "6"]) == 0
+    assert json.loads((c / training.RUN_CONFIG).read_text())["train"]["seed"] == 6
+    assert tree_digest(torch.load(c / "model000002.pt")) != digest["model000002.pt"]
+    status, err = _cli(capsys, training.main, ["--config", str(tmp_path / "none.json")])
+    assert status == 2 and "none.json" in err
+
+
+def test_train_help_lists_only_flags_that_change_something():
+    """Issue 9: rejected/ignored flags are gone from --help (kept as hidden compatibility names)."""
+    text = training.build_arg_parser().format_help()
+    for gone in ("--resblock_updown", "--use_new_attention_order", "--noise_type", "--use_fp16",
+                 "--class_cond", "--clf_free"):
+        assert gone not in text, gone
+    _, _, t = training.parse_configs_for_training(["--use_fp16", "True"])
+    assert t.precision == "fp16"
+    with pytest.raises(ValueError, match="--class_cond False is not supported"):
+        training.parse_configs_for_training(["--class_cond", "False"])
+    m, _, _ = training.parse_configs_for_training(["--num_classes", "0"])
+    assert not m.class_cond and m.num_classes == 0
+
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
