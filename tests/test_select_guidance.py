@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import load_module
 
-from guided_diffusion import translation  # noqa: E402
-from guided_diffusion.calibration import load_calibrations, select_guidance  # noqa: E402
-from guided_diffusion.script_util import create_model_and_diffusion  # noqa: E402
+from guided_diffusion import translation
+from guided_diffusion.calibration import load_calibrations, select_guidance
+from guided_diffusion.script_util import create_model_and_diffusion
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,16 +110,16 @@ def test_select_guidance_flags(tiny):
     data, mdir, root = tiny
     argv = [*_common(data, mdir, root / "x"), "--w", "1", "2"]
     parser = select_script.create_argparser()
-    args = translation.finish_calibration_args(parser.parse_args([*argv, "--d_reverse", "False"]))
-    assert args.encoding == "ddpm" and args.class_cond and args.w == [1.0, 2.0]
+    run = translation.parse_run([*argv, "--d_reverse", "False"], test_split=False)
+    assert run.forward.encoding == "ddpm" and run.model.class_cond and run.forward.w == (1.0, 2.0)
     for flag in ("--timestep_respacing", "--legacy_indexing", "--ugp", "--num_slices_val", "--ema_rate"):
         assert flag in parser.format_help()
     assert "--t_e_ratio" not in parser.format_help()  # test-split flags stay in translation_FPDM.py
     with pytest.raises(ValueError, match="repeated"):
-        translation.finish_calibration_args(parser.parse_args([*argv, "--w", "1", "1"]))
+        translation.parse_run([*argv, "--w", "1", "1"], test_split=False)
     with pytest.raises(ValueError, match="selection_tolerance"):
-        translation.finish_calibration_args(parser.parse_args([*argv, "--selection_tolerance", "1.5"]))
-    with pytest.raises(SystemExit):
-        parser.parse_args(argv[:-3])  # --w is required
+        translation.parse_run([*argv, "--selection_tolerance", "1.5"], test_split=False)
+    with pytest.raises(ValueError, match="--w is required"):
+        translation.parse_run(argv[:-3], test_split=False)
     with pytest.raises(FileNotFoundError, match="model_dir"):
         select_script.main([*argv, "--model_dir", str(root / "missing")])
