@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor
 
+from . import logger
 from .segmentation import cosine_similarity
 
 Q_GRID = torch.linspace(0.005, 0.095, 100)
@@ -308,3 +309,39 @@ def load_calibrations(path: str) -> dict[float, Calibration]:
         raise ValueError(f"calibration file {path}: `calibrations` must be a non-empty list")
     cals = [Calibration.from_json(json.dumps(item), source=f"calibration file {path}") for item in items]
     return {float(c.w): c for c in cals}
+
+
+def guidance_selection(cals: Mapping[float, Calibration], tolerance: float = 0.99) -> dict:
+    """Apply the paper's w-selection rule to calibrations {w: Calibration} and log the table.
+
+    Returns {"chosen_w", "tolerance", "rule", "table"}; table: one row per w ascending (w, accuracy, n_min,
+    n_val, thr_01, diff_max, selected) from calibration.select_guidance (largest w whose validation
+    accuracy >= tolerance * best, spec 5.8).
+    """
+    chosen, table = select_guidance(cals, tolerance=tolerance)
+    logger.log(f"guidance selection (largest w with val accuracy >= {tolerance:g} x best): w={chosen:g}")
+    for row in table:
+        logger.log(
+            f"  w={row['w']:g}: accuracy={row['accuracy']:.4f} n_min={row['n_min']}/{row['n_val']} "
+            f"thr_01={row['thr_01']:.6f}{'  <- chosen' if row['selected'] else ''}"
+        )
+    return {
+        "chosen_w": chosen,
+        "tolerance": float(tolerance),
+        "rule": "largest w whose validation accuracy >= tolerance * best accuracy (anofpdm_spec 5.8)",
+        "table": table,
+    }
+
+
+def choose_primary_w(
+    ws: Sequence[float], cals: Mapping[float, Calibration], tolerance: float = 0.99
+) -> tuple[float, dict | None]:
+    """Primary guidance strength of a run -> (w, selection or None).
+
+    One w: that w and None (no selection). Several: guidance_selection over ``ws`` -> (chosen w, selection).
+    """
+    ws = [float(w) for w in ws]
+    if len(ws) == 1:
+        return ws[0], None
+    selection = guidance_selection({w: cals[w] for w in ws}, tolerance)
+    return selection["chosen_w"], selection

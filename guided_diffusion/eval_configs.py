@@ -114,7 +114,6 @@ class EvalConfig(Config):
 
     data_dir: str = setting("", "preprocessed dataset root (data_splits/, npy_<split>/)")
     log_dir: str | None = setting(None, "output folder (default $OPENAI_LOGDIR)", changes=())
-    name: str = setting("brats", "dataset name (for the record)", changes=())
     seed: int = setting(0, "noise seed (per slice: seed, split, index)")
     num_slices_val: int | None = setting(None, "first N validation slices (default all)", changes=())
     batch_size_val: int = setting(32, "validation batch size", changes=())
@@ -180,8 +179,8 @@ class EvalRun:
 
 
 # flags of the model/diffusion configs that change nothing at inference (eval mode, no loss)
-INFERENCE_IGNORED = ("dropout", "use_checkpoint", "class_cond", "use_kl", "rescale_learned_sigmas",
-                     "use_fp16")
+INFERENCE_IGNORED = ("clf_free", "dropout", "use_checkpoint", "class_cond", "use_kl",
+                     "rescale_learned_sigmas", "use_fp16")
 
 
 def _enc(value: str) -> str:
@@ -199,7 +198,10 @@ register_compat(
     _any("null", "the DDIM inversion is always unconditional (spec 8.15)"),
     _any("use_weighted_sampler", "evaluation reads slices in a fixed order"),
     _any("image_dir", "outputs go to the log dir"),
+    _any("name", "the dataset is read from --data_dir"),
+    CompatFlag("clf_free", accepted=(True,), note="the UNet only has classifier-free label layers; "
+               "use --clf_free True"),
     CompatFlag("num_batches", note="use --num_slices (= num_batches x batch_size) instead"),
     CompatFlag("num_batches_val", note="use --num_slices_val (= num_batches_val x batch_size_val) instead"),
-    *(_any(name, "it changes nothing at inference") for name in INFERENCE_IGNORED),
+    *(_any(name, "it changes nothing at inference") for name in INFERENCE_IGNORED if name != "clf_free"),
 )

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from . import dist_util
 from .io_util import atomic_torch_save, atomic_write_json
 
 FINGERPRINT = "fingerprint.json"
@@ -92,3 +93,15 @@ def load_records(folder: str, prefix: str) -> dict[int, dict]:
 def save_batch(folder: str, prefix: str, records: list[dict]) -> None:
     """Save one batch's records atomically."""
     atomic_torch_save(records, batch_file(folder, prefix, [r["idx"] for r in records]))
+
+
+def open_shared(folder: str, prefix: str, fingerprint: Mapping[str, Any], *, resume: bool, **kw: Any
+                ) -> dict[int, dict]:
+    """``open_cache`` for every rank: all ranks check and read (read-only), then rank 0 alone empties the
+    folder and writes the fingerprint when nothing is reused."""
+    done = open_cache(folder, prefix, fingerprint, resume=resume, write=False, **kw)
+    dist_util.barrier()
+    if not done and dist_util.get_rank() == 0:
+        open_cache(folder, prefix, fingerprint, resume=False, write=True, **kw)
+    dist_util.barrier()
+    return done

@@ -18,6 +18,7 @@ depend on the batch composition or the number of processes.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import sys
@@ -34,14 +35,15 @@ from .anofpdm import run_forward_process
 from .calibration import (
     Calibration,
     calibrate,
+    choose_primary_w,
     file_sha256,
+    guidance_selection,
     load_calibrations,
     save_calibrations,
-    select_guidance,
 )
 from .configs import DiffusionConfig, ModelConfig, save_run_config
 from .eval_configs import CheckpointConfig, EvalRun, SegmentConfig
-from .eval_resume import open_cache, save_batch
+from .eval_resume import open_shared, save_batch
 from .script_util import create_from_configs, model_config
 from .segmentation import segment
 from .translation_flags import add_calibration_flags, create_argparser, parse_args, parse_run
@@ -137,9 +139,8 @@ def collect_statistics(
     loader, _ = get_eval_loader(data_dir, split, batch_size, num_slices=num_slices, in_channels=in_channels)
     done: dict[int, dict] = {}
     if cache_dir is not None:
-        done = open_cache(cache_dir, split, cache_fingerprint or {}, resume=True, on_mismatch="recompute",
-                          what="statistics", fresh_hint="", write=dist_util.get_rank() == 0)
-        dist_util.barrier()
+        done = open_shared(cache_dir, split, cache_fingerprint or {}, resume=True, on_mismatch="recompute",
+                           what="statistics", fresh_hint="")
         if done:
             logger.log(f"reusing the statistics of {len(done)} {split} slices saved in {cache_dir}")
     dev = dist_util.dev()
@@ -352,10 +353,9 @@ def run_test(
     from .data.brats import get_eval_loader
 
     results_dir = os.path.join(log_dir, "results")
-    done = open_cache(results_dir, "slices", results_fingerprint(run, sha, cals), resume=run.eval.resume,
-                      on_mismatch="stop", what="per-slice results",
-                      fresh_hint=FRESH.format(folder=results_dir), write=dist_util.get_rank() == 0)
-    dist_util.barrier()
+    done = open_shared(results_dir, "slices", results_fingerprint(run, sha, cals), resume=run.eval.resume,
+                       on_mismatch="stop", what="per-slice results",
+                       fresh_hint=FRESH.format(folder=results_dir))
     loader, _ = get_eval_loader(
         run.eval.data_dir, "test", run.eval.batch_size, num_slices=run.eval.num_slices,
         in_channels=run.model.in_channels,
@@ -398,47 +398,10 @@ def start_run(run: EvalRun) -> str:
     logger.configure(dir=run.eval.log_dir)
     log_dir = logger.get_dir()
     record = run.record()
-    logger.log("config: " + " ".join(f"{k}={v}" for k, v in sorted(record.items())))
+    logger.log("config: " + json.dumps(record, sort_keys=True))
     if dist_util.get_rank() == 0:
         save_run_config(os.path.join(log_dir, "config.json"), record)
     return log_dir
-
-
-# ---------------------------------------------------------------------------------------------- selection
-def guidance_selection(cals: Mapping[float, Calibration], tolerance: float = 0.99) -> dict:
-    """Apply the paper's w-selection rule to calibrations {w: Calibration} and log the table.
-
-    Returns {"chosen_w", "tolerance", "rule", "table"}; table: one row per w ascending (w, accuracy, n_min,
-    n_val, thr_01, diff_max, selected) from calibration.select_guidance (largest w whose validation
-    accuracy >= tolerance * best, spec 5.8).
-    """
-    chosen, table = select_guidance(cals, tolerance=tolerance)
-    logger.log(f"guidance selection (largest w with val accuracy >= {tolerance:g} x best): w={chosen:g}")
-    for row in table:
-        logger.log(
-            f"  w={row['w']:g}: accuracy={row['accuracy']:.4f} n_min={row['n_min']}/{row['n_val']} "
-            f"thr_01={row['thr_01']:.6f}{'  <- chosen' if row['selected'] else ''}"
-        )
-    return {
-        "chosen_w": chosen,
-        "tolerance": float(tolerance),
-        "rule": "largest w whose validation accuracy >= tolerance * best accuracy (anofpdm_spec 5.8)",
-        "table": table,
-    }
-
-
-def choose_primary_w(
-    ws: Sequence[float], cals: Mapping[float, Calibration], tolerance: float = 0.99
-) -> tuple[float, dict | None]:
-    """Primary guidance strength of a run -> (w, selection or None).
-
-    One w: that w and None (no selection). Several: guidance_selection over ``ws`` -> (chosen w, selection).
-    """
-    ws = [float(w) for w in ws]
-    if len(ws) == 1:
-        return ws[0], None
-    selection = guidance_selection({w: cals[w] for w in ws}, tolerance)
-    return selection["chosen_w"], selection
 
 
 # ---------------------------------------------------------------------------------------------- main

@@ -29,8 +29,8 @@ from .eval_configs import (
 
 # evaluation-only flags that the guidance selection (validation split only) does not have
 TEST_ONLY = ("num_slices", "batch_size", "calibration", "save_nifti", "save_data", "num_panels")
-_COMPAT_NAMES = ("d_reverse", "null", "use_weighted_sampler", "image_dir", "num_batches", "num_batches_val",
-                 "resblock_updown", "use_new_attention_order", *INFERENCE_IGNORED)
+_COMPAT_NAMES = ("d_reverse", "null", "use_weighted_sampler", "image_dir", "name", "num_batches",
+                 "num_batches_val", "resblock_updown", "use_new_attention_order", *INFERENCE_IGNORED)
 
 
 def add_calibration_flags(p: argparse.ArgumentParser, test_split: bool = False) -> argparse.ArgumentParser:

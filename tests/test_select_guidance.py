@@ -1,23 +1,20 @@
-"""scripts/select_guidance.py end to end on a tiny dataset and UNet (helpers of tests/test_translation.py)."""
+"""scripts/select_guidance.py end to end on a tiny dataset and UNet (helpers of tests/tiny_eval.py)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
+import tiny_eval as helpers
 from conftest import load_module
 
 from guided_diffusion import translation
 from guided_diffusion.calibration import load_calibrations, select_guidance
-from guided_diffusion.script_util import create_model_and_diffusion
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-helpers = load_module("_translation_test_helpers", Path(__file__).with_name("test_translation.py"))
 select_script = load_module("_select_guidance_script", REPO / "scripts" / "select_guidance.py")
 
 
@@ -25,18 +22,12 @@ select_script = load_module("_select_guidance_script", REPO / "scripts" / "selec
 def tiny(tmp_path_factory):
     """Val/test splits with healthy and lesion slices + a random tiny checkpoint (EMA and plain)."""
     root = tmp_path_factory.mktemp("select")
-    rng = np.random.default_rng(1)
     data = root / "data"
-    helpers._write_split(data, "val", {"V0": [False, True, True, False], "V1": [True, False]}, rng)
-    helpers._write_split(data, "test", {"P0": [True, False, True]}, rng)
-    torch.manual_seed(1)
-    model, _ = create_model_and_diffusion(**helpers.MODEL_KW)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    helpers.make_split(data, "val", {"V0": [False, True, True, False], "V1": [True, False]}, seed=11)
+    helpers.make_split(data, "test", {"P0": [True, False, True]}, seed=12)
     mdir = root / "model"
     mdir.mkdir()
-    torch.save(model.state_dict(), mdir / "ema_0.9999_000010.pt")
+    helpers.write_checkpoint(mdir, weight_seed=1, step=10, ema_rate="0.9999")
     return data, mdir, root
 
 

@@ -50,8 +50,9 @@ def make_run(root: Path, weight_seed: int = 0, step: int = 10) -> tuple[Path, Pa
     return data, mdir
 
 
-def write_checkpoint(mdir: Path, weight_seed: int, step: int) -> Path:
-    """A random (seeded) checkpoint model<step>.pt of the tiny UNet in ``mdir``."""
+def write_checkpoint(mdir: Path, weight_seed: int, step: int, ema_rate: str | None = None) -> Path:
+    """A random (seeded) checkpoint of the tiny UNet in ``mdir``: model<step>.pt, or
+    ema_<rate>_<step>.pt with ``ema_rate``."""
     from guided_diffusion.script_util import create_model_and_diffusion
 
     torch.manual_seed(weight_seed)
@@ -59,7 +60,7 @@ def write_checkpoint(mdir: Path, weight_seed: int, step: int) -> Path:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    path = mdir / f"model{step:06d}.pt"
+    path = mdir / (f"ema_{ema_rate}_{step:06d}.pt" if ema_rate else f"model{step:06d}.pt")
     torch.save(model.state_dict(), path)
     return path
 
