@@ -111,12 +111,7 @@ class Config:
     @classmethod
     def from_dict(cls: type[C], data: Mapping[str, Any], source: str = "") -> C:
         """Build from a dict; missing keys take their defaults, an unknown key is a ValueError naming it."""
-        names = field_names(cls)
-        unknown = sorted(set(data) - set(names))
-        if unknown:
-            where = f" in {source}" if source else ""
-            raise ValueError(f"unknown {cls.SECTION or cls.__name__} setting(s) {unknown}{where}; "
-                             f"valid: {', '.join(names)}")
+        check_keys(cls, data, source)
         return cls(**dict(data))  # type: ignore[call-arg]
 
     def replace(self: C, **changes: Any) -> C:
@@ -131,6 +126,16 @@ class Config:
 
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
+
+
+def check_keys(cls: type[Config], data: Mapping[str, Any], source: str = "") -> None:
+    """ValueError naming every key of ``data`` that is not a field of ``cls``."""
+    names = field_names(cls)
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        where = f" in {source}" if source else ""
+        raise ValueError(f"unknown {cls.SECTION or cls.__name__} setting(s) {unknown}{where}; "
+                         f"valid: {', '.join(names)}")
 
 
 def field_names(cls: type[Config]) -> list[str]:
@@ -282,7 +287,8 @@ def resolve_compat(ns: argparse.Namespace) -> argparse.Namespace:
         delattr(out, key)
         if c.field is None:
             try:
-                ok = str2bool(raw) in c.accepted if isinstance(c.accepted[0], bool) else raw in c.accepted
+                ok = "*" in c.accepted or (
+                    str2bool(raw) in c.accepted if isinstance(c.accepted[0], bool) else raw in c.accepted)
             except (argparse.ArgumentTypeError, IndexError):
                 ok = False
             if not ok:
@@ -345,7 +351,7 @@ def parse_configs(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
     for cls in classes:
         section = run.get(cls.SECTION, {})
         src = f"{ns.config} section {cls.SECTION!r}" if run else ""
-        cls.from_dict(section, source=src)  # names unknown keys of the file before flags are applied
+        check_keys(cls, section, source=src)  # names unknown keys of the file before flags are applied
         out.append(from_args(cls, ns, base=section))
     return ns, out
 

@@ -1,8 +1,10 @@
 """AnoFPDM evaluation of an HAE-v2 checkpoint: ``translation_FPDM.py`` with ``--unet_ver hae_v2`` and
-``--use_hae True`` forced (spec 6.3; the upstream fork's script of this name could not run)."""
+``--use_hae True`` forced (spec 6.3; the upstream fork's script of this name could not run); a
+contradicting ``--unet_ver`` / ``--use_hae`` is refused."""
 
+import sys
 
-
+from guided_diffusion.cli import run_cli
 from guided_diffusion.translation import main
 
 HAE_V2_OVERRIDES = {"unet_ver": "hae_v2", "use_hae": True}
@@ -14,4 +16,4 @@ def run(argv=None):
 
 
 if __name__ == "__main__":
-    run()
+    sys.exit(run_cli(run))

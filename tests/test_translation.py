@@ -12,14 +12,71 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from translation_data import MODEL_FLAGS, MODEL_KW
-from translation_data import write_split as _write_split
 
 from guided_diffusion import translation
 from guided_diffusion.dist_util import find_free_port
 from guided_diffusion.script_util import create_model_and_diffusion
 
 REPO = Path(__file__).resolve().parents[1]
+MODEL_FLAGS = [
+    "--image_size",
+    "32",
+    "--in_channels",
+    "4",
+    "--num_channels",
+    "32",
+    "--num_res_blocks",
+    "1",
+    "--channel_mult",
+    "1,2",
+    "--attention_resolutions",
+    "16",
+    "--num_heads",
+    "1",
+    "--diffusion_steps",
+    "50",
+    "--num_classes",
+    "2",
+]
+MODEL_KW = dict(
+    image_size=32,
+    in_channels=4,
+    num_channels=32,
+    num_res_blocks=1,
+    channel_mult="1,2",
+    attention_resolutions="16",
+    num_heads=1,
+    diffusion_steps=50,
+    num_classes=2,
+    class_cond=True,
+)
+
+
+def _write_split(root: Path, split: str, patients: dict[str, list[bool]], rng: np.random.Generator) -> None:
+    (root / "data_splits" / split).mkdir(parents=True, exist_ok=True)
+    (root / "data_splits" / split / "scans.csv").write_text("".join(f"{p}\n" for p in patients))
+    yy, xx = np.mgrid[:32, :32]
+    brain = ((yy - 15.5) ** 2 / 13**2 + (xx - 15.5) ** 2 / 11**2) < 1
+    for pid, lesions in patients.items():
+        pdir = root / f"npy_{split}" / f"patient_{pid}"
+        pdir.mkdir(parents=True, exist_ok=True)
+        for k, lesion in enumerate(lesions):
+            x = np.zeros((1, 4, 32, 32), np.float64)
+            for c in range(4):
+                x[0, c] = brain * (0.4 + 0.1 * c + 0.05 * rng.standard_normal((32, 32)))
+            y = np.zeros((1, 1, 32, 32), np.float32)
+            if lesion:
+                cy, cx = rng.integers(10, 20, size=2)
+                y[0, 0, cy - 4 : cy + 4, cx - 4 : cx + 4] = 1
+                x[0, :, cy - 4 : cy + 4, cx - 4 : cx + 4] += 0.6
+            np.savez(pdir / f"slice_{20 + k}.npz", x=x, y=y)
+        meta = {
+            "affine": np.eye(4).tolist(),
+            "shape": [32, 32, 40],
+            "slices": [20, 20 + len(lesions) - 1],
+            "modalities": ["flair", "t1", "t1ce", "t2"],
+        }
+        (pdir / "meta.json").write_text(json.dumps(meta))
 
 
 @pytest.fixture(scope="module")
@@ -219,11 +276,14 @@ def test_translation_errors(setup, tmp_path):
         translation.main([*argv, "--calibration", str(cal)])
     with pytest.raises(ValueError, match="w=\\[3.0\\]"):
         translation.main([*argv, "--calibration", str(cal), "--w", "3"])
-    args = translation.parse_args([*argv, "--d_reverse", "False"])
-    assert args.encoding == "ddpm" and args.class_cond
-    hae_script = (REPO / "scripts" / "translation_FPDM_hae_v2.py").read_text()
-    assert 'HAE_V2_OVERRIDES = {"unet_ver": "hae_v2", "use_hae": True}' in hae_script
-    assert translation.parse_args(argv, {"unet_ver": "hae_v2", "use_hae": True}).unet_ver == "hae_v2"
+    run = translation.parse_args([*argv, "--d_reverse", "False"])
+    assert run.forward.encoding == "ddpm" and run.model.class_cond
+    hae_v2 = {"unet_ver": "hae_v2", "use_hae": True}  # the script's forced flags (it is not importable)
+    assert f"HAE_V2_OVERRIDES = {hae_v2!r}".replace("'", '"') in (
+        REPO / "scripts" / "translation_FPDM_hae_v2.py").read_text()
+    assert translation.parse_args(argv, hae_v2).model.unet_ver == "hae_v2"
+    with pytest.raises(ValueError, match="--unet_ver v2 contradicts"):
+        translation.parse_args([*argv, "--unet_ver", "v2"], hae_v2)
 
 
 @pytest.mark.slow
@@ -260,7 +320,7 @@ def test_min_cc_size_scales_with_image_size(setup):
     with pytest.raises(ValueError, match="--min_cc_size"):
         resolve_min_cc_size(-2, 64)
     argv = _argv(setup, "unused")
-    assert translation.parse_args(argv).min_cc_size == -1
+    assert translation.parse_args(argv).segment.min_cc_size == -1
     with pytest.raises(ValueError, match="--min_cc_size"):
         translation.parse_args([*argv, "--min_cc_size", "-5"])
 
