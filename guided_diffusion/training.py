@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import dataclasses
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -24,11 +25,11 @@ from .configs import (
     add_compat_flags,
     add_config_flag,
     add_flags,
+    from_args,
     load_run_config,
-    parse_configs,
-    register_compat,
     require,
     require_finite,
+    resolve_compat,
     save_run_config,
     setting,
     str2bool,
@@ -107,16 +108,46 @@ class TrainConfig(Config):
                 f"--sample_shape {list(self.sample_shape)}: expected 4 positive integers N C H W or nothing")
 
 
-register_compat(
+# upstream names with a training-specific meaning (inference ignores some of them, so they are kept out of
+# the shared configs.COMPAT table): mapped onto a field, or accepted for one value with a warning
+TRAIN_COMPAT: dict[str, CompatFlag] = {c.name: c for c in (
     CompatFlag("use_fp16", field="precision", convert=lambda v: "fp16" if str2bool(v) else "fp32"),
     CompatFlag("noise_type", accepted=("gaussian",), note="only Gaussian noise is implemented"),
     CompatFlag("class_cond", accepted=(True,), note="a model is class-conditional when --num_classes > 0; "
                "pass --num_classes 0 for an unconditional model"),
     CompatFlag("clf_free", accepted=(True,), note="the UNet only has classifier-free label layers"),
-)
-TRAIN_COMPAT = ("use_fp16", "noise_type", "class_cond", "clf_free", "resblock_updown",
-                "use_new_attention_order")
+)}
+SHARED_COMPAT = ("resblock_updown", "use_new_attention_order")  # configs.COMPAT entries
 MODEL_SKIP = ("class_cond", "clf_free")  # derived from --num_classes / always True in training
+_PREFIX = "train_compat__"
+
+
+def _resolve_train_compat(ns: argparse.Namespace) -> argparse.Namespace:
+    """A copy of ``ns`` with the TRAIN_COMPAT names applied (mapped, warned about once, or refused)."""
+    out = argparse.Namespace(**vars(ns))
+    for key in [k for k in vars(ns) if k.startswith(_PREFIX)]:
+        c, raw = TRAIN_COMPAT[key[len(_PREFIX):]], getattr(out, key)
+        delattr(out, key)
+        if c.field is not None:
+            value = c.convert(raw) if c.convert else raw
+            if hasattr(out, c.field) and getattr(out, c.field) != value:
+                raise ValueError(f"--{c.name} {raw} contradicts --{c.field} {getattr(out, c.field)}; "
+                                 "pass only one")
+            setattr(out, c.field, value)
+            continue
+        try:
+            ok = (str2bool(raw) if isinstance(c.accepted[0], bool) else raw) in c.accepted
+        except argparse.ArgumentTypeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"--{c.name} {raw} is not supported: {c.note}")
+        if c.name not in _WARNED:
+            _WARNED.add(c.name)
+            warnings.warn(f"--{c.name} is accepted for compatibility and ignored: {c.note}", stacklevel=2)
+    return out
+
+
+_WARNED: set[str] = set()
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -132,7 +163,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
         elif action.dest == "num_classes":
             action.help = "classes of the label conditioning (0: an unconditional model) (default: 2)"
     add_config_flag(parser)
-    add_compat_flags(parser, TRAIN_COMPAT)
+    add_compat_flags(parser, SHARED_COMPAT)
+    for c in TRAIN_COMPAT.values():
+        parser.add_argument(f"--{c.name}", dest=_PREFIX + c.name, default=argparse.SUPPRESS, nargs="?",
+                            const="True", help=argparse.SUPPRESS)
     return parser
 
 
@@ -141,10 +175,15 @@ def parse_configs_for_training(
 ) -> tuple[ModelConfig, DiffusionConfig, TrainConfig]:
     """Flags (over ``--config FILE``, over the defaults) -> the three configs. ``forced`` (model field ->
     value, e.g. {"unet_ver": "hae_v2"} for a wrapper script) fixes fields: another given value is refused."""
-    parser = build_arg_parser()
-    ns, (m, d, t) = parse_configs(parser, None if argv is None else list(argv),
-                                  [ModelConfig, DiffusionConfig, TrainConfig])
-    run = load_run_config(ns.config).get("model", {}) if getattr(ns, "config", None) else {}
+    ns = resolve_compat(_resolve_train_compat(build_arg_parser().parse_args(None if argv is None else argv)))
+    file = load_run_config(ns.config) if getattr(ns, "config", None) else {}
+    configs = []
+    for cls in (ModelConfig, DiffusionConfig, TrainConfig):
+        section = file.get(cls.SECTION, {})
+        cls.from_dict(section, source=f"{ns.config} section {cls.SECTION!r}" if file else "")  # unknown keys
+        configs.append(from_args(cls, ns, base=section))
+    m, d, t = configs
+    run = file.get("model", {})
     for key, value in (forced or {}).items():
         given = getattr(ns, key, run.get(key, value))
         if given != value:
