@@ -16,16 +16,13 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from guided_diffusion.hae_blocks import HybridCNNTransformerBlockBase  # noqa: E402
-from guided_diffusion.script_util import create_model  # noqa: E402
+from guided_diffusion.hae_blocks import HybridCNNTransformerBlockBase
+from guided_diffusion.script_util import create_model
 
 MODELS: tuple[tuple[str, str], ...] = (
     ("v2", "FPDM UNet"),

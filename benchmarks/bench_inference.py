@@ -51,14 +51,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from guided_diffusion.anofpdm import run_forward_process  # noqa: E402
-from guided_diffusion.io_util import atomic_write_json  # noqa: E402
-from guided_diffusion.precision import maybe_compile  # noqa: E402
-from guided_diffusion.script_util import create_model_and_diffusion  # noqa: E402
+from guided_diffusion.anofpdm import run_forward_process
+from guided_diffusion.io_util import atomic_write_json
+from guided_diffusion.precision import maybe_compile
+from guided_diffusion.script_util import create_model_and_diffusion
 
 CONFIGS: dict[str, dict[str, Any]] = {
     # the paper's BraTS network (anofpdm_spec.md 2.1 / 6.2), 128 px, 1000 linear steps

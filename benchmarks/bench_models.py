@@ -31,12 +31,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from guided_diffusion.script_util import create_model  # noqa: E402
+from guided_diffusion.script_util import create_model
 
 MODELS = ("v2", "hae", "hae_lite", "hae_v2")
 CONFIGS: dict[str, dict[str, Any]] = {

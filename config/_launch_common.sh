@@ -10,10 +10,26 @@ launch_fail() {
   exit 2
 }
 
+# launch_check_procs: NPROC and NNODES (when set) are positive integers, NODE_RANK a non-negative one.
+launch_check_procs() {
+  local name value
+  for name in NPROC NNODES; do
+    value="${!name:-1}"
+    if ! [[ "$value" =~ ^[0-9]+$ ]] || [ "$((10#$value))" -lt 1 ]; then
+      launch_fail "error: $name must be a positive integer (processes per node / nodes), got '$value'."
+    fi
+  done
+  value="${NODE_RANK:-0}"
+  if ! [[ "$value" =~ ^[0-9]+$ ]]; then
+    launch_fail "error: NODE_RANK must be a non-negative integer, got '$value'."
+  fi
+}
+
 # launch_check_data DATA_DIR SPLIT...: the preprocessed data root exists and holds data_splits/<SPLIT>.
 launch_check_data() {
   local data_dir="$1" split
   shift
+  launch_check_procs
   if [ ! -d "$data_dir" ]; then
     launch_fail "error: data directory '$data_dir' (DATA_DIR) does not exist." \
       "Preprocess BraTS21 with config/run_preprocess.sh (scripts/preprocess.py), or build a small" \
@@ -71,7 +87,8 @@ launch_check_checkpoint() {
 launch_python() {
   local script="$1"
   shift
-  if [ "$NPROC" -gt 1 ] || [ "$NNODES" -gt 1 ]; then
+  launch_check_procs
+  if [ "$((10#$NPROC))" -gt 1 ] || [ "$((10#$NNODES))" -gt 1 ]; then
     exec "$PYTHON" -m torch.distributed.run --nproc-per-node "$NPROC" --nnodes "$NNODES" \
       --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
       "$script" "$@"

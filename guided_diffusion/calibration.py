@@ -9,7 +9,7 @@ Only validation images and image-level labels are used (no pixel masks):
 
 There are no hard-coded fallback numbers: a validation set without healthy or without unhealthy slices is
 an error. Results are persisted as JSON together with the settings they depend on; loading a calibration
-made with different settings is an error.
+made with different settings is an error, and every number read back is checked (finite, in range).
 """
 
 from __future__ import annotations
@@ -18,28 +18,18 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor
 
+from . import logger
 from .segmentation import cosine_similarity
 
 Q_GRID = torch.linspace(0.005, 0.095, 100)
-# settings that must match between a stored calibration and the run that reuses it
-MATCH_KEYS = (
-    "checkpoint_sha256",
-    "w",
-    "forward_steps",
-    "modality",
-    "encoding",
-    "ugp",
-    "legacy_indexing",
-    "clip_denoised",
-    "dynamic_clip",
-)
-
+_WARNED_UNVERIFIED: set[str] = set()
 
 @dataclass
 class Calibration:
@@ -64,18 +54,27 @@ class Calibration:
     dynamic_clip: bool = False
     checkpoint_sha256: str = ""
     extra: dict = field(default_factory=dict)
+    # every setting that changes the statistics (model, diffusion, forward; see EvalRun.stats_settings)
+    settings: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
 
     @classmethod
-    def from_json(cls, text: str) -> Calibration:
-        data = json.loads(text)
+    def from_json(cls, text: str, source: str = "calibration JSON") -> Calibration:
+        """Parse and check one calibration (every number finite and in range); errors name ``source``."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{source} is not JSON ({err}); recreate it by calibrating") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{source} must hold a JSON object, got {type(data).__name__}")
         missing = [k for k in ("thr_01", "diff_max", "w", "forward_steps", "modality") if k not in data]
         if missing:
             raise ValueError(
-                f"calibration JSON lacks the keys {missing}; recreate it by running without --calibration"
+                f"{source} lacks the keys {missing}; recreate it by running without --calibration"
             )
+        _check_values(data, source)
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -92,28 +91,78 @@ class Calibration:
                 "calibrate on the validation split"
             )
         with open(path, encoding="utf-8") as f:
-            return cls.from_json(f.read())
+            return cls.from_json(f.read(), source=f"calibration file {path}")
 
-    def check_matches(self, settings: Mapping, source: str = "calibration") -> None:
-        """ValueError listing every key of MATCH_KEYS whose value differs from ``settings``."""
-        diffs = []
-        for key in MATCH_KEYS:
-            if key not in settings:
-                continue
-            mine, theirs = getattr(self, key), settings[key]
-            if key == "w":
-                same = math.isclose(float(mine), float(theirs), rel_tol=0, abs_tol=1e-12)
-            elif key == "modality":
-                same = [int(v) for v in mine] == [int(v) for v in theirs]
+    def check_matches(self, expected: Mapping, source: str = "calibration", hint: str = "") -> None:
+        """ValueError listing every setting of ``expected`` that differs from this calibration's.
+
+        The keys are those of ``expected`` (built from the run's configs). A key an older file does not
+        hold cannot be verified: one warning names it. ``hint`` says how to fix a mismatch.
+        """
+        diffs, unknown = [], []
+        for key, theirs in expected.items():
+            if key in self.settings:
+                mine = self.settings[key]
+            elif key in self.__dataclass_fields__ and key not in ("settings", "extra"):
+                mine = getattr(self, key)
             else:
-                same = mine == theirs
-            if not same:
+                unknown.append(key)
+                continue
+            if not _same(key, mine, theirs):
                 diffs.append(f"{key}: {source} has {mine!r}, this run uses {theirs!r}")
         if diffs:
-            raise ValueError(
-                f"{source} does not match this run ({'; '.join(diffs)}); recalibrate (omit "
-                "--calibration) or run with the calibration's settings"
-            )
+            raise ValueError(f"{source} does not match this run ({'; '.join(diffs)}); "
+                             f"{hint or 'run with the calibration settings'}")
+        new = [k for k in unknown if k not in _WARNED_UNVERIFIED]
+        if new:
+            _WARNED_UNVERIFIED.update(new)
+            warnings.warn(f"{source} predates the settings {new}; they cannot be verified", stacklevel=2)
+
+
+def _same(key: str, mine, theirs) -> bool:
+    if key == "w":
+        return math.isclose(float(mine), float(theirs), rel_tol=0, abs_tol=1e-12)
+    if isinstance(mine, (list, tuple)) or isinstance(theirs, (list, tuple)):
+        return list(mine if isinstance(mine, (list, tuple)) else [mine]) == list(
+            theirs if isinstance(theirs, (list, tuple)) else [theirs])
+    return mine == theirs
+
+
+def _finite(source: str, key: str, value, low: float | None = None, high: float | None = None,
+            integer: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (not integer or float(value).is_integer())
+    ok = ok and (low is None or value >= low) and (high is None or value <= high)
+    if not ok:
+        rng = f" in [{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+        kind = "an integer" if integer else "a finite number"
+        raise ValueError(f"{source}: `{key}` must be {kind}{rng}; got {value!r}")
+
+
+def _check_values(data: Mapping, source: str) -> None:
+    """Every number of a calibration entry finite and in range (thr_01 is a cosine, diff_* >= 0, ...)."""
+    _finite(source, "thr_01", data["thr_01"], -1.0, 1.0)
+    _finite(source, "w", data["w"], 0.0)
+    _finite(source, "forward_steps", data["forward_steps"], 1, integer=True)
+    for key in ("diff_max", "diff_min", "modality"):
+        if key not in data:
+            continue
+        values = data[key]
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"{source}: `{key}` must be a non-empty list of numbers; got {values!r}")
+        for i, v in enumerate(values):
+            _finite(source, f"{key}[{i}]", v, 0.0, integer=key == "modality")
+    if len(data["diff_max"]) != len(data["modality"]):
+        raise ValueError(f"{source}: `diff_max` has {len(data['diff_max'])} entries for "
+                         f"{len(data['modality'])} modalities")
+    for key, (low, high, integer) in {"accuracy": (0.0, 1.0, False), "q": (0.0, 1.0, False),
+                                      "n_min": (0, None, True), "n_val": (1, None, True),
+                                      "n_healthy": (0, None, True), "n_unhealthy": (0, None, True)}.items():
+        if key in data:
+            _finite(source, key, data[key], low, high, integer)
+    for key in ("settings", "extra"):
+        if key in data and not isinstance(data[key], dict):
+            raise ValueError(f"{source}: `{key}` must be a JSON object; got {data[key]!r}")
 
 
 def file_sha256(path: str, chunk: int = 1 << 20) -> str:
@@ -153,13 +202,15 @@ def calibrate(
     clip_denoised: bool = True,
     dynamic_clip: bool = False,
     extra: dict | None = None,
+    settings: Mapping | None = None,
 ) -> Calibration:
     """Calibrate from validation statistics of one w.
 
     Args:
         mse_h / mse_null / div: [N, S, M] per-sample, per-step, per-modality statistics (ForwardResult).
         labels: [N] image-level labels (0 healthy, 1 unhealthy).
-        remaining: the settings stored with the result (see MATCH_KEYS).
+        remaining: the settings stored with the result; ``settings``: every setting that changes the
+            statistics (EvalRun.stats_settings), checked when the calibration is reused.
     """
     labels = torch.as_tensor(labels).reshape(-1).long().cpu()
     if mse_h.dim() != 3 or mse_h.shape != mse_null.shape or div.shape != mse_h.shape:
@@ -201,6 +252,7 @@ def calibrate(
         dynamic_clip=bool(dynamic_clip),
         checkpoint_sha256=checkpoint_sha256,
         extra=dict(extra or {}),
+        settings=dict(settings or {}),
     )
 
 
@@ -247,7 +299,49 @@ def load_calibrations(path: str) -> dict[float, Calibration]:
             "calibrate on the validation split"
         )
     with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+        text = f.read()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"calibration file {path} is not JSON ({err}); recreate it by calibrating") from None
     items = data["calibrations"] if isinstance(data, dict) and "calibrations" in data else [data]
-    cals = [Calibration.from_json(json.dumps(item)) for item in items]
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"calibration file {path}: `calibrations` must be a non-empty list")
+    cals = [Calibration.from_json(json.dumps(item), source=f"calibration file {path}") for item in items]
     return {float(c.w): c for c in cals}
+
+
+def guidance_selection(cals: Mapping[float, Calibration], tolerance: float = 0.99) -> dict:
+    """Apply the paper's w-selection rule to calibrations {w: Calibration} and log the table.
+
+    Returns {"chosen_w", "tolerance", "rule", "table"}; table: one row per w ascending (w, accuracy, n_min,
+    n_val, thr_01, diff_max, selected) from calibration.select_guidance (largest w whose validation
+    accuracy >= tolerance * best, spec 5.8).
+    """
+    chosen, table = select_guidance(cals, tolerance=tolerance)
+    logger.log(f"guidance selection (largest w with val accuracy >= {tolerance:g} x best): w={chosen:g}")
+    for row in table:
+        logger.log(
+            f"  w={row['w']:g}: accuracy={row['accuracy']:.4f} n_min={row['n_min']}/{row['n_val']} "
+            f"thr_01={row['thr_01']:.6f}{'  <- chosen' if row['selected'] else ''}"
+        )
+    return {
+        "chosen_w": chosen,
+        "tolerance": float(tolerance),
+        "rule": "largest w whose validation accuracy >= tolerance * best accuracy (anofpdm_spec 5.8)",
+        "table": table,
+    }
+
+
+def choose_primary_w(
+    ws: Sequence[float], cals: Mapping[float, Calibration], tolerance: float = 0.99
+) -> tuple[float, dict | None]:
+    """Primary guidance strength of a run -> (w, selection or None).
+
+    One w: that w and None (no selection). Several: guidance_selection over ``ws`` -> (chosen w, selection).
+    """
+    ws = [float(w) for w in ws]
+    if len(ws) == 1:
+        return ws[0], None
+    selection = guidance_selection({w: cals[w] for w in ws}, tolerance)
+    return selection["chosen_w"], selection

@@ -10,6 +10,7 @@ Upstream directories (no state files) remain usable for inference through ``find
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pickle
@@ -94,19 +95,40 @@ def save_checkpoint(
     objs.append((f"opt{step:06d}.pt", opt.state_dict()))
     sizes = {}
     paths = []
-    for name, obj in objs:
-        path = bf.join(log_dir, name)
-        buf = io.BytesIO()
-        torch.save(obj, buf)
-        atomic_write_bytes(buf.getvalue(), path)
-        sizes[name] = buf.getbuffer().nbytes
-        paths.append(path)
-    state = dict(extra or {})
-    state.update(version=STATE_VERSION, step=int(step), ema_rates=list(ema_params_by_rate), file_sizes=sizes)
     state_path = bf.join(log_dir, f"state{step:06d}.pt")
-    atomic_save(state, state_path)  # last: marks the checkpoint complete
+    try:
+        for name, obj in objs:
+            path = bf.join(log_dir, name)
+            buf = io.BytesIO()
+            torch.save(obj, buf)
+            atomic_write_bytes(buf.getvalue(), path)
+            sizes[name] = buf.getbuffer().nbytes
+            paths.append(path)
+        state = dict(extra or {})
+        state.update(version=STATE_VERSION, step=int(step), ema_rates=list(ema_params_by_rate),
+                     file_sizes=sizes)
+        atomic_save(state, state_path)  # last: marks the checkpoint complete
+    except OSError as err:  # e.g. disk full: leave no partial step behind, keep the older ones
+        _remove_step_files(log_dir, [name for name, _ in objs] + [os.path.basename(state_path)])
+        kept = list_checkpoints(log_dir)
+        raise OSError(
+            f"saving the checkpoint of step {step} in {log_dir} failed ({err.strerror or err}); its partial "
+            f"files were removed, the last complete checkpoint is "
+            f"{f'step {kept[-1]}' if kept else 'none'}; free space and rerun the same command to resume"
+        ) from err
     paths.append(state_path)
     return paths
+
+
+def _remove_step_files(log_dir: str, names: list[str]) -> None:
+    """Delete ``names`` in ``log_dir`` and the temporary files of this process's atomic writes of them."""
+    if not os.path.isdir(log_dir):
+        return
+    temp = re.compile(r"\.(" + "|".join(map(re.escape, names)) + rf")\.tmp-{os.getpid()}-[0-9a-f]+")
+    for entry in os.listdir(log_dir):
+        if entry in names or temp.fullmatch(entry):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(log_dir, entry))
 
 
 def list_checkpoints(directory: str) -> list[int]:

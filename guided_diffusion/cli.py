@@ -41,12 +41,18 @@ def strip_debug_flag(argv: list[str] | None = None) -> list[str]:
 
 
 def error_line(err: BaseException) -> str:
-    """The one line printed for ``err``: its message without the traceback (first line of it)."""
+    """The one line printed for ``err``: its message with its lines joined by "; "; for an error raised in
+    a DataLoader worker (whose message holds the worker's traceback) only the original message."""
     if isinstance(err, KeyError) and err.args:
         text = str(err.args[0])
     else:
         text = str(err) or type(err).__name__
-    text = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if "Original Traceback (most recent call last):" in lines:  # raised in a DataLoader worker
+        last = lines[-1]
+        kind, _, message = last.partition(": ")
+        lines = [message if message and kind.isidentifier() else last]
+    text = "; ".join(lines) if lines else type(err).__name__
     return f"error: {text}"
 
 

@@ -1,22 +1,24 @@
-"""Flag defaults, the model registry, model/diffusion factories and argparse helpers.
+"""Flag defaults, model/diffusion factories and argparse helpers.
 
-Model builders are registered by ``unet_ver`` name with ``@register_model(name)``. The FPDM UNet is
-``v2``; the HAE variants (``hae``, ``hae_lite``, ``hae_v2``) register themselves from their own modules,
-which are imported at the bottom of this file so that the registry is complete after import.
+The networks come from the registry (``guided_diffusion.registry``), completed by
+``guided_diffusion.variants``, which imports every variant explicitly; ``MODEL_REGISTRY`` and
+``register_model`` are re-exported here.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import warnings
-from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from torch import nn
 
-from .unet import UNetModel
+from . import variants
+from .configs import DiffusionConfig, ModelConfig, str2bool
+from .registry import MODEL_REGISTRY, register_model
+
+__all__ = ["MODEL_REGISTRY", "register_model", "str2bool"]  # re-exported from registry / configs
 
 # channel_mult chosen from the image size when --channel_mult is empty (anofpdm_spec.md §2.2)
 DEFAULT_CHANNEL_MULT: dict[int, tuple[float, ...]] = {
@@ -27,74 +29,18 @@ DEFAULT_CHANNEL_MULT: dict[int, tuple[float, ...]] = {
     32: (1, 2, 2, 2),
 }
 
-MODEL_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
-
-
 def diffusion_defaults() -> dict[str, Any]:
-    """Defaults of the flags that define the Gaussian diffusion process."""
-    return dict(
-        learn_sigma=False,
-        diffusion_steps=1000,
-        noise_schedule="linear",
-        timestep_respacing="",
-        use_kl=False,
-        predict_xstart=False,
-        rescale_timesteps=False,
-        rescale_learned_sigmas=False,
-    )
+    """Defaults of the flags that define the Gaussian diffusion process (the fields of DiffusionConfig)."""
+    return DiffusionConfig().to_dict()
 
 
 def model_and_diffusion_defaults() -> dict[str, Any]:
     """Defaults of every model and diffusion flag (anofpdm_spec.md §2.1, plus the HAE flags)."""
-    res = dict(
-        image_size=64,
-        num_channels=128,
-        num_res_blocks=2,
-        num_heads=4,
-        num_heads_upsample=-1,
-        num_head_channels=-1,
-        attention_resolutions="16,8",
-        channel_mult="",
-        dropout=0.0,
-        class_cond=False,
-        use_checkpoint=False,
-        use_scale_shift_norm=True,
-        resblock_updown=False,
-        use_fp16=False,
-        use_new_attention_order=False,
-        in_channels=3,
-        num_classes=2,
-        unet_ver="v2",
-        clf_free=True,
-        bottleneck_ratio=0.25,
-        use_hae=True,
-    )
+    res = ModelConfig().to_dict()
+    # upstream flags still accepted by create_model (refused unless False; use_fp16 is a training flag)
+    res.update(resblock_updown=False, use_fp16=False, use_new_attention_order=False)
     res.update(diffusion_defaults())
     return res
-
-
-def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator registering ``builder(**model_kwargs) -> nn.Module`` under ``unet_ver`` = ``name``."""
-
-    def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        old = MODEL_REGISTRY.get(name)
-        ident = (builder.__module__, builder.__qualname__)
-        if old is not None and (old.__module__, old.__qualname__) != ident:
-            raise ValueError(
-                f"unet_ver {name!r} is already registered by {old.__module__}.{old.__qualname__}"
-            )
-        MODEL_REGISTRY[name] = builder
-        return builder
-
-    return wrap
-
-
-@register_model("v2")
-def build_fpdm_unet(
-    *, use_hae: bool = False, bottleneck_ratio: float = 0.25, **kwargs: Any
-) -> UNetModel:
-    """The AnoFPDM UNet: upstream UNet v2, missing SiLU activations included (HAE flags unused)."""
-    return UNetModel(resblock_activation=False, **kwargs)
 
 
 def parse_channel_mult(image_size: int, channel_mult: str | Iterable[float]) -> tuple[float, ...]:
@@ -148,9 +94,9 @@ def _resolve_num_classes(class_cond: bool, num_classes: int | None) -> int | Non
 
 
 def create_model(
-    image_size: int,
-    num_channels: int,
-    num_res_blocks: int,
+    image_size: int | ModelConfig,
+    num_channels: int = 128,
+    num_res_blocks: int = 2,
     channel_mult: str | Iterable[float] = "",
     learn_sigma: bool = False,
     class_cond: bool = False,
@@ -176,9 +122,12 @@ def create_model(
     ``num_classes`` is used only with ``class_cond`` (and > 0); otherwise the model is unconditional.
     ``out_channels`` = ``in_channels`` (x2 with ``learn_sigma``). ``use_fp16`` is a training-loop flag
     (mixed precision is applied by the training loop, the model is built in float32).
+    ``image_size`` may instead be a ``ModelConfig`` (the other arguments are then ignored, except
+    ``learn_sigma``).
     """
-    if unet_ver not in MODEL_REGISTRY:
-        raise ValueError(f"unknown --unet_ver {unet_ver!r}; valid names: {', '.join(sorted(MODEL_REGISTRY))}")
+    if isinstance(image_size, ModelConfig):
+        return create_model(**{**image_size.to_dict(), "learn_sigma": learn_sigma})
+    build = variants.builder(unet_ver)
     if resblock_updown and unet_ver != "v1":
         raise ValueError("--resblock_updown True is supported by --unet_ver v1 only (plain conv "
                          "up/down-sampling otherwise); use --resblock_updown False")
@@ -212,7 +161,7 @@ def create_model(
             stacklevel=2,
         )
     v1_flags = dict(resblock_updown=resblock_updown, use_new_attention_order=use_new_attention_order)
-    return MODEL_REGISTRY[unet_ver](
+    return build(
         **(v1_flags if unet_ver == "v1" else {}),
         image_size=image_size,
         in_channels=in_channels,
@@ -234,7 +183,7 @@ def create_model(
 
 
 def create_gaussian_diffusion(
-    steps: int = 1000,
+    steps: int | DiffusionConfig = 1000,
     learn_sigma: bool = False,
     noise_schedule: str = "linear",
     use_kl: bool = False,
@@ -243,7 +192,10 @@ def create_gaussian_diffusion(
     rescale_learned_sigmas: bool = False,
     timestep_respacing: str | list[int] = "",
 ) -> Any:
-    """Build the (possibly respaced) Gaussian diffusion from the diffusion flags."""
+    """Build the (possibly respaced) Gaussian diffusion from the diffusion flags (or a DiffusionConfig)."""
+    if isinstance(steps, DiffusionConfig):
+        flags = steps.to_dict()
+        return create_gaussian_diffusion(steps=flags.pop("diffusion_steps"), **flags)
     from . import gaussian_diffusion as gd
     from .respace import SpacedDiffusion, space_timesteps
 
@@ -283,6 +235,11 @@ def create_model_and_diffusion(**kwargs: Any) -> tuple[nn.Module, Any]:
     return model, diffusion
 
 
+def create_from_configs(model: ModelConfig, diffusion: DiffusionConfig) -> tuple[nn.Module, Any]:
+    """Build (model, diffusion) from the typed configs."""
+    return create_model(model, learn_sigma=diffusion.learn_sigma), create_gaussian_diffusion(diffusion)
+
+
 # flags that define the network's architecture (and so which checkpoints fit it)
 _ARCH_FLAGS = (
     "unet_ver", "image_size", "in_channels", "num_channels", "num_res_blocks", "channel_mult",
@@ -291,14 +248,22 @@ _ARCH_FLAGS = (
 )
 
 
-def model_config(args_or_dict: argparse.Namespace | Mapping[str, Any]) -> dict[str, Any]:
+def model_config(
+    args_or_dict: argparse.Namespace | Mapping[str, Any] | ModelConfig,
+    diffusion: DiffusionConfig | None = None,
+) -> dict[str, Any]:
     """The resolved architecture-defining flags (JSON-friendly), for checking a checkpoint fits the flags.
 
     Equivalent spellings compare equal: channel_mult "" and its image-size default, attention
     resolutions as sorted downsample factors, num_classes None when unconditional, num_heads_upsample
     -1 resolved to num_heads. Missing flags take their defaults.
     """
-    given = vars(args_or_dict) if isinstance(args_or_dict, argparse.Namespace) else dict(args_or_dict)
+    if isinstance(args_or_dict, ModelConfig):
+        given = {**args_or_dict.to_dict(), **(diffusion or DiffusionConfig()).to_dict()}
+    elif isinstance(args_or_dict, argparse.Namespace):
+        given = vars(args_or_dict)
+    else:
+        given = dict(args_or_dict)
     flags = {**model_and_diffusion_defaults(), **given}
     cfg = {k: flags[k] for k in _ARCH_FLAGS}
     cfg["channel_mult"] = list(parse_channel_mult(cfg["image_size"], cfg["channel_mult"]))
@@ -315,18 +280,6 @@ def model_config(args_or_dict: argparse.Namespace | Mapping[str, Any]) -> dict[s
         cfg.pop("use_hae")
         cfg.pop("bottleneck_ratio")
     return cfg
-
-
-def str2bool(v: str | bool) -> bool:
-    """Parse a command-line boolean: yes/true/t/y/1 or no/false/f/n/0 (case-insensitive)."""
-    if isinstance(v, bool):
-        return v
-    text = str(v).strip().lower()
-    if text in ("yes", "true", "t", "y", "1"):
-        return True
-    if text in ("no", "false", "f", "n", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"boolean value expected (true/false, yes/no, 1/0); got {v!r}")
 
 
 def add_dict_to_argparser(parser: argparse.ArgumentParser, default_dict: Mapping[str, Any]) -> None:
@@ -350,15 +303,3 @@ def args_to_dict(args: argparse.Namespace, keys: Iterable[str]) -> dict[str, Any
     if missing:
         raise ValueError(f"parsed arguments lack flags {missing}; add them with add_dict_to_argparser")
     return {k: getattr(args, k) for k in keys}
-
-
-def _import_model_plugins() -> None:
-    """Import the HAE modules that exist so that their ``@register_model`` builders run."""
-    package = __name__.rpartition(".")[0]
-    here = Path(__file__).resolve().parent
-    for mod in ("unet_v1", "unet_hae", "unet_hae_lite", "unet_hae_v2"):
-        if (here / f"{mod}.py").exists():
-            importlib.import_module(f"{package}.{mod}")
-
-
-_import_model_plugins()

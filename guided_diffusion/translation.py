@@ -18,8 +18,6 @@ depend on the batch composition or the number of processes.
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
 import os
 import resource
@@ -37,42 +35,39 @@ from .anofpdm import run_forward_process
 from .calibration import (
     Calibration,
     calibrate,
+    choose_primary_w,
     file_sha256,
+    guidance_selection,
     load_calibrations,
     save_calibrations,
-    select_guidance,
 )
-from .gradient_sam import sam_mode_from_flags
-from .io_util import atomic_torch_save
-from .script_util import args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults, model_config
+from .configs import DiffusionConfig, ModelConfig, save_run_config
+from .eval_configs import CheckpointConfig, EvalRun, SegmentConfig
+from .eval_resume import open_shared, save_batch
+from .script_util import create_from_configs, model_config
 from .segmentation import segment
-from .translation_flags import (
-    add_calibration_flags,
-    create_argparser,
-    finish_calibration_args,
-    parse_args,
-    run_settings,
-)
+from .translation_flags import add_calibration_flags, create_argparser, parse_args, parse_run
 from .translation_outputs import setting_key, write_outputs
 
 __all__ = [
     "add_calibration_flags",
     "calibrate",
     "calibrate_for_ws",
+    "calibrate_run",
     "choose_primary_w",
     "create_argparser",
-    "finish_calibration_args",
     "guidance_selection",
     "load_model",
     "main",
     "parse_args",
-    "run_settings",
+    "parse_run",
     "save_calibrations",
     "setting_key",
     "write_outputs",
 ]
 
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+FRESH = "start fresh with another --log_dir, or delete {folder} (or run without --resume)"
 
 
 def slice_generators(seed: int, split: str, indices: Sequence[int]) -> list[torch.Generator]:
@@ -92,20 +87,27 @@ def _bar(iterable, **kw):
 
 
 # ---------------------------------------------------------------------------------------------- model
-def load_model(args: argparse.Namespace):
-    """(model, diffusion, checkpoint path, sha256) built from the flags, weights loaded, eval mode."""
+def load_model(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, ckpt: CheckpointConfig):
+    """(model, diffusion, checkpoint path, sha256) built from the configs, weights loaded, eval mode."""
     from .checkpoint import find_checkpoint, load_model_checkpoint
 
-    flags = args_to_dict(args, model_and_diffusion_defaults().keys())
-    model, diffusion = create_model_and_diffusion(**flags)
-    if not os.path.isdir(args.model_dir):
+    model, diffusion = create_from_configs(model_cfg, diffusion_cfg)
+    if not os.path.isdir(ckpt.model_dir):
         raise FileNotFoundError(
-            f"--model_dir {args.model_dir} does not exist; point it to the training log dir"
+            f"--model_dir {ckpt.model_dir} does not exist; point it to the training log dir"
         )
-    path = find_checkpoint(args.model_dir, step=args.model_num, ema_rate=args.ema_rate if args.ema else None)
-    load_model_checkpoint(model, path, config=model_config(flags))
+    path = find_checkpoint(ckpt.model_dir, step=ckpt.model_num, ema_rate=ckpt.ema_rate if ckpt.ema else None)
+    load_model_checkpoint(model, path, config=model_config(model_cfg, diffusion_cfg))
     model.to(dist_util.dev()).eval()
     return model, diffusion, path, file_sha256(path)
+
+
+def checkpoint_step(path: str) -> int | None:
+    """The training step in a checkpoint's file name (None when it has none)."""
+    from .checkpoint import parse_checkpoint_name
+
+    parsed = parse_checkpoint_name(os.path.basename(path))
+    return int(parsed[2]) if parsed else None
 
 
 # ---------------------------------------------------------------------------------------------- calibration
@@ -122,29 +124,49 @@ def collect_statistics(
     seed: int,
     in_channels: int | None = None,
     progress: bool = True,
+    cache_dir: str | None = None,
+    cache_fingerprint: Mapping[str, Any] | None = None,
 ) -> dict:
     """Forward statistics of every slice of ``split`` (sharded by rank, gathered on every rank).
 
+    With ``cache_dir`` each batch's statistics are saved atomically there and reused by a later call with
+    the same ``cache_fingerprint`` (a killed calibration resumes; other settings recompute from zero).
     Returns {"idx" [N], "label" [N], "mse_h" [N, nW, S, M], "mse_null" [N, S, M], "div" [N, nW, S, M]}
     sorted by dataset index.
     """
     from .data.brats import get_eval_loader
 
     loader, _ = get_eval_loader(data_dir, split, batch_size, num_slices=num_slices, in_channels=in_channels)
+    done: dict[int, dict] = {}
+    if cache_dir is not None:
+        done = open_shared(cache_dir, split, cache_fingerprint or {}, resume=True, on_mismatch="recompute",
+                           what="statistics", fresh_hint="")
+        if done:
+            logger.log(f"reusing the statistics of {len(done)} {split} slices saved in {cache_dir}")
     dev = dist_util.dev()
     rows = []
     for x, _gt, lab, idx in _bar(loader, desc=f"{split} batches", enabled=progress):
-        fr = run_forward_process(
-            model,
-            diffusion,
-            x.to(dev),
-            ws=list(ws),
-            generator=slice_generators(seed, split, idx.tolist()),
-            progress=progress and dist_util.get_rank() == 0,
-            **settings,
-        )
-        rows.append((idx.cpu(), torch.as_tensor(lab).cpu(), fr.mse_h.cpu(), fr.mse_null.cpu(), fr.div.cpu()))
-    local = [torch.cat(c) if rows else None for c in zip(*rows)] if rows else []
+        ids = [int(i) for i in idx]
+        if all(i in done for i in ids):
+            recs = [done[i] for i in ids]
+        else:
+            fr = run_forward_process(
+                model,
+                diffusion,
+                x.to(dev),
+                ws=list(ws),
+                generator=slice_generators(seed, split, ids),
+                progress=progress and dist_util.get_rank() == 0,
+                **settings,
+            )
+            recs = [{"idx": i, "label": int(lb), "mse_h": fr.mse_h[b].cpu(),
+                     "mse_null": fr.mse_null[b].cpu(), "div": fr.div[b].cpu()}
+                    for b, (i, lb) in enumerate(zip(ids, torch.as_tensor(lab)))]
+            if cache_dir is not None:
+                save_batch(cache_dir, split, recs)
+        rows.append((torch.as_tensor(ids), torch.as_tensor([r["label"] for r in recs]),
+                     *(torch.stack([r[k] for r in recs]) for k in ("mse_h", "mse_null", "div"))))
+    local = [torch.cat(c) for c in zip(*rows)] if rows else []
     parts = [p for p in dist_util.all_gather_object(local) if p]
     if not parts:
         raise ValueError(f"the {split} split of {data_dir} yielded no slices")
@@ -166,8 +188,16 @@ def calibrate_for_ws(
     seed: int = 0,
     in_channels: int | None = None,
     progress: bool = True,
+    stats_settings: Mapping[str, Any] | None = None,
+    cache_dir: str | None = None,
 ) -> dict[float, Calibration]:
-    """Calibrate every w of ``ws`` from ONE forward pass over the validation split -> {w: Calibration}."""
+    """Calibrate every w of ``ws`` from ONE forward pass over the validation split -> {w: Calibration}.
+
+    ``settings``: the forward-process keyword arguments; ``stats_settings``: every setting that changes
+    the statistics (stored in each Calibration, checked on reuse); ``cache_dir``: resumable pass."""
+    fingerprint = {"checkpoint_sha256": checkpoint_sha256, "ws": [float(w) for w in ws],
+                   "data_dir": os.path.abspath(data_dir), "num_slices_val": num_slices, "seed": seed,
+                   **dict(stats_settings or settings)}
     stats = collect_statistics(
         model,
         diffusion,
@@ -180,6 +210,8 @@ def calibrate_for_ws(
         seed=seed,
         in_channels=in_channels,
         progress=progress,
+        cache_dir=cache_dir,
+        cache_fingerprint=fingerprint,
     )
     return {
         float(w): calibrate(
@@ -190,86 +222,76 @@ def calibrate_for_ws(
             w=w,
             checkpoint_sha256=checkpoint_sha256,
             extra={"num_slices_val": num_slices, "seed": seed},
+            settings=stats_settings,
             **settings,
         )
         for i, w in enumerate(ws)
     }
 
 
-def get_calibrations(args, model, diffusion, sha: str, log_dir: str) -> dict[float, Calibration]:
-    settings = run_settings(args)
-    expect = {**settings, "checkpoint_sha256": sha}
+def calibrate_run(
+    run: EvalRun, model, diffusion, sha: str, log_dir: str | None = None
+) -> dict[float, Calibration]:
+    """``calibrate_for_ws`` with the run's configs: every w from one (resumable) validation pass."""
+    return calibrate_for_ws(
+        model,
+        diffusion,
+        data_dir=run.eval.data_dir,
+        ws=run.forward.w,
+        settings=run.forward.settings_kwargs(),
+        checkpoint_sha256=sha,
+        batch_size=run.eval.batch_size_val,
+        num_slices=run.eval.num_slices_val,
+        seed=run.eval.seed,
+        in_channels=run.model.in_channels,
+        progress=run.eval.progress,
+        stats_settings=run.stats_settings(),
+        cache_dir=os.path.join(log_dir, "calibration_stats") if log_dir else None,
+    )
+
+
+def get_calibrations(run: EvalRun, model, diffusion, sha: str, log_dir: str) -> dict[float, Calibration]:
+    """The run's calibrations: ``--calibration FILE``, the log dir's calibration.json on --resume, or a
+    new (resumable) validation pass. A stored calibration must match every statistics-changing setting."""
+    expect = {**run.stats_settings(), "checkpoint_sha256": sha}
     stored = os.path.join(log_dir, "calibration.json")
-    path = args.calibration or (stored if args.resume and os.path.isfile(stored) else None)
+    given = run.eval.calibration
+    path = given or (stored if run.eval.resume and os.path.isfile(stored) else None)
     if path:
+        if given:
+            hint = "recalibrate (omit --calibration) or run with the calibration's settings"
+        else:
+            hint = FRESH.format(folder=log_dir) + " to recalibrate"
         cals = load_calibrations(path)
-        missing = [w for w in args.w if float(w) not in cals]
+        missing = [w for w in run.forward.w if float(w) not in cals]
         if missing:
-            raise ValueError(
-                f"calibration {path} has no entry for w={missing} (it holds w={sorted(cals)}); "
-                "recalibrate (omit --calibration)"
-            )
-        for w in args.w:
-            cals[float(w)].check_matches({**expect, "w": float(w)}, source=f"calibration {path}")
+            raise ValueError(f"calibration {path} has no entry for w={missing} (it holds w={sorted(cals)}); "
+                             + hint)
+        for w in run.forward.w:
+            cals[float(w)].check_matches({**expect, "w": float(w)}, source=f"calibration {path}", hint=hint)
         logger.log(f"using calibration {path}")
-        return {float(w): cals[float(w)] for w in args.w}
+        return {float(w): cals[float(w)] for w in run.forward.w}
     t0 = time.time()
-    cals = calibrate_from_args(args, model, diffusion, sha)
+    cals = calibrate_run(run, model, diffusion, sha, log_dir)
     logger.log(f"calibration on the validation split took {time.time() - t0:.1f}s")
     return cals
 
 
-def calibrate_from_args(args, model, diffusion, sha: str) -> dict[float, Calibration]:
-    """``calibrate_for_ws`` with the run's flags: every ``--w`` from one pass over the validation split."""
-    return calibrate_for_ws(
-        model,
-        diffusion,
-        data_dir=args.data_dir,
-        ws=args.w,
-        settings=run_settings(args),
-        checkpoint_sha256=sha,
-        batch_size=args.batch_size_val,
-        num_slices=args.num_slices_val,
-        seed=args.seed,
-        in_channels=args.in_channels,
-        progress=args.progress,
-    )
-
-
 # ---------------------------------------------------------------------------------------------- test loop
-def _batch_file(results_dir: str, idx: Sequence[int]) -> str:
-    digest = hashlib.sha1(",".join(str(int(i)) for i in idx).encode()).hexdigest()[:10]
-    return os.path.join(results_dir, f"slices_{int(idx[0]):06d}_{digest}.pt")
-
-
-def load_finished(results_dir: str) -> dict[int, dict]:
-    """Per-slice records of every saved batch file -> {dataset index: record}."""
-    done: dict[int, dict] = {}
-    if not os.path.isdir(results_dir):
-        return done
-    for name in sorted(os.listdir(results_dir)):
-        if name.startswith("slices_") and name.endswith(".pt"):
-            for rec in torch.load(os.path.join(results_dir, name), weights_only=False):
-                done[int(rec["idx"])] = rec
-    return done
-
-
-def process_batch(
-    args, model, diffusion, cals: Mapping[float, Calibration], x: torch.Tensor, idx: Sequence[int]
-) -> list[dict]:
+def process_batch(run: EvalRun, model, diffusion, cals: Mapping[float, Calibration], x: torch.Tensor,
+                  idx: Sequence[int]) -> list[dict]:
     """Forward process + segmentation of one batch -> one record per slice (CPU numpy/scalars)."""
+    seg_cfg: SegmentConfig = run.segment
     fr = run_forward_process(
         model,
         diffusion,
         x.to(dist_util.dev()),
-        ws=args.w,
-        generator=slice_generators(args.seed, "test", idx),
-        subset_interval=args.subset_interval,
-        keep_sam_stack=any(r != 1 for r in args.t_e_ratio),
-        progress=args.progress and dist_util.get_rank() == 0,
-        sam_mode=sam_mode_from_flags(args.use_gradient_sam, args.use_gradient_para_sam),
-        legacy_gradient_schedule=args.legacy_segmentation,
-        **run_settings(args),
+        ws=list(run.forward.w),
+        generator=slice_generators(run.eval.seed, "test", idx),
+        subset_interval=seg_cfg.subset_interval,
+        keep_sam_stack=any(r != 1 for r in seg_cfg.t_e_ratio),
+        progress=run.eval.progress and dist_util.get_rank() == 0,
+        **run.forward.settings_kwargs(),
     )
     records = [
         {
@@ -281,19 +303,19 @@ def process_batch(
         }
         for b, i in enumerate(idx)
     ]
-    for w in args.w:
+    for w in run.forward.w:
         cal = cals[float(w)]
-        for ratio in args.t_e_ratio:
+        for ratio in seg_cfg.t_e_ratio:
             seg = segment(
                 fr,
                 w=w,
                 thr_01=cal.thr_01,
                 diff_max=cal.diff_max,
                 t_e_ratio=ratio,
-                median_filter=args.median_filter,
-                last_only=args.last_only,
-                subset_interval=args.subset_interval,
-                legacy=args.legacy_segmentation,
+                median_filter=seg_cfg.median_filter,
+                last_only=seg_cfg.last_only,
+                subset_interval=seg_cfg.subset_interval,
+                legacy=seg_cfg.legacy_segmentation,
             )
             for b, rec in enumerate(records):
                 rec["out"][setting_key(w, ratio)] = {
@@ -309,29 +331,47 @@ def process_batch(
     return records
 
 
-def run_test(args, model, diffusion, cals, log_dir: str) -> tuple[dict[int, dict], dict]:
-    """Evaluate the (rank-sharded) test split; returns (records by index gathered on rank 0, timing)."""
+def results_fingerprint(run: EvalRun, sha: str, cals: Mapping[float, Calibration]) -> dict[str, Any]:
+    """What the per-slice results depend on: the checkpoint, every result-changing setting and the
+    calibration values used (thr_01, diff_max per w)."""
+    return {
+        "checkpoint_sha256": sha,
+        **run.result_settings(),
+        "data_dir": os.path.abspath(run.eval.data_dir),
+        "calibration": {f"{w:g}": {"thr_01": c.thr_01, "diff_max": list(c.diff_max)}
+                        for w, c in sorted(cals.items())},
+    }
+
+
+def run_test(
+    run: EvalRun, model, diffusion, cals, log_dir: str, sha: str = ""
+) -> tuple[dict[int, dict], dict]:
+    """Evaluate the (rank-sharded) test split; returns (records by index gathered on rank 0, timing).
+
+    Per-slice results are saved under LOGDIR/results with their fingerprint; ``--resume`` reuses them only
+    under the same fingerprint and otherwise stops naming the settings that differ."""
     from .data.brats import get_eval_loader
 
     results_dir = os.path.join(log_dir, "results")
-    os.makedirs(results_dir, exist_ok=True)
-    done = load_finished(results_dir) if args.resume else {}
-    loader, dataset = get_eval_loader(
-        args.data_dir, "test", args.batch_size, num_slices=args.num_slices, in_channels=args.in_channels
+    done = open_shared(results_dir, "slices", results_fingerprint(run, sha, cals), resume=run.eval.resume,
+                       on_mismatch="stop", what="per-slice results",
+                       fresh_hint=FRESH.format(folder=results_dir))
+    loader, _ = get_eval_loader(
+        run.eval.data_dir, "test", run.eval.batch_size, num_slices=run.eval.num_slices,
+        in_channels=run.model.in_channels,
     )
     mine: dict[int, dict] = {}
     n_new, t0 = 0, time.time()
-    for x, _gt, _lab, idx in _bar(loader, desc="test batches", enabled=args.progress):
+    for x, _gt, _lab, idx in _bar(loader, desc="test batches", enabled=run.eval.progress):
         ids = [int(i) for i in idx]
         if all(i in done for i in ids):
             mine.update({i: done[i] for i in ids})
             continue
-        records = process_batch(args, model, diffusion, cals, x, ids)
-        atomic_torch_save(records, _batch_file(results_dir, ids))
+        records = process_batch(run, model, diffusion, cals, x, ids)
+        save_batch(results_dir, "slices", records)
         mine.update({r["idx"]: r for r in records})
         n_new += len(ids)
     seconds = time.time() - t0
-    logger.log(dataset.data_summary())
     timing = {
         "new_slices": n_new,
         "seconds": seconds,
@@ -352,65 +392,39 @@ def _peak_memory() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-# ---------------------------------------------------------------------------------------------- selection
-def guidance_selection(cals: Mapping[float, Calibration], tolerance: float = 0.99) -> dict:
-    """Apply the paper's w-selection rule to calibrations {w: Calibration} and log the table.
-
-    Returns {"chosen_w", "tolerance", "rule", "table"}; table: one row per w ascending (w, accuracy, n_min,
-    n_val, thr_01, diff_max, selected) from calibration.select_guidance (largest w whose validation
-    accuracy >= tolerance * best, spec 5.8).
-    """
-    chosen, table = select_guidance(cals, tolerance=tolerance)
-    logger.log(f"guidance selection (largest w with val accuracy >= {tolerance:g} x best): w={chosen:g}")
-    for row in table:
-        logger.log(
-            f"  w={row['w']:g}: accuracy={row['accuracy']:.4f} n_min={row['n_min']}/{row['n_val']} "
-            f"thr_01={row['thr_01']:.6f}{'  <- chosen' if row['selected'] else ''}"
-        )
-    return {
-        "chosen_w": chosen,
-        "tolerance": float(tolerance),
-        "rule": "largest w whose validation accuracy >= tolerance * best accuracy (anofpdm_spec 5.8)",
-        "table": table,
-    }
-
-
-def choose_primary_w(
-    ws: Sequence[float], cals: Mapping[float, Calibration], tolerance: float = 0.99
-) -> tuple[float, dict | None]:
-    """Primary guidance strength of a run -> (w, selection or None).
-
-    One w: that w and None (no selection). Several: guidance_selection over ``ws`` -> (chosen w, selection).
-    """
-    ws = [float(w) for w in ws]
-    if len(ws) == 1:
-        return ws[0], None
-    selection = guidance_selection({w: cals[w] for w in ws}, tolerance)
-    return selection["chosen_w"], selection
+def start_run(run: EvalRun) -> str:
+    """setup_dist, logger.configure, the resolved run config written to LOGDIR/config.json; the log dir."""
+    dist_util.setup_dist()
+    logger.configure(dir=run.eval.log_dir)
+    log_dir = logger.get_dir()
+    record = run.record()
+    logger.log("config: " + json.dumps(record, sort_keys=True))
+    if dist_util.get_rank() == 0:
+        save_run_config(os.path.join(log_dir, "config.json"), record)
+    return log_dir
 
 
 # ---------------------------------------------------------------------------------------------- main
 def main(argv: Sequence[str] | None = None, overrides: Mapping[str, Any] | None = None) -> dict | None:
-    """Run the evaluation; returns the metrics dict on rank 0 (None on other ranks)."""
-    args = parse_args(argv, overrides)
-    dist_util.setup_dist()
-    logger.configure(dir=args.log_dir)
-    log_dir = logger.get_dir()
-    logger.log("args: " + json.dumps(vars(args), sort_keys=True, default=str))
-    if args.null is not None:
-        logger.log("note: --null is ignored; the DDIM inversion always uses the null condition (spec 8.15)")
-    model, diffusion, path, sha = load_model(args)
+    """Run the evaluation from the command line; returns the metrics dict on rank 0 (None elsewhere)."""
+    return evaluate(parse_run(argv, overrides))
+
+
+def evaluate(run: EvalRun) -> dict | None:
+    """Run the evaluation described by ``run``; returns the metrics dict on rank 0 (None elsewhere)."""
+    log_dir = start_run(run)
+    model, diffusion, path, sha = load_model(run.model, run.diffusion, run.checkpoint)
     logger.log(f"loaded {path} (sha256 {sha[:12]}...) on {dist_util.dev()}")
-    cals = get_calibrations(args, model, diffusion, sha, log_dir)
+    cals = get_calibrations(run, model, diffusion, sha, log_dir)
     for w, c in cals.items():
         logger.log(
             f"w={w:g}: thr_01={c.thr_01:.6f} n_min={c.n_min} val_acc={c.accuracy:.4f} "
             f"diff_min={c.diff_min} diff_max={c.diff_max}"
         )
-    primary_w, selection = choose_primary_w(args.w, cals, args.selection_tolerance)
+    primary_w, selection = choose_primary_w(run.forward.w, cals, run.eval.selection_tolerance)
     if dist_util.get_rank() == 0:
         save_calibrations(os.path.join(log_dir, "calibration.json"), cals)
-    records, timing = run_test(args, model, diffusion, cals, log_dir)
+    records, timing = run_test(run, model, diffusion, cals, log_dir, sha)
     for t in timing["per_rank"]:
         rate = f"{t['slices_per_s']:.3f}" if t["slices_per_s"] else "n/a"
         logger.log(
@@ -420,13 +434,15 @@ def main(argv: Sequence[str] | None = None, overrides: Mapping[str, Any] | None 
     metrics = None
     if dist_util.get_rank() == 0:
         extra = {
-            "forward": run_settings(args),
+            "forward": run.forward.settings_kwargs(),
             "timing": timing,
             "checkpoint": path,
+            "checkpoint_step": checkpoint_step(path),
             "checkpoint_sha256": sha,
+            "config": run.record(),
         }
         metrics = write_outputs(
-            args, records, cals, log_dir, extra, primary_w=primary_w, guidance_selection=selection
+            run, records, cals, log_dir, extra, primary_w=primary_w, guidance_selection=selection
         )
         mixed, unh = metrics["mixed"], metrics["unhealthy"]
         logger.log(

@@ -17,7 +17,6 @@ image size by area, ``round(40 * (image_size / 128) ** 2)`` rounded half up (10 
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 from collections.abc import Mapping
@@ -27,7 +26,8 @@ import numpy as np
 import torch
 
 from .calibration import Calibration
-from .gradient_sam import sam_mode_from_flags
+from .eval_configs import EvalRun
+from .run_summary import add_run_summary
 
 MODALITY_NAMES = {4: ["FLAIR", "T1", "T1ce", "T2"], 1: ["T1"]}
 PAPER_MIN_CC_SIZE = 40  # px at the paper's 128 x 128 slices (spec 5.6)
@@ -52,7 +52,7 @@ def resolve_min_cc_size(min_cc_size: int, image_size: int) -> int:
 
 
 def write_outputs(
-    args: argparse.Namespace,
+    run: EvalRun,
     records: Mapping[int, dict],
     cals: Mapping[float, Calibration],
     log_dir: str,
@@ -64,27 +64,30 @@ def write_outputs(
 
     Args:
         records: {dataset index: record of translation.process_batch} for the whole test split.
-        cals: {w: Calibration} for every w of ``args.w``.
+        run: the run's configs (not modified).
+        cals: {w: Calibration} for every w of ``run.forward.w``.
         extra: merged into metrics["run"] (forward settings, timing, checkpoint, ...).
-        primary_w: the w of the top-level metrics, panels and NIfTI (default ``args.w[0]``).
+        primary_w: the w of the top-level metrics, panels and NIfTI (default the first w).
         guidance_selection: stored as metrics["guidance_selection"] when given.
     """
     from . import report
     from .data.brats import get_eval_loader
-    from .metrics import LegacyRunningMetrics, SegmentationEvaluator
+    from .evaluator import SegmentationEvaluator
+    from .metrics_legacy import LegacyRunningMetrics
 
+    ev, seg, ws = run.eval, run.segment, run.forward.w
     _, dataset = get_eval_loader(
-        args.data_dir, "test", args.batch_size, num_slices=args.num_slices, in_channels=args.in_channels
+        ev.data_dir, "test", ev.batch_size, num_slices=ev.num_slices, in_channels=run.model.in_channels
     )
-    min_cc = resolve_min_cc_size(args.min_cc_size, args.image_size)
+    min_cc = resolve_min_cc_size(seg.min_cc_size, run.model.image_size)
     order = sorted(records)
-    keys = [setting_key(w, r) for w in args.w for r in args.t_e_ratio]
+    keys = [setting_key(w, r) for w in ws for r in seg.t_e_ratio]
     evals = {k: SegmentationEvaluator(min_cc_size=min_cc) for k in keys}
-    legacy = {k: LegacyRunningMetrics() for k in keys} if args.legacy_metrics else {}
+    legacy = {k: LegacyRunningMetrics() for k in keys} if seg.legacy_metrics else {}
     filtered: dict[str, dict[int, np.ndarray]] = {k: {} for k in keys}
     cache: dict[int, tuple] = {}
-    for start in range(0, len(order), args.batch_size):
-        chunk = order[start : start + args.batch_size]
+    for start in range(0, len(order), ev.batch_size):
+        chunk = order[start : start + ev.batch_size]
         items = [dataset[i] for i in chunk]
         src = torch.stack([it[0] for it in items])
         gt = torch.stack([it[1] for it in items])
@@ -116,22 +119,21 @@ def write_outputs(
             if k in legacy:
                 legacy[k].add_batch(gt, stack["mask"], stack["mask_all"], src, stack["map"], lab, pred)
     results = {k: evals[k].results() for k in keys}
-    primary = setting_key(args.w[0] if primary_w is None else primary_w, args.t_e_ratio[0])
+    primary = setting_key(ws[0] if primary_w is None else primary_w, seg.t_e_ratio[0])
     if primary not in results:
         raise ValueError(f"primary setting {primary} is not one of the evaluated settings {keys}")
     metrics = {
         **results[primary],
         "primary_setting": primary,
         "settings_results": results,
-        "calibration": {f"{w:g}": vars(cals[float(w)]) for w in args.w},
+        "calibration": {f"{w:g}": vars(cals[float(w)]) for w in ws},
         "run": {
-            "legacy_segmentation": args.legacy_segmentation,
-            "median_filter": args.median_filter,
-            "last_only": args.last_only,
-            "subset_interval": args.subset_interval,
-            "sam_mode": sam_mode_from_flags(args.use_gradient_sam, args.use_gradient_para_sam),
+            "legacy_segmentation": seg.legacy_segmentation,
+            "median_filter": seg.median_filter,
+            "last_only": seg.last_only,
+            "subset_interval": seg.subset_interval,
             "min_cc_size": min_cc,
-            "seed": args.seed,
+            "seed": ev.seed,
             **extra,
         },
     }
@@ -146,10 +148,11 @@ def write_outputs(
         patient_rows += [{"setting": k, **r} for r in evals[k].patient_records()]
     report.write_csv(os.path.join(log_dir, "slices.csv"), slice_rows)
     report.write_csv(os.path.join(log_dir, "patients.csv"), patient_rows)
-    _write_panels(args, records, cache, filtered[primary], primary, results[primary], log_dir)
-    if args.save_nifti:
-        _write_nifti(args, records, cache, filtered[primary], primary, log_dir)
-    if args.save_data:
+    _write_panels(run, records, cache, filtered[primary], primary, results[primary], log_dir)
+    add_run_summary(os.path.join(log_dir, "panels", "index.html"), metrics)
+    if ev.save_nifti:
+        _write_nifti(ev.data_dir, records, cache, filtered[primary], primary, log_dir)
+    if ev.save_data:
         _write_arrays(records, order, keys, filtered, log_dir)
     return metrics
 
@@ -175,14 +178,15 @@ def _write_arrays(records, order, keys, filtered, log_dir) -> None:
         )
 
 
-def _write_panels(args, records, cache, filtered, key, results, log_dir) -> None:
+def _write_panels(run: EvalRun, records, cache, filtered, key, results, log_dir) -> None:
     from . import report
 
     order = sorted(records)
     unhealthy = [i for i in order if int(cache[i][0][2]) == 1]
     healthy = [i for i in order if int(cache[i][0][2]) != 1]
-    n_u = min(len(unhealthy), (args.num_panels + 1) // 2 if healthy else args.num_panels)
-    pick = _spread(unhealthy, n_u) + _spread(healthy, args.num_panels - n_u)
+    n_panels = run.eval.num_panels
+    n_u = min(len(unhealthy), (n_panels + 1) // 2 if healthy else n_panels)
+    pick = _spread(unhealthy, n_u) + _spread(healthy, n_panels - n_u)
     items = []
     for i in sorted(pick):
         (x, gt, lab, *_), (pid, sl) = cache[i]
@@ -193,20 +197,19 @@ def _write_panels(args, records, cache, filtered, key, results, log_dir) -> None
                 "gt": gt[0].numpy(),
                 "anomaly_map": out["map"],
                 "pred_mask": filtered[i],
-                "pred_mask_raw": out["mask"],
-                "min_cc_size": resolve_min_cc_size(args.min_cc_size, args.image_size),
                 "patient": pid,
                 "slice": sl,
                 "label": int(lab),
                 "pred_label": out["pred_lab"],
             }
         )
-    names = MODALITY_NAMES.get(args.in_channels, [f"ch{c}" for c in range(args.in_channels)])
+    n_ch = run.model.in_channels
+    names = MODALITY_NAMES.get(n_ch, [f"ch{c}" for c in range(n_ch)])
     report.save_panels(
         os.path.join(log_dir, "panels"),
         items,
         names,
-        modalities=args.modality,
+        modalities=list(run.forward.modality),
         metrics=results,
         title=f"AnoFPDM evaluation ({key})",
     )
@@ -220,7 +223,7 @@ def _spread(ids: list[int], n: int) -> list[int]:
     return [ids[p] for p in sorted(set(pos.tolist()))]
 
 
-def _write_nifti(args, records, cache, filtered, key, log_dir) -> None:
+def _write_nifti(data_dir: str, records, cache, filtered, key, log_dir) -> None:
     from . import report
 
     by_patient: dict[str, list[int]] = {}
@@ -228,7 +231,7 @@ def _write_nifti(args, records, cache, filtered, key, log_dir) -> None:
         by_patient.setdefault(str(cache[i][1][0]), []).append(i)
     for pid, ids in by_patient.items():
         ids = sorted(ids, key=lambda i: cache[i][1][1])
-        meta = os.path.join(args.data_dir, "npy_test", f"patient_{pid}", "meta.json")
+        meta = os.path.join(data_dir, "npy_test", f"patient_{pid}", "meta.json")
         report.save_nifti_volumes(
             os.path.join(log_dir, "nifti"),
             pid,

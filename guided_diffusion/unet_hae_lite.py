@@ -14,7 +14,7 @@ from guided_diffusion.hae_blocks import (
     MultiScaleSparseTransformerBlockBase,
     TokenMLP,
 )
-from guided_diffusion.script_util import register_model
+from guided_diffusion.registry import register_model
 
 
 class MultiScaleSparseTransformerBlockLite(MultiScaleSparseTransformerBlockBase):

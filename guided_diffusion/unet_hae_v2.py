@@ -18,7 +18,7 @@ from guided_diffusion.hae_blocks import (
     TokenMLP,
     check_bottleneck_ratio,
 )
-from guided_diffusion.script_util import register_model
+from guided_diffusion.registry import register_model
 
 DEFAULT_BOTTLENECK_RATIO = 0.25
 

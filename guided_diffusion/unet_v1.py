@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .nn import conv_nd, linear, normalization, timestep_embedding, zero_module
-from .script_util import register_model  # the lead: becomes .registry when the registry moves
+from .registry import register_model
 from .unet import (
     AttentionBlock,
     Downsample,

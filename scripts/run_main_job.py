@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).resolve()
     data_dir, train_dir, eval_dir = out / "data", out / "train", out / "segment"
     env = dict(os.environ)
+    # the entry points import the package: from this checkout, also without `pip install -e .`
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     py = sys.executable
@@ -79,11 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         "--image_size", str(args.image_size), "--in_channels", "4", "--num_classes", "2",
         "--num_channels", str(args.num_channels), "--channel_mult", args.channel_mult,
         "--attention_resolutions", args.attention_resolutions, "--num_heads", "4",
-        "--dropout", "0.0", "--diffusion_steps", "1000", "--noise_schedule", "linear",
-        "--unet_ver", args.unet_ver,
+        "--diffusion_steps", "1000", "--noise_schedule", "linear", "--unet_ver", args.unet_ver,
     ]
     t0 = time.time()
     run([py, "scripts/train.py", "--data_dir", str(data_dir), "--log_dir", str(train_dir), *model_flags,
+         "--dropout", "0.0",
          "--batch_size", str(args.batch_size), "--lr", str(args.lr), "--ema_rate", args.ema_rate,
          "--threshold", str(args.label_dropout), "--max_steps", str(args.train_steps),
          "--save_interval", "200", "--log_interval", "100", "--seed", str(args.seed)], env)

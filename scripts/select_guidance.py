@@ -13,48 +13,39 @@ Example:
         --attention_resolutions 32,16,8 --num_slices_val 1000 --batch_size_val 50
 """
 
-import argparse
-import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from guided_diffusion import dist_util, logger  # noqa: E402
-from guided_diffusion.io_util import atomic_write_json  # noqa: E402
-from guided_diffusion.translation import (  # noqa: E402
-    add_calibration_flags,
-    calibrate_from_args,
-    finish_calibration_args,
+from guided_diffusion import dist_util, logger
+from guided_diffusion.cli import run_cli
+from guided_diffusion.eval_configs import EvalRun
+from guided_diffusion.io_util import atomic_write_json
+from guided_diffusion.translation import (
+    calibrate_run,
     guidance_selection,
     load_model,
-    run_settings,
     save_calibrations,
+    start_run,
 )
+from guided_diffusion.translation_flags import create_selection_argparser, parse_run
 
-
-def create_argparser() -> argparse.ArgumentParser:
-    """The model / checkpoint / forward-process / validation flags of translation_FPDM.py."""
-    p = argparse.ArgumentParser(
-        description="Choose the AnoFPDM guidance strength w on the validation split (paper §4.2 rule)"
-    )
-    return add_calibration_flags(p)
+create_argparser = create_selection_argparser  # the model / checkpoint / forward / validation flags
 
 
 def main(argv: Sequence[str] | None = None, overrides: Mapping[str, Any] | None = None) -> dict | None:
-    """Run the selection; returns the guidance_selection.json content on rank 0 (None elsewhere)."""
-    args = finish_calibration_args(create_argparser().parse_args(argv), overrides)
-    dist_util.setup_dist()
-    logger.configure(dir=args.log_dir)
-    log_dir = logger.get_dir()
-    logger.log("args: " + json.dumps(vars(args), sort_keys=True, default=str))
-    model, diffusion, path, sha = load_model(args)
+    """Parse the flags and run the selection; returns the guidance_selection.json content on rank 0."""
+    return select(parse_run(argv, overrides, test_split=False))
+
+
+def select(run: EvalRun) -> dict | None:
+    """Calibrate every w of ``run`` in one (resumable) validation pass and apply the paper's rule."""
+    log_dir = start_run(run)
+    model, diffusion, path, sha = load_model(run.model, run.diffusion, run.checkpoint)
     logger.log(f"loaded {path} (sha256 {sha[:12]}...) on {dist_util.dev()}")
-    cals = calibrate_from_args(args, model, diffusion, sha)
-    selection = guidance_selection(cals, args.selection_tolerance)
+    cals = calibrate_run(run, model, diffusion, sha, log_dir)
+    selection = guidance_selection(cals, run.eval.selection_tolerance)
     out = None
     if dist_util.get_rank() == 0:
         cal_path = os.path.join(log_dir, "calibration.json")
@@ -64,10 +55,11 @@ def main(argv: Sequence[str] | None = None, overrides: Mapping[str, Any] | None 
             "calibration_file": cal_path,
             "checkpoint": path,
             "checkpoint_sha256": sha,
-            "forward": run_settings(args),
-            "num_slices_val": args.num_slices_val,
+            "forward": run.forward.settings_kwargs(),
+            "num_slices_val": run.eval.num_slices_val,
             "n_val": next(iter(cals.values())).n_val,
-            "seed": args.seed,
+            "seed": run.eval.seed,
+            "config": run.record(),
         }
         atomic_write_json(out, os.path.join(log_dir, "guidance_selection.json"))
         logger.log(
@@ -79,4 +71,4 @@ def main(argv: Sequence[str] | None = None, overrides: Mapping[str, Any] | None 
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -1,12 +1,11 @@
 """AnoFPDM evaluation of an HAE-v2 checkpoint: ``translation_FPDM.py`` with ``--unet_ver hae_v2`` and
-``--use_hae True`` forced (spec 6.3; the upstream fork's script of this name could not run)."""
+``--use_hae True`` forced (spec 6.3; the upstream fork's script of this name could not run); a
+contradicting ``--unet_ver`` / ``--use_hae`` is refused."""
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from guided_diffusion.translation import main  # noqa: E402
+from guided_diffusion.cli import run_cli
+from guided_diffusion.translation import main
 
 HAE_V2_OVERRIDES = {"unet_ver": "hae_v2", "use_hae": True}
 
@@ -17,4 +16,4 @@ def run(argv=None):
 
 
 if __name__ == "__main__":
-    run()
+    sys.exit(run_cli(run))

@@ -1,17 +1,14 @@
 """Shared test setup: small thread counts so the suite behaves on 2-core CI machines."""
 
-import importlib.util
 import os
+import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -27,9 +24,24 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def load_module(name: str, path: Path) -> ModuleType:
-    """Import the file ``path`` (a script, benchmark or test module) as a module called ``name``."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def script_env() -> dict:
+    """Environment for running a script of this checkout in a subprocess (its package first)."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
+
+
+@pytest.fixture(scope="session")
+def run_script():
+    """``run_script("scripts/x.py", *args, check=True)``: run a script of the repo as a user would
+    (a fresh interpreter) and return the CompletedProcess (text output); ``check`` asserts exit 0."""
+
+    def run(
+        rel: str, *args: object, check: bool = True, timeout: float = 300
+            ) -> subprocess.CompletedProcess:
+        res = subprocess.run([sys.executable, str(REPO / rel), *map(str, args)], env=script_env(),
+                             capture_output=True, text=True, timeout=timeout)
+        if check:
+            assert res.returncode == 0, res.stderr[-3000:]
+        return res
+
+    return run

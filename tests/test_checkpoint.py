@@ -10,12 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from guided_diffusion import checkpoint, logger
+from guided_diffusion import script_util as su
 
-from guided_diffusion import checkpoint, logger  # noqa: E402
-from guided_diffusion import script_util as su  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _save(tmp_path, step, model=None, rates=("0.9999",)):
@@ -135,3 +133,27 @@ def test_remove_stale_temp_files_keeps_live_and_real_files(tmp_path):
     removed = checkpoint.remove_stale_temp_files(str(tmp_path))
     assert removed == [stale.name]
     assert not stale.exists() and live.exists() and real.exists()
+
+
+@pytest.mark.parametrize("fail_at", ["opt", "state"])
+def test_failed_save_leaves_no_partial_step(tmp_path, monkeypatch, fail_at):
+    """Issue 8 §5 (disk full): ENOSPC while step 20 is written -> OSError naming the step and the kept
+    step 10; every file of step 20 and the temp files of its atomic writes are removed."""
+    import errno
+
+    _save(tmp_path, 10)
+    real_bytes, real_save = checkpoint.atomic_write_bytes, checkpoint.atomic_save
+
+    def full(data_or_obj, path, real):
+        if Path(path).name.startswith(fail_at):
+            Path(path).with_name(f".{Path(path).name}.tmp-{os.getpid()}-0badc0de").write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(data_or_obj, path)
+
+    monkeypatch.setattr(checkpoint, "atomic_write_bytes", lambda d, p: full(d, p, real_bytes))
+    monkeypatch.setattr(checkpoint, "atomic_save", lambda o, p: full(o, p, real_save))
+    with pytest.raises(OSError, match=r"step 20 .*No space left.*last complete checkpoint is step 10"):
+        _save(tmp_path, 20)
+    assert sorted(p.name for p in tmp_path.iterdir() if "000020" in p.name) == []
+    assert checkpoint.list_checkpoints(tmp_path) == [10] and checkpoint.list_model_steps(tmp_path) == [10]
+    assert checkpoint.load_training_checkpoint(str(tmp_path), 10).step == 10

@@ -17,18 +17,15 @@ import contextlib
 import dataclasses
 import datetime
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from guided_diffusion import logger
+from guided_diffusion import script_util as su
 
-from guided_diffusion import logger  # noqa: E402
-from guided_diffusion import script_util as su  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.cuda
 

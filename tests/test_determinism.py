@@ -12,18 +12,15 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from guided_diffusion import script_util as su
 
-from guided_diffusion import script_util as su  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 VARIANTS = ("v2", "hae", "hae_lite", "hae_v2")
 SIDE = 24

@@ -14,11 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from guided_diffusion import checkpoint, dist_util, logger
 
-from guided_diffusion import checkpoint, dist_util, logger  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 WORKER = str(REPO / "tests" / "test_train.py")
 TIMEOUT = 180

@@ -40,8 +40,6 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 TIMEOUT = 180
 GRAD_RTOL = 1e-5

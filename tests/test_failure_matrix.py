@@ -31,18 +31,16 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from conftest import load_module
+
+from guided_diffusion import checkpoint, logger, training
+from guided_diffusion import script_util as su
+from guided_diffusion.anofpdm import run_forward_process
+from guided_diffusion.cli import run_cli
+from guided_diffusion.data import preprocess
+from guided_diffusion.data.brats import BrainDataset, get_train_loader
+from guided_diffusion.train_util import TrainLoop
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from guided_diffusion import checkpoint, logger  # noqa: E402
-from guided_diffusion import script_util as su  # noqa: E402
-from guided_diffusion.anofpdm import run_forward_process  # noqa: E402
-from guided_diffusion.data import preprocess  # noqa: E402
-from guided_diffusion.data.brats import BrainDataset, get_train_loader  # noqa: E402
-from guided_diffusion.train_util import TrainLoop  # noqa: E402
 
 VARIANTS = ("v2", "hae", "hae_lite", "hae_v2")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -129,16 +127,11 @@ def write_dataset(root: Path, channels: int = 2, side: int = 16, patients: int =
     return root
 
 
-def train_script():
-    """scripts/train.py loaded as a module (under a private name, so it cannot clash with others)."""
-    return load_module("_matrix_train_script", REPO / "scripts" / "train.py")
-
-
 def make_loop(model, tmp_path: Path, precision: str = "fp32", **kw) -> TrainLoop:
     logger.configure(str(tmp_path), ["log"])
-    return TrainLoop(model=model, diffusion=diffusion(), data=None, batch_size=2, lr=1e-3, ema_rate="0.9",
-                     save_interval=1, max_steps=4, precision=precision, label_dropout=0.5, resume="never",
-                     log_dir=str(tmp_path), **kw)
+    settings = dict(data=None, batch_size=2, lr=1e-3, ema_rate="0.9", save_interval=1, max_steps=4,
+                    label_dropout=0.5, resume="never", log_dir=str(tmp_path))
+    return TrainLoop(model=model, diffusion=diffusion(), precision=precision, **{**settings, **kw})
 
 
 # ---------------------------------------------------------------------------------------------- precision
@@ -496,18 +489,17 @@ def _train_channels(tmp_path: Path):
             "--image_size", "16", "--num_channels", "16", "--channel_mult", "1,2",
             "--attention_resolutions", "8", "--num_res_blocks", "1", "--batch_size", "2", "--max_steps", "1",
             "--num_workers", "0"]
-    script = train_script()
     stderr = io.StringIO()
     with mock.patch.dict(os.environ), contextlib.redirect_stderr(stderr):
         os.environ.pop("TRAIN_DEBUG", None)
-        status = script.main(argv)
+        status = run_cli(training.main, argv)
     assert status == 2, stderr.getvalue()
     assert "has 2 channels but --in_channels is 4; set --in_channels 2" in stderr.getvalue()
     assert "Traceback" not in stderr.getvalue()
     with mock.patch.dict(os.environ, {"TRAIN_DEBUG": "1"}):  # the same error, raised instead of printed
         msg = "has 2 channels but --in_channels is 4; set --in_channels 2"
         with pytest.raises(ValueError, match=msg) as e:
-            script.main(argv)
+            run_cli(training.main, argv)
     return e
 
 
@@ -581,6 +573,54 @@ def _truncated_ck(tmp_path: Path):
     msg = "model000002.pt: truncated or not a checkpoint .*resume from an earlier step"
     with pytest.raises(checkpoint.CheckpointError, match=msg) as e:
         checkpoint.load_model_checkpoint(build("hae_v2"), str(newest))
+    return e
+
+
+# ---------------------------------------------------------------------------------------------- issue 8 §4-§6
+@case("train-ema-rate-not-a-number", CLEAR, None)
+def _ema_abc(tmp_path: Path):
+    """--ema_rate abc: names the flag and says what is expected (was a bare float() error)."""
+    with pytest.raises(ValueError, match=r"--ema_rate 'abc': 'abc' is not a number; expected") as e:
+        make_loop(build("v2"), tmp_path, ema_rate="abc")
+    return e
+
+
+@case("train-ema-rate-outside-0-1", CLEAR, None)
+def _ema_range(tmp_path: Path):
+    """--ema_rate 1.5 diverged silently; rates must lie in [0, 1)."""
+    with pytest.raises(ValueError, match=r"--ema_rate 1.5: must be in \[0, 1\)") as e:
+        make_loop(build("v2"), tmp_path, ema_rate="1.5")
+    return e
+
+
+def _two_steps(tmp_path: Path) -> None:
+    loop = make_loop(build("v2"), tmp_path, data=_batches(), max_steps=2, save_interval=2)
+    loop.run_loop()
+
+
+def _batches():
+    x, t, y = inputs()
+    return [(x, {"y": y})] * 2
+
+
+@case("train-resume-never-with-checkpoints", CLEAR, None)
+def _resume_never(tmp_path: Path):
+    """--resume never over existing checkpoints used to overwrite some and keep newer stale ones."""
+    _two_steps(tmp_path)
+    with pytest.raises(ValueError, match=r"--resume never: .* already holds checkpoints \(steps 2\)") as e:
+        make_loop(build("v2"), tmp_path, data=_batches())
+    return e
+
+
+@case("train-resume-with-another-seed", CLEAR, None)
+def _resume_seed(tmp_path: Path):
+    """A resume with another seed continued silently; the saved train flags are compared now."""
+    config = {"train": {"seed": 0, "lr": 1e-3}}
+    loop = make_loop(build("v2"), tmp_path, data=_batches(), max_steps=2, save_interval=2, config=config)
+    loop.run_loop()
+    with pytest.raises(ValueError, match=r"train.seed: checkpoint 0, flags 1") as e:
+        make_loop(build("v2"), tmp_path, data=_batches(), resume="auto",
+                  config={"train": {"seed": 1, "lr": 1e-3}})
     return e
 
 

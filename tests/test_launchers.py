@@ -9,7 +9,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import load_module
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHERS = {
@@ -112,38 +111,52 @@ def test_launcher_command_line(kind, layout):
     assert "--master-port 29999" in proc.stdout and "--model_num" not in proc.stdout
 
 
-def _bench():
-    return load_module("_bench_inference", REPO / "benchmarks" / "bench_inference.py")
+@pytest.mark.parametrize("launcher", ["config/run_train_brats_clf_free_guided.sh",
+                                      "config/run_translation_brats_fpdm.sh"])
+@pytest.mark.parametrize("nproc", ["abc", "0", "-2", "1.5", ""])
+def test_launcher_nproc_must_be_a_positive_integer(launcher, nproc, layout):
+    """Issue 8 §6: NPROC that is not a positive integer stops the launcher (exit 2, one line naming
+    NPROC) before anything runs; "" means the default 1 and is not an error."""
+    data, model, tmp = layout
+    (data / "data_splits" / "train").mkdir()
+    proc = _run(REPO / launcher, NPROC=nproc, DATA_DIR=str(data), MODEL_DIR=str(model), PYTHON="echo",
+                LOG_DIR=str(tmp / "out"))
+    if nproc == "":
+        assert proc.returncode == 0, proc.stderr
+        assert not proc.stdout.startswith("-m torch.distributed.run")
+    else:
+        assert proc.returncode == 2 and "NPROC must be a positive integer" in proc.stderr, proc.stderr
+        assert f"'{nproc}'" in proc.stderr and proc.stdout == ""
 
 
-def test_bench_inference_tiny(tmp_path, capsys):
-    bench = _bench()
+def test_bench_inference_tiny(tmp_path, run_script):
     out = tmp_path / "bench.json"
     argv = ["--config", "tiny", "--forward_steps", "3", "--repeats", "2", "--threads", "1"]
-    res = bench.main([*argv, "--skip_memory", "--json", str(out)])
+    res = run_script("benchmarks/bench_inference.py", *argv, "--skip_memory", "--json", out)
     stored = json.loads(out.read_text())
     assert stored["forward_steps"] == 3 and set(stored["modes"]) == {"faithful", "upstream", "legacy"}
-    modes = res["modes"]
+    modes = stored["modes"]
     assert modes["faithful"]["calls_per_step"] == 1.0 and modes["legacy"]["calls_per_step"] == 1.0
     assert modes["upstream"]["calls_per_step"] == pytest.approx(11 / 3)  # 4, 4, 3 calls
     assert modes["faithful"]["samples_per_step"] == 2 * 2 and modes["upstream"]["samples_per_step"] > 7
     assert modes["upstream"]["state_mib"] > modes["faithful"]["state_mib"]
     assert len(modes["faithful"]["times_s"]) == 2 and modes["upstream"]["speedup_vs_upstream"] == 1.0
-    assert res["max_abs_div_diff_faithful_vs_upstream"] < 1e-5  # same x̂ sequences
-    assert "speed-up" in capsys.readouterr().out
+    assert stored["max_abs_div_diff_faithful_vs_upstream"] < 1e-5  # same x̂ sequences
+    assert "speed-up" in res.stdout
     # the CPU memory probe (normally run in a fresh subprocess per mode) returns a finite, non-negative MiB
-    args = bench.parse_args([*argv, "--child_mode", "faithful"])
-    peak = bench.cpu_peak_child(args)["peak_mib"]
+    child = run_script("benchmarks/bench_inference.py", *argv, "--child_mode", "faithful")
+    peak = json.loads(child.stdout.strip().splitlines()[-1])["peak_mib"]
     assert math.isnan(peak) or peak >= 0
-    with pytest.raises(SystemExit):
-        bench.parse_args(["--config", "huge"])
+    bad = run_script("benchmarks/bench_inference.py", "--config", "huge", check=False)
+    assert bad.returncode == 2 and "huge" in bad.stderr
 
 
-def test_bench_inference_precision_and_early_stop_modes():
-    bench = _bench()
+def test_bench_inference_precision_and_early_stop_modes(tmp_path, run_script):
+    out = tmp_path / "bench.json"
     argv = ["--config", "tiny", "--forward_steps", "6", "--repeats", "1", "--threads", "1", "--skip_memory"]
-    res = bench.main([*argv, "--modes", "faithful", "bf16", "early_stop", "--patience", "2"])
-    modes = res["modes"]
+    run_script("benchmarks/bench_inference.py", *argv, "--modes", "faithful", "bf16", "early_stop",
+               "--patience", "2", "--json", str(out))
+    modes = json.loads(out.read_text())["modes"]
     assert modes["faithful"]["max_abs_div_diff_vs_faithful"] == 0.0
     assert modes["faithful"]["same_end_step_fraction"] == 1.0
     assert modes["bf16"]["precision"] == "bf16" and modes["bf16"]["max_abs_div_diff_vs_faithful"] > 0.0

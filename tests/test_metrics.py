@@ -16,7 +16,9 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from guided_diffusion import evaluator as E
 from guided_diffusion import metrics as M
+from guided_diffusion import metrics_legacy as L
 
 
 def _random_batch(rng, n=12, hw=24, c=2):
@@ -112,7 +114,7 @@ def test_image_level_stats_correct_names_vs_legacy_swap():
     assert st["f1"] == pytest.approx(f1_score(y, p))
     assert st["accuracy"] == pytest.approx(5 / 8)
     assert (st["tp"], st["fp"], st["fn"], st["tn"]) == (3, 2, 1, 2)
-    legacy = M.legacy_get_stats([torch.tensor(y[:4]), torch.tensor(y[4:])], [torch.tensor(p[:4]),
+    legacy = L.legacy_get_stats([torch.tensor(y[:4]), torch.tensor(y[4:])], [torch.tensor(p[:4]),
                                                                             torch.tensor(p[4:])])
     assert legacy["precision"] == pytest.approx(0.75, abs=1e-6)  # upstream "precision" = recall
     assert legacy["recall"] == pytest.approx(0.6, abs=1e-6)  # upstream "recall" = precision
@@ -144,7 +146,7 @@ def test_cc_filter_filled_area_vs_upstream_area():
     assert M.cc_filter(ring, 40, fill_holes=True).sum() == 40  # kept (filled area 49 > 40)
     assert M.cc_filter(ring, 40, fill_holes=False).sum() == 0  # removed (area 40)
     # the upstream [1, H, W] / connectivity=3 path behaves like fill_holes=False
-    assert M._legacy_cc(ring, 40).sum() == 0
+    assert L._legacy_cc(ring, 40).sum() == 0
 
 
 # ------------------------------------------------------------------------------------------ evaluator
@@ -158,15 +160,16 @@ def test_evaluator_matches_direct_computation():
     rng = np.random.default_rng(3)
     b = _random_batch(rng, n=12)
     ids = [(f"p{i % 3}", i) for i in range(12)]
-    ev = M.SegmentationEvaluator()
+    ev = E.SegmentationEvaluator()
     out = ev.add_batch(**b, slice_ids=ids)
     res = ev.results()
     gated = M.cc_filter(b["pred_mask_gated"])
     allm = M.cc_filter(b["pred_mask_all"])
     assert np.array_equal(out["pred_mask_gated"], gated)
-    assert res["mixed"]["dice"] == pytest.approx(M.dice_per_sample(gated, b["gt"]).mean(), abs=1e-12)
+    want = M.dice_per_sample(gated, b["gt"], smooth=0).mean()
+    assert res["mixed"]["dice"] == pytest.approx(want, abs=1e-12)
     assert res["mixed"]["dice_lesion"] == pytest.approx(
-        np.nanmean(M.dice_per_sample(gated, b["gt"], lesion_only=True)), abs=1e-12)
+        np.nanmean(M.dice_per_sample(gated, b["gt"], smooth=0, lesion_only=True)), abs=1e-12)
     pr = M.pixel_precision_recall(gated, b["gt"])
     assert res["mixed"]["precision"] == pytest.approx(pr["precision"])
     assert res["mixed"]["recall"] == pytest.approx(pr["recall"])
@@ -174,7 +177,7 @@ def test_evaluator_matches_direct_computation():
     assert res["mixed"]["auroc"] == pytest.approx(roc_auc_score(b["gt"][fg], b["anomaly_map"][fg]), abs=1e-12)
     u = b["label"] == 1
     assert res["unhealthy"]["n_slices"] == u.sum()
-    assert res["unhealthy"]["dice"] == pytest.approx(M.dice_per_sample(allm[u], b["gt"][u]).mean())
+    assert res["unhealthy"]["dice"] == pytest.approx(M.dice_per_sample(allm[u], b["gt"][u], smooth=0).mean())
     fgu = fg[u]
     assert res["unhealthy"]["auprc"] == pytest.approx(
         average_precision_score(b["gt"][u][fgu], b["anomaly_map"][u][fgu]), abs=1e-12)
@@ -194,16 +197,16 @@ def test_evaluator_order_and_sharding_independent():
     rng = np.random.default_rng(4)
     b = _random_batch(rng, n=16)
     ids = [(f"p{i % 4}", 100 + i) for i in range(16)]
-    ref = M.SegmentationEvaluator()
+    ref = E.SegmentationEvaluator()
     _feed(ref, b, ids, [list(range(0, 5)), list(range(5, 16))])
     perm = rng.permutation(16)
-    shuffled = M.SegmentationEvaluator()
+    shuffled = E.SegmentationEvaluator()
     _feed(shuffled, b, ids, [list(perm[:3]), list(perm[3:10]), list(perm[10:])])
-    r0, r1 = M.SegmentationEvaluator(), M.SegmentationEvaluator()
+    r0, r1 = E.SegmentationEvaluator(), E.SegmentationEvaluator()
     _feed(r0, b, ids, [list(perm[0::2])])
     _feed(r1, b, ids, [list(perm[1::2])])
     states = [pickle.loads(pickle.dumps(r.state_dict())) for r in (r0, r1)]  # as all_gather_object does
-    merged = M.SegmentationEvaluator.from_states(states)
+    merged = E.SegmentationEvaluator.from_states(states)
     gathered = r1.gather(lambda obj: [r0.state_dict(), obj])
     for other in (shuffled, merged, gathered):
         assert _same(ref.results(), other.results())
@@ -215,18 +218,18 @@ def test_evaluator_rejects_bad_input():
     rng = np.random.default_rng(5)
     b = _random_batch(rng, n=4)
     ids = [("a", i) for i in range(4)]
-    ev = M.SegmentationEvaluator()
+    ev = E.SegmentationEvaluator()
     ev.add_batch(**b, slice_ids=ids)
     with pytest.raises(ValueError, match="already added"):
         ev.add_batch(**b, slice_ids=ids)
     bad = dict(b, anomaly_map=np.full_like(b["anomaly_map"], np.nan))
     with pytest.raises(ValueError, match="anomaly_map"):
-        M.SegmentationEvaluator().add_batch(**bad, slice_ids=ids)
+        E.SegmentationEvaluator().add_batch(**bad, slice_ids=ids)
     with pytest.raises(ValueError, match="gt"):
-        M.SegmentationEvaluator().add_batch(**dict(b, gt=b["gt"][:, :5]), slice_ids=ids)
+        E.SegmentationEvaluator().add_batch(**dict(b, gt=b["gt"][:, :5]), slice_ids=ids)
     with pytest.raises(ValueError, match="settings"):
-        M.SegmentationEvaluator(min_cc_size=10).merge(ev)
-    other = M.SegmentationEvaluator()
+        E.SegmentationEvaluator(min_cc_size=10).merge(ev)
+    other = E.SegmentationEvaluator()
     other.add_batch(**b, slice_ids=ids)
     with pytest.raises(ValueError, match="both"):
         ev.merge(other)
@@ -237,7 +240,7 @@ def test_evaluator_single_class_gives_nan_auc():
     b = _random_batch(rng, n=4)
     b["gt"][:] = False
     b["label"][:] = 0
-    ev = M.SegmentationEvaluator(score_dtype="float16")
+    ev = E.SegmentationEvaluator(score_dtype="float16")
     ev.add_batch(**b, slice_ids=[("x", i) for i in range(4)])
     res = ev.results()
     assert math.isnan(res["mixed"]["auroc"]) and math.isnan(res["mixed"]["auprc"])
@@ -258,7 +261,7 @@ def test_legacy_reproduces_upstream_formulas_with_swap_and_weighting():
     pred[2, 5:12, 5:12] = True  # 49 px on a healthy slice: FP 49
     amap = gt.astype(np.float32) + 0.1 * np.arange(hw * hw).reshape(1, hw, hw) / (hw * hw)
     label = np.array([1, 1, 0])
-    m = M.legacy_batch_metrics(gt, pred, src, amap, None, cc_filter=True)
+    m = L.legacy_batch_metrics(gt, pred, src, amap, None, cc_filter=True)
     eps = 1e-6
     d = [(2 * 49 + eps) / (63 + 49 + eps), (2 * 42 + eps) / (42 + 49 + eps), eps / (49 + eps)]
     assert m["dice"] == pytest.approx(np.mean(d), abs=1e-12)
@@ -268,11 +271,11 @@ def test_legacy_reproduces_upstream_formulas_with_swap_and_weighting():
     assert m["precision"] == pytest.approx(tp / (tp + fn + 1e-6))  # swapped: really recall
     assert m["recall"] == pytest.approx(tp / (tp + fp + 1e-6))  # swapped: really precision
     assert m["AUC"] == pytest.approx(1.0) and m["AUPRC"] == pytest.approx(1.0)
-    ano = M.legacy_batch_metrics(gt, pred, src, amap, label)
+    ano = L.legacy_batch_metrics(gt, pred, src, amap, label)
     assert ano["n"] == 2 and ano["dice"] == pytest.approx(np.mean(d[:2]), abs=1e-12)
 
     # running values over two batches: mixed = plain mean, unhealthy = weighted by n_ano per batch
-    run = M.LegacyRunningMetrics()
+    run = L.LegacyRunningMetrics()
     r1 = run.add_batch(gt, pred, pred, src, amap, label, np.array([1, 1, 1]))
     gt2, pred2 = gt[:1], np.zeros_like(gt[:1])  # one unhealthy slice, nothing predicted after CC
     pred2[0, 0, 0:5] = True  # 5 px component -> removed by the CC filter
@@ -298,13 +301,30 @@ def test_legacy_names_differ_from_correct_names_on_asymmetric_example():
     src = np.zeros((1, 1, 16, 16))
     amap = gt.astype(np.float32)
     correct = M.pixel_precision_recall(pred, gt)
-    legacy = M.legacy_batch_metrics(gt, pred, src, amap)
+    legacy = L.legacy_batch_metrics(gt, pred, src, amap)
     assert correct["precision"] == pytest.approx(1.0) and correct["recall"] == pytest.approx(0.5)
     assert legacy["precision"] == pytest.approx(0.5, abs=1e-6)
     assert legacy["recall"] == pytest.approx(1.0, abs=1e-6)
     # the evaluator uses the correct names
-    ev = M.SegmentationEvaluator()
+    ev = E.SegmentationEvaluator()
     ev.add_batch(pred_mask_gated=pred, pred_mask_all=pred, anomaly_map=amap, gt=gt, source=src,
                  label=[1], pred_label=[1], slice_ids=[("p", 0)])
     assert ev.results()["mixed"]["precision"] == pytest.approx(1.0)
     assert ev.results()["mixed"]["recall"] == pytest.approx(0.5)
+
+
+def test_missed_lesion_reports_dice_zero():
+    """Issue 8 §7: a missed lesion's per-slice Dice/IoU is exactly 0 (no smoothing term), a healthy slice
+    without prediction is 1; the smoothed upstream value stays available (legacy functions)."""
+    gt = np.zeros((2, 16, 16), bool)
+    gt[0, 4:9, 4:9] = True  # slice 0: a lesion, predicted nothing; slice 1: healthy, predicted nothing
+    pred = np.zeros_like(gt)
+    ev = E.SegmentationEvaluator(cc_filter=False)
+    out = ev.add_batch(pred_mask_gated=pred, pred_mask_all=pred, anomaly_map=np.zeros(gt.shape, np.float32),
+                       gt=gt, source=np.ones((2, 1, 16, 16), np.float32), label=[1, 0], pred_label=[0, 0],
+                       slice_ids=[("P0", 0), ("P0", 1)])
+    rec = {r["slice"]: r for r in out["records"]}
+    assert rec[0]["dice"] == 0.0 and rec[0]["iou"] == 0.0 and rec[0]["dice_all"] == 0.0
+    assert rec[1]["dice"] == 1.0 and rec[1]["iou"] == 1.0
+    assert ev.patient_records()[0]["dice"] == 0.0
+    assert M.dice_per_sample(pred, gt)[0] == pytest.approx(1e-6 / 25)  # the smoothed (legacy) value

@@ -12,7 +12,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import load_module
 
 from guided_diffusion.data.preprocess import (
     modality_list,
@@ -27,17 +26,14 @@ REPO = Path(__file__).resolve().parents[1]
 SIZE = 32
 
 
-def _load_script(name):
-    return load_module(name, REPO / "scripts" / f"{name}.py")
-
-
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
+def pipeline(tmp_path_factory, run_script):
     base = tmp_path_factory.mktemp("pre")
     syn, raw = base / "syn", base / "raw"
     build_synthetic_dataset(syn, subjects=3, seed=5, image_size=SIZE, raw_nifti=raw)
     (raw / "README.txt").write_text("stray file, not a subject\n")
-    out = _load_script("preprocess").main(["-s", str(raw), "--shape", str(SIZE), "--quiet"])
+    res = run_script("scripts/preprocess.py", "-s", raw, "--shape", SIZE, "--quiet")
+    out = res.stdout.strip().splitlines()[-1].removeprefix("preprocessed data written to ")
     return syn, raw, Path(out)
 
 
@@ -119,14 +115,14 @@ def test_mask_resize_modes():
         resize_slices(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4), 2, "nearest")
 
 
-def test_flag_errors(tmp_path):
+def test_flag_errors(tmp_path, run_script):
     with pytest.raises(ValueError, match="--mod t1"):
         modality_list("atlas", "all")
     assert modality_list("brats", "t2") == ["t2"]
     with pytest.raises(FileNotFoundError, match="--source"):
         preprocess(tmp_path / "missing", progress=False)
-    with pytest.raises(SystemExit):
-        _load_script("preprocess").main([])
+    res = run_script("scripts/preprocess.py", check=False)
+    assert res.returncode == 2 and "--source" in res.stderr
 
 
 def test_run_preprocess_sh_requires_source():

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import load_module
 
 from guided_diffusion.data.brats import BrainDataset
 from guided_diffusion.data.flair_baseline import flair_threshold_baseline
@@ -23,10 +22,6 @@ from guided_diffusion.metrics import dice_per_sample, foreground_auroc_auprc
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32
-
-
-def _load_script(name):
-    return load_module(name, REPO / "scripts" / f"{name}.py")
 
 
 @pytest.fixture(scope="module")
@@ -94,12 +89,11 @@ def test_split_rule_keeps_val_and_test():
             assert names and any(s not in healthy for s in names)
 
 
-def test_same_seed_identical_via_cli(built, tmp_path):
+def test_same_seed_identical_via_cli(built, tmp_path, run_script):
     root, _ = built
     other = tmp_path / "again"
-    _load_script("make_synthetic_brats").main(
-        ["--out", str(other), "--subjects", "5", "--seed", "0", "--image_size", str(SIZE), "--quiet"]
-    )
+    run_script("scripts/make_synthetic_brats.py",
+               "--out", other, "--subjects", "5", "--seed", "0", "--image_size", SIZE, "--quiet")
     files = _npz_files(root)
     assert files == _npz_files(other)
     for rel in files:
@@ -151,14 +145,12 @@ def test_lesion_visible_in_flair_and_t2(built):
     assert checked >= 2
 
 
-def test_slice_step_keeps_every_nth_slice(built, tmp_path):
+def test_slice_step_keeps_every_nth_slice(built, tmp_path, run_script):
     """--slice_step 2 writes the even-offset slices of the full build, byte for byte, and records the step."""
     root, _ = built
     thin = tmp_path / "thin"
-    _load_script("make_synthetic_brats").main(
-        ["--out", str(thin), "--subjects", "5", "--seed", "0", "--image_size", str(SIZE), "--quiet",
-         "--slice_step", "2"]
-    )
+    run_script("scripts/make_synthetic_brats.py", "--out", thin, "--subjects", "5", "--seed", "0",
+               "--image_size", SIZE, "--quiet", "--slice_step", "2")
     full, half = _npz_files(root), _npz_files(thin)
     assert half and set(half) < set(full)
     for pdir in sorted((thin / "npy_test").iterdir()):
@@ -187,14 +179,13 @@ def _dataset_sha256(root):
     return h.hexdigest()
 
 
-def test_classic_style_bit_identical_to_original(tmp_path):
+def test_classic_style_bit_identical_to_original(tmp_path, run_script):
     """--style classic reproduces the generator as it was before brats_like existed (stored hashes)."""
     ref = json.loads((REPO / "tests" / "data" / "synthetic_classic_sha256.json").read_text())
     out = tmp_path / "classic"
-    stats = _load_script("make_synthetic_brats").main(
-        ["--out", str(out), "--subjects", "3", "--seed", "0", "--image_size", "16", "--slice_step", "4",
-         "--style", "classic", "--quiet"]
-    )
+    res = run_script("scripts/make_synthetic_brats.py", "--out", out, "--subjects", "3", "--seed", "0",
+                     "--image_size", "16", "--slice_step", "4", "--style", "classic", "--quiet")
+    stats = json.loads(res.stdout)
     assert _dataset_sha256(out) == ref["dataset"]
     image, seg = generate_subject(3, 1, healthy=False, style="classic")
     assert hashlib.sha256(image.tobytes()).hexdigest() == ref["subject_image"]

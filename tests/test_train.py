@@ -22,13 +22,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from guided_diffusion import checkpoint, dist_util, logger, training
+from guided_diffusion import script_util as su
+from guided_diffusion.cli import run_cli
+from guided_diffusion.train_util import TrainLoop, get_rng_state, loader_from_batch
 
-from guided_diffusion import checkpoint, dist_util, logger  # noqa: E402
-from guided_diffusion import script_util as su  # noqa: E402
-from guided_diffusion.train_util import TrainLoop, get_rng_state, loader_from_batch  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 SUBPROCESS_TIMEOUT = 180
 # CUDA runs are bitwise reproducible only with deterministic kernels (cuBLAS reads this at first use)
@@ -278,21 +277,18 @@ def test_sigkill_mid_training_resumes(tmp_path):
 
 
 def test_train_script_errors_are_short(tmp_path, capsys):
-    sys.path.insert(0, str(REPO / "scripts"))
-    import train as train_script
-
-    status = train_script.main(["--data_dir", str(tmp_path / "missing"), "--log_dir", str(tmp_path / "log")])
+    status = run_cli(training.main, ["--data_dir", str(tmp_path / "missing"),
+                                     "--log_dir", str(tmp_path / "log")])
     err = capsys.readouterr().err
     assert status == 2
     assert "does not exist" in err and "make_synthetic_brats.py --out DIR" in err
     assert "Traceback" not in err
-    status = train_script.main(["--data_dir", str(tmp_path), "--sample_shape", "2", "3", "16", "16",
+    status = run_cli(training.main, ["--data_dir", str(tmp_path), "--sample_shape", "2", "3", "16", "16",
                                 "--in_channels", "4"])
     assert status == 2 and "--in_channels" in capsys.readouterr().err
-    parser = train_script.build_arg_parser()
-    args = parser.parse_args(["--w", "1", "1.8", "--threshold", "0.1",
-                              "--sample_shape", "12", "4", "128", "128"])
-    assert args.w == [1.0, 1.8] and args.sample_shape == [12, 4, 128, 128] and args.resume == "auto"
+    _, _, t = training.parse_configs_for_training(["--w", "1", "1.8", "--threshold", "0.1",
+                                                   "--sample_shape", "12", "4", "128", "128"])
+    assert t.w == (1.0, 1.8) and t.sample_shape == (12, 4, 128, 128) and t.resume == "auto"
 
 
 def write_fake_brats(root: Path, channels: int = 2, size: int = 16, patients: int = 2, slices: int = 5):
@@ -314,9 +310,6 @@ def write_fake_brats(root: Path, channels: int = 2, size: int = 16, patients: in
 
 
 def test_train_script_end_to_end(tmp_path, capsys):
-    sys.path.insert(0, str(REPO / "scripts"))
-    import train as train_script
-
     data = write_fake_brats(tmp_path / "data")
     flags = ["--data_dir", str(data), "--log_dir", str(tmp_path / "log"), "--image_size", "16",
              "--num_channels", "32", "--in_channels", "2", "--num_classes", "2", "--channel_mult", "1,2",
@@ -324,7 +317,7 @@ def test_train_script_end_to_end(tmp_path, capsys):
              "--diffusion_steps", "40", "--batch_size", "4", "--max_steps", "2", "--save_interval", "2",
              "--log_interval", "1", "--threshold", "0.1", "--num_workers", "0", "--sample_shape", "2", "2",
              "16", "16", "--w", "1", "--preview_steps", "4", "--lr", "1e-3"]
-    assert train_script.main(flags) == 0
+    assert run_cli(training.main, flags) == 0
     log = tmp_path / "log"
     assert checkpoint.list_checkpoints(log) == [2]
     assert (log / "images" / "000002_w1.png").is_file()
@@ -332,13 +325,53 @@ def test_train_script_end_to_end(tmp_path, capsys):
     assert "parameters" in (log / "log.txt").read_text()
     assert checkpoint.read_saved_config(str(log))["model"]["num_channels"] == 32
     # resume with different architecture flags stops with a message
-    status = train_script.main([*flags, "--num_channels", "64", "--max_steps", "3"])
+    status = run_cli(training.main, [*flags, "--num_channels", "64", "--max_steps", "3"])
     assert status == 2 and "num_channels" in capsys.readouterr().err
     # channel mismatch between data and --in_channels
-    status = train_script.main([*flags, "--in_channels", "4", "--sample_shape",
+    status = run_cli(training.main, [*flags, "--in_channels", "4", "--sample_shape",
                                 "--log_dir", str(tmp_path / "l2")])
     err = capsys.readouterr().err
     assert status == 2 and "channels" in err and "Traceback" not in err
+
+
+GOLDEN = REPO / "tests" / "data" / "train_golden_sha256.json"
+
+
+def tree_digest(obj) -> str:
+    """sha256 over every tensor (name, bytes) and plain value of a nested state dict, in sorted key order."""
+    h = hashlib.sha256()
+
+    def walk(o, key=""):
+        if isinstance(o, torch.Tensor):
+            h.update(key.encode())
+            h.update(o.detach().cpu().contiguous().numpy().tobytes())
+        elif isinstance(o, dict):
+            for k in sorted(o, key=str):
+                walk(o[k], f"{key}/{k}")
+        elif isinstance(o, list | tuple):
+            for i, v in enumerate(o):
+                walk(v, f"{key}/{i}")
+        else:
+            h.update(f"{key}={o!r}".encode())
+
+    walk(obj)
+    return h.hexdigest()
+
+
+def test_short_run_checkpoints_match_pinned_hashes(tmp_path):
+    """Same seed -> the same checkpoints as the code before training moved into the package (hashes of
+    model, EMA and optimizer files recorded with that code in tests/data/train_golden_sha256.json)."""
+    data = write_fake_brats(tmp_path / "data")
+    flags = ["--data_dir", str(data), "--log_dir", str(tmp_path / "log"), "--image_size", "16",
+             "--num_channels", "16", "--in_channels", "2", "--num_classes", "2", "--channel_mult", "1,2",
+             "--attention_resolutions", "8", "--num_heads", "1", "--num_res_blocks", "1", "--dropout", "0.1",
+             "--diffusion_steps", "40", "--batch_size", "2", "--max_steps", "3", "--save_interval", "2",
+             "--log_interval", "1", "--threshold", "0.5", "--num_workers", "0", "--lr", "1e-3",
+             "--ema_rate", "0.9,0.99", "--seed", "3"]
+    assert run_cli(training.main, flags) == 0
+    got = {p.name: tree_digest(torch.load(p, weights_only=True))
+           for p in sorted((tmp_path / "log").glob("*.pt")) if not p.name.startswith("state")}
+    assert got == json.loads(GOLDEN.read_text())
 
 
 def test_config_script(tmp_path):
@@ -356,6 +389,205 @@ def test_config_script(tmp_path):
     assert checkpoint.list_checkpoints(tmp_path / "log") == [1]
     saved = checkpoint.read_saved_config(str(tmp_path / "log"))
     assert saved["train"]["threshold"] == 0.1 and saved["train"]["w"] == [1.0, 1.8, 2.0, 3.0]
+
+
+# ------------------------------------------------------- issue 8: one run per log dir, clear errors
+TINY_FLAGS = ["--image_size", "16", "--num_channels", "16", "--in_channels", "2", "--num_classes", "2",
+              "--channel_mult", "1,2", "--attention_resolutions", "8", "--num_heads", "1", "--num_res_blocks",
+              "1", "--diffusion_steps", "40", "--batch_size", "2", "--save_interval", "2", "--log_interval",
+              "1", "--threshold", "0.5", "--num_workers", "0", "--lr", "1e-3", "--ema_rate", "0.9"]
+
+
+def _cli(capsys, main, argv) -> tuple[int, str]:
+    status = run_cli(main, argv)
+    err = capsys.readouterr().err
+    return status, err
+
+
+def test_second_run_in_the_same_log_dir_stops(tmp_path, capsys):
+    """§4: while a run holds the log dir, another one stops at once naming the holder (pid, host); a lock
+    file left by a dead run is taken over."""
+    import socket
+
+    from guided_diffusion.run_lock import LOCK_NAME, RunLockError, run_lock
+
+    data, log = write_fake_brats(tmp_path / "data"), tmp_path / "log"
+    argv = ["--data_dir", str(data), "--log_dir", str(log), *TINY_FLAGS, "--max_steps", "2"]
+    with run_lock(str(log)):
+        status, err = _cli(capsys, training.main, argv)
+        assert status == 2 and f"pid {os.getpid()} on host {socket.gethostname()}" in err, err
+        assert "in use by another run" in err and len(err.strip().splitlines()) == 1
+        assert checkpoint.list_checkpoints(log) == [] and not (log / "progress.csv").exists()
+        with pytest.raises(RunLockError, match="--log_dir"):
+            with run_lock(str(log)):
+                pass
+    (log / LOCK_NAME).write_text(json.dumps({"pid": 999999, "host": socket.gethostname()}))  # dead holder
+    status, err = _cli(capsys, training.main, argv)
+    assert status == 0, err
+    assert checkpoint.list_checkpoints(log) == [2]
+    assert json.loads((log / LOCK_NAME).read_text())["pid"] == os.getpid()
+
+
+def test_resume_never_refuses_existing_checkpoints(tmp_path, capsys):
+    """§4: --resume never in a dir with checkpoints refuses (files untouched); --clear_checkpoints True
+    deletes them, so no newer stale step is left for a later auto resume."""
+    data, log = write_fake_brats(tmp_path / "data"), tmp_path / "log"
+    base = ["--data_dir", str(data), "--log_dir", str(log), *TINY_FLAGS]
+    assert run_cli(training.main, [*base, "--max_steps", "4"]) == 0
+    before = {p.name: p.read_bytes() for p in log.glob("*.pt")}
+    status, err = _cli(capsys, training.main, [*base, "--max_steps", "2", "--resume", "never"])
+    assert status == 2 and "--resume never" in err and "steps 2, 4" in err and "--clear_checkpoints" in err
+    assert {p.name: p.read_bytes() for p in log.glob("*.pt")} == before
+    status, err = _cli(capsys, training.main, [*base, "--max_steps", "2", "--resume", "never",
+                                               "--clear_checkpoints", "True"])
+    assert status == 0, err
+    assert checkpoint.list_checkpoints(log) == [2] and checkpoint.list_model_steps(log) == [2]
+
+
+def test_resume_checks_the_seed_and_run_flags(tmp_path, capsys):
+    """§4: a resume with another --seed or --lr stops naming the setting; --max_steps may grow."""
+    data, log = write_fake_brats(tmp_path / "data"), tmp_path / "log"
+    base = ["--data_dir", str(data), "--log_dir", str(log), *TINY_FLAGS]
+    assert run_cli(training.main, [*base, "--max_steps", "2"]) == 0
+    status, err = _cli(capsys, training.main, [*base, "--max_steps", "4", "--seed", "1"])
+    assert status == 2 and "train.seed: checkpoint 0, flags 1" in err, err
+    status, err = _cli(capsys, training.main, [*base, "--max_steps", "4", "--lr", "0.01"])
+    assert status == 2 and "train.lr" in err
+    assert checkpoint.list_checkpoints(log) == [2]
+    assert run_cli(training.main, [*base, "--max_steps", "4"]) == 0
+    assert checkpoint.list_checkpoints(log) == [2, 4]
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--num_channels", "0"], "--num_channels must be >= 1"),
+    (["--ema_rate", "abc"], "--ema_rate"),
+    (["--ema_rate", "1.5"], "--ema_rate 1.5: must be in [0, 1)"),
+    (["--ema_rate", "0.9,1.0"], "--ema_rate 1.0: must be in [0, 1)"),
+])
+def test_bad_training_values_name_the_flag(tmp_path, capsys, flags, expected):
+    """§5/§6: one line naming the flag, exit 2, no traceback, nothing trained."""
+    data = write_fake_brats(tmp_path / "data")
+    argv = ["--data_dir", str(data), "--log_dir", str(tmp_path / "log"), *TINY_FLAGS, "--max_steps", "1",
+            *flags]
+    status, err = _cli(capsys, training.main, argv)
+    assert status == 2 and expected in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert checkpoint.list_checkpoints(tmp_path / "log") == []
+
+
+def test_read_only_log_dir_names_the_flag(tmp_path, capsys, monkeypatch):
+    """§5: a log dir that cannot be written (EROFS, simulated: the tests may run as root) -> one line
+    naming --log_dir."""
+    import errno
+
+    data, log = write_fake_brats(tmp_path / "data"), tmp_path / "ro"
+    real_open = os.open
+
+    def read_only(path, *a, **k):
+        if str(path).startswith(str(log)):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(os, "open", read_only)
+    status, err = _cli(capsys, training.main, ["--data_dir", str(data), "--log_dir", str(log), *TINY_FLAGS,
+                                               "--max_steps", "1"])
+    assert status == 2 and f"--log_dir {log} is not writable (Read-only file system)" in err, err
+
+
+def test_disk_full_during_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    """§5: ENOSPC while writing step 4 (simulated in the atomic write, after a partial temp file) ->
+    OSError naming the step and the kept step 2; no file of step 4 and no temp file is left; a rerun
+    resumes from step 2."""
+    import errno
+
+    make_loop(tmp_path, max_steps=2, save_interval=2).run_loop()
+    real = checkpoint.atomic_write_bytes
+    calls = []
+
+    def full_disk(data, path):
+        calls.append(path)
+        if len(calls) == 3:  # model and first EMA file written, the second EMA file fails midway
+            Path(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}-abcdef12").write_bytes(
+                data[:10])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(data, path)
+
+    monkeypatch.setattr(checkpoint, "atomic_write_bytes", full_disk)
+    loop = make_loop(tmp_path, max_steps=4, save_interval=2)
+    with pytest.raises(OSError, match=r"step 4 .*No space left on device.*last complete checkpoint is step 2"
+                       ):
+        loop.run_loop()
+    left = sorted(p.name for p in tmp_path.iterdir() if "000004" in p.name or ".tmp-" in p.name)
+    assert left == []
+    monkeypatch.setattr(checkpoint, "atomic_write_bytes", real)
+    assert checkpoint.list_checkpoints(tmp_path) == [2]
+    assert make_loop(tmp_path, max_steps=4, save_interval=2).step == 2
+
+
+class _BadSlices(Dataset):
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int):
+        raise ValueError(f"slice file patient_P0/slice_{i}.npz holds NaN in x")
+
+
+def test_data_worker_error_is_one_line():
+    """§5: an error raised in a DataLoader worker (torch wraps the worker's traceback into the message)
+    is printed as its original one-line message."""
+    from guided_diffusion.cli import error_line
+
+    loader = DataLoader(_BadSlices(), batch_size=2, num_workers=1)
+    with pytest.raises(ValueError) as info:
+        next(iter(loader))
+    assert "Traceback" in str(info.value)  # what torch raises
+    assert error_line(info.value) == "error: slice file patient_P0/slice_0.npz holds NaN in x"
+
+
+def test_train_hae_v2_refuses_another_unet_ver(tmp_path, capsys):
+    """§6: scripts/train_hae_v2.py --unet_ver v2 is refused (it used to be replaced silently)."""
+    data = write_fake_brats(tmp_path / "data")
+    argv = ["--data_dir", str(data), "--log_dir", str(tmp_path / "log"), *TINY_FLAGS, "--max_steps", "1"]
+    status, err = _cli(capsys, training.main_hae_v2, [*argv, "--unet_ver", "v2"])
+    assert status == 2 and "--unet_ver v2 contradicts" in err and "hae_v2" in err
+    assert not (tmp_path / "log").exists()
+
+
+def test_saved_run_config_reruns_to_the_same_checkpoints(tmp_path, capsys):
+    """A run writes run_config.json; --config FILE with another --log_dir trains bit-identically; a flag
+    given with --config overrides the file."""
+    data = write_fake_brats(tmp_path / "data")
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    assert run_cli(training.main, ["--data_dir", str(data), "--log_dir", str(a), *TINY_FLAGS,
+                                   "--max_steps", "2", "--seed", "5"]) == 0
+    run = json.loads((a / training.RUN_CONFIG).read_text())
+    assert run["train"]["seed"] == 5 and run["model"]["num_channels"] == 16
+    assert run["train"]["log_dir"] == str(a)
+    assert run_cli(training.main, ["--config", str(a / training.RUN_CONFIG), "--log_dir", str(b)]) == 0
+    digest = {p.name: tree_digest(torch.load(p, weights_only=True)) for p in sorted(a.glob("[meo]*.pt"))}
+    assert digest == {p.name: tree_digest(torch.load(p, weights_only=True))
+                      for p in sorted(b.glob("[meo]*.pt"))}
+    assert run_cli(training.main, ["--config", str(a / training.RUN_CONFIG), "--log_dir", str(c),
+                                   "--seed", "6"]) == 0
+    assert json.loads((c / training.RUN_CONFIG).read_text())["train"]["seed"] == 6
+    assert tree_digest(torch.load(c / "model000002.pt")) != digest["model000002.pt"]
+    status, err = _cli(capsys, training.main, ["--config", str(tmp_path / "none.json")])
+    assert status == 2 and "none.json" in err
+
+
+def test_train_help_lists_only_flags_that_change_something():
+    """Issue 9: rejected/ignored flags are gone from --help (kept as hidden compatibility names)."""
+    text = training.build_arg_parser().format_help()
+    for gone in ("--resblock_updown", "--use_new_attention_order", "--noise_type", "--use_fp16",
+                 "--class_cond", "--clf_free"):
+        assert gone not in text, gone
+    _, _, t = training.parse_configs_for_training(["--use_fp16", "True"])
+    assert t.precision == "fp16"
+    with pytest.raises(ValueError, match="--class_cond False is not supported"):
+        training.parse_configs_for_training(["--class_cond", "False"])
+    m, _, _ = training.parse_configs_for_training(["--num_classes", "0"])
+    assert not m.class_cond and m.num_classes == 0
+
 
 
 if __name__ == "__main__":

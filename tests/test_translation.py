@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from guided_diffusion import translation  # noqa: E402
-from guided_diffusion.dist_util import find_free_port  # noqa: E402
-from guided_diffusion.script_util import create_model_and_diffusion  # noqa: E402
+from guided_diffusion import translation
+from guided_diffusion.dist_util import find_free_port
+from guided_diffusion.script_util import create_model_and_diffusion
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_FLAGS = [
@@ -278,15 +278,14 @@ def test_translation_errors(setup, tmp_path):
         translation.main([*argv, "--calibration", str(cal)])
     with pytest.raises(ValueError, match="w=\\[3.0\\]"):
         translation.main([*argv, "--calibration", str(cal), "--w", "3"])
-    args = translation.parse_args([*argv, "--d_reverse", "False"])
-    assert args.encoding == "ddpm" and args.class_cond
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import translation_FPDM_hae_v2 as hae
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
-    assert hae.HAE_V2_OVERRIDES == {"unet_ver": "hae_v2", "use_hae": True}
-    assert translation.parse_args(argv, hae.HAE_V2_OVERRIDES).unet_ver == "hae_v2"
+    run = translation.parse_args([*argv, "--d_reverse", "False"])
+    assert run.forward.encoding == "ddpm" and run.model.class_cond
+    hae_v2 = {"unet_ver": "hae_v2", "use_hae": True}  # the script's forced flags (it is not importable)
+    assert f"HAE_V2_OVERRIDES = {hae_v2!r}".replace("'", '"') in (
+        REPO / "scripts" / "translation_FPDM_hae_v2.py").read_text()
+    assert translation.parse_args(argv, hae_v2).model.unet_ver == "hae_v2"
+    with pytest.raises(ValueError, match="--unet_ver v2 contradicts"):
+        translation.parse_args([*argv, "--unet_ver", "v2"], hae_v2)
 
 
 @pytest.mark.slow
@@ -323,7 +322,7 @@ def test_min_cc_size_scales_with_image_size(setup):
     with pytest.raises(ValueError, match="--min_cc_size"):
         resolve_min_cc_size(-2, 64)
     argv = _argv(setup, "unused")
-    assert translation.parse_args(argv).min_cc_size == -1
+    assert translation.parse_args(argv).segment.min_cc_size == -1
     with pytest.raises(ValueError, match="--min_cc_size"):
         translation.parse_args([*argv, "--min_cc_size", "-5"])
 

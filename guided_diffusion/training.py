@@ -1,0 +1,335 @@
+"""Training as a library: ``train(model_cfg, diffusion_cfg, train_cfg)`` builds the model, diffusion and
+data from typed configs and runs ``TrainLoop``; ``main(argv)`` parses the flags into those configs.
+
+The entry points (``scripts/train.py``, ``scripts/train_hae_v2.py``) only call ``main`` through
+``guided_diffusion.cli.run_cli``, which turns expected errors into one line. Every run writes its resolved
+configs to ``run_config.json`` in its log dir; ``--config FILE`` runs it again (flags override values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+from . import dist_util, logger
+from .configs import (
+    CompatFlag,
+    Config,
+    DiffusionConfig,
+    ModelConfig,
+    add_compat_flags,
+    add_config_flag,
+    add_flags,
+    from_args,
+    load_run_config,
+    require,
+    require_finite,
+    resolve_compat,
+    save_run_config,
+    setting,
+    str2bool,
+)
+from .nn import count_parameters, format_param_count
+from .script_util import create_from_configs, create_gaussian_diffusion, model_config
+from .train_util import PRECISIONS, parse_ema_rates
+
+SYNTHETIC_HINT = "python scripts/make_synthetic_brats.py --out DIR"
+RUN_CONFIG = "run_config.json"
+DESCRIPTION = """Train a (classifier-free guided) diffusion model on preprocessed BraTS/ATLAS slices.
+
+Runs as a single process (CPU or one GPU), under ``torchrun --nproc-per-node N`` or ``mpiexec -n N``.
+Logs and checkpoints go to ``--log_dir`` / ``$OPENAI_LOGDIR``; ``--resume auto`` (default) continues
+from the newest complete checkpoint found there. A model is class-conditional when --num_classes > 0.
+"""
+NO_RUN_EFFECT: tuple[str, ...] = ()  # field metadata "changes" for settings that leave the weights alone
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(Config):
+    """The training flags besides the model and diffusion ones (anofpdm_spec.md §4.1)."""
+
+    SECTION: ClassVar[str] = "train"
+
+    data_dir: str = setting("", "preprocessed data root (data_splits/, npy_train/)", changes=NO_RUN_EFFECT)
+    log_dir: str = setting("", "logs and checkpoints (default $OPENAI_LOGDIR, else a new temp folder)",
+                           changes=NO_RUN_EFFECT)
+    image_dir: str = setting("", "preview images (default LOG_DIR/images)", changes=NO_RUN_EFFECT)
+    name: str = setting("brats", "dataset name used in preview file names", changes=NO_RUN_EFFECT)
+    mixed: bool = setting(True, "train on healthy and unhealthy slices (False: healthy slices only)")
+    ret_lab: bool = setting(True, "load the slice labels (a class-conditional model needs them)")
+    schedule_sampler: str = setting("uniform", "timestep sampler", choices=("uniform", "loss-second-moment"))
+    lr: float = setting(1e-4, "AdamW learning rate")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    lr_anneal_steps: int = setting(0, "decay the learning rate linearly to 0 over N steps and stop (0: off)")
+    batch_size: int = setting(1, "global batch size (all processes together)")
+    microbatch: int = setting(-1, "split each process's batch into micro-batches of N (-1: off)")
+    ema_rate: str = setting("0.9999", "EMA rates in [0, 1), comma-separated (e.g. 0.999,0.9999)")
+    log_interval: int = setting(100, "log every N steps", changes=NO_RUN_EFFECT)
+    save_interval: int = setting(100, "write a checkpoint every N steps", changes=NO_RUN_EFFECT)
+    resume_checkpoint: str = setting("", "continue from this modelNNNNNN.pt (also upstream checkpoints)",
+                                     changes=NO_RUN_EFFECT)
+    resume: str = setting("auto", "auto: continue from the newest complete checkpoint in the log dir; "
+                          "never: start fresh (refused where checkpoints exist, see --clear_checkpoints)",
+                          choices=("auto", "never"), changes=NO_RUN_EFFECT)
+    clear_checkpoints: bool = setting(False, "with --resume never: delete the checkpoints in the log dir",
+                                      changes=NO_RUN_EFFECT)
+    precision: str = setting("fp32", "fp32 | bf16 (autocast) | fp16 (autocast + loss scaling)",
+                             choices=PRECISIONS)
+    grad_clip: float = setting(0.0, "clip the global gradient norm to this value (0: off)")
+    n_unhealthy_patients: int = setting(-1, "use only the first N unhealthy patients (-1: all)")
+    n_healthy_patients: int = setting(-1, "use only the first N healthy patients (-1: all)")
+    total_epochs: int = setting(1000, "stop after N epochs (0: no epoch limit)", changes=NO_RUN_EFFECT)
+    max_steps: int = setting(0, "stop after N steps (0: no step limit)", changes=NO_RUN_EFFECT)
+    threshold: float = setting(-1.0, "label-dropout probability during training (<= 0: off; paper: 0.1)")
+    seed: int = setting(0, "seed of the weights, data order and noise")
+    num_workers: int = setting(2, "data-loading worker processes", changes=NO_RUN_EFFECT)
+    preview_steps: int = setting(50, "sampling steps of the preview images", changes=NO_RUN_EFFECT)
+    ddpm_sampling: bool = setting(False, "previews with ancestral (DDPM) instead of DDIM sampling",
+                                  changes=NO_RUN_EFFECT)
+    sample_shape: tuple[int, ...] = setting((), "N C H W of preview samples at each save (empty: none)",
+                                            changes=NO_RUN_EFFECT)
+    w: tuple[float, ...] = setting((), "guidance strengths of the previews (empty or -1: no guidance)",
+                                   changes=NO_RUN_EFFECT)
+
+    def validate(self) -> None:
+        parse_ema_rates(self.ema_rate)
+        for name in ("lr", "weight_decay", "grad_clip", "threshold"):
+            require_finite(name, getattr(self, name))
+        require(self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        require(self.batch_size >= 1, f"--batch_size must be >= 1, got {self.batch_size}")
+        require(self.num_workers >= 0, f"--num_workers must be >= 0, got {self.num_workers}")
+        require(self.log_interval > 0 and self.save_interval > 0,
+                "--log_interval and --save_interval must be positive")
+        require(not self.sample_shape or (len(self.sample_shape) == 4 and min(self.sample_shape) > 0),
+                f"--sample_shape {list(self.sample_shape)}: expected 4 positive integers N C H W or nothing")
+
+
+# upstream names with a training-specific meaning (inference ignores some of them, so they are kept out of
+# the shared configs.COMPAT table): mapped onto a field, or accepted for one value with a warning
+TRAIN_COMPAT: dict[str, CompatFlag] = {c.name: c for c in (
+    CompatFlag("use_fp16", field="precision", convert=lambda v: "fp16" if str2bool(v) else "fp32"),
+    CompatFlag("noise_type", accepted=("gaussian",), note="only Gaussian noise is implemented"),
+    CompatFlag("class_cond", accepted=(True,), note="a model is class-conditional when --num_classes > 0; "
+               "pass --num_classes 0 for an unconditional model"),
+    CompatFlag("clf_free", accepted=(True,), note="the UNet only has classifier-free label layers"),
+)}
+SHARED_COMPAT = ("resblock_updown", "use_new_attention_order")  # configs.COMPAT entries
+MODEL_SKIP = ("class_cond", "clf_free")  # derived from --num_classes / always True in training
+_PREFIX = "train_compat__"
+
+
+def _resolve_train_compat(ns: argparse.Namespace) -> argparse.Namespace:
+    """A copy of ``ns`` with the TRAIN_COMPAT names applied (mapped, warned about once, or refused)."""
+    out = argparse.Namespace(**vars(ns))
+    for key in [k for k in vars(ns) if k.startswith(_PREFIX)]:
+        c, raw = TRAIN_COMPAT[key[len(_PREFIX):]], getattr(out, key)
+        delattr(out, key)
+        if c.field is not None:
+            value = c.convert(raw) if c.convert else raw
+            if hasattr(out, c.field) and getattr(out, c.field) != value:
+                raise ValueError(f"--{c.name} {raw} contradicts --{c.field} {getattr(out, c.field)}; "
+                                 "pass only one")
+            setattr(out, c.field, value)
+            continue
+        try:
+            ok = (str2bool(raw) if isinstance(c.accepted[0], bool) else raw) in c.accepted
+        except argparse.ArgumentTypeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"--{c.name} {raw} is not supported: {c.note}")
+        if c.name not in _WARNED:
+            _WARNED.add(c.name)
+            warnings.warn(f"--{c.name} is accepted for compatibility and ignored: {c.note}", stacklevel=2)
+    return out
+
+
+_WARNED: set[str] = set()
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    """The training flags, generated from ModelConfig, DiffusionConfig and TrainConfig (+ --config)."""
+    parser = argparse.ArgumentParser(description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_flags(parser, ModelConfig, skip=MODEL_SKIP)
+    add_flags(parser, DiffusionConfig)
+    add_flags(parser, TrainConfig)
+    for action in parser._actions:
+        if action.dest in ("sample_shape", "w"):
+            action.nargs = "*"  # given without values: no previews (overrides a run file)
+        elif action.dest == "num_classes":
+            action.help = "classes of the label conditioning (0: an unconditional model) (default: 2)"
+    add_config_flag(parser)
+    add_compat_flags(parser, SHARED_COMPAT)
+    for c in TRAIN_COMPAT.values():
+        parser.add_argument(f"--{c.name}", dest=_PREFIX + c.name, default=argparse.SUPPRESS, nargs="?",
+                            const="True", help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_configs_for_training(
+    argv: Sequence[str] | None = None, forced: Mapping[str, Any] | None = None
+) -> tuple[ModelConfig, DiffusionConfig, TrainConfig]:
+    """Flags (over ``--config FILE``, over the defaults) -> the three configs. ``forced`` (model field ->
+    value, e.g. {"unet_ver": "hae_v2"} for a wrapper script) fixes fields: another given value is refused."""
+    ns = resolve_compat(_resolve_train_compat(build_arg_parser().parse_args(None if argv is None else argv)))
+    file = load_run_config(ns.config) if getattr(ns, "config", None) else {}
+    configs = []
+    for cls in (ModelConfig, DiffusionConfig, TrainConfig):
+        section = file.get(cls.SECTION, {})
+        cls.from_dict(section, source=f"{ns.config} section {cls.SECTION!r}" if file else "")  # unknown keys
+        configs.append(from_args(cls, ns, base=section))
+    m, d, t = configs
+    run = file.get("model", {})
+    for key, value in (forced or {}).items():
+        given = getattr(ns, key, run.get(key, value))
+        if given != value:
+            raise ValueError(f"--{key} {given} contradicts this script, which always trains --{key} {value}; "
+                             f"drop --{key} or use scripts/train.py")
+        m = m.replace(**{key: value})
+    conditional = m.num_classes > 0
+    m = m.replace(class_cond=conditional, num_classes=m.num_classes if conditional else 0, clf_free=True)
+    return m, d, t
+
+
+def _validate(m: ModelConfig, t: TrainConfig) -> None:
+    if not t.data_dir:
+        raise ValueError("--data_dir is required (preprocessed data root); for a small synthetic dataset "
+                         f"run `{SYNTHETIC_HINT}`")
+    if not os.path.isdir(t.data_dir):
+        raise FileNotFoundError(
+            f"--data_dir {t.data_dir} does not exist; preprocess BraTS with scripts/preprocess.py or "
+            f"build a synthetic dataset with `{SYNTHETIC_HINT}`"
+        )
+    if t.sample_shape:
+        if t.sample_shape[1] != m.in_channels:
+            raise ValueError(f"--sample_shape channel count {t.sample_shape[1]} must equal --in_channels "
+                             f"{m.in_channels}")
+        if list(t.sample_shape[2:]) != [m.image_size, m.image_size]:
+            raise ValueError(f"--sample_shape size {list(t.sample_shape[2:])} must be --image_size "
+                             f"{m.image_size} x {m.image_size}")
+    if m.num_classes and not t.ret_lab:
+        raise ValueError("a class-conditional model (--num_classes > 0) needs labels: pass --ret_lab True, "
+                         "or --num_classes 0 for an unconditional model")
+
+
+def _preview_diffusion(d: DiffusionConfig, t: TrainConfig) -> Any:
+    flags = {k: v for k, v in d.to_dict().items() if k != "timestep_respacing"}
+    flags["steps"] = flags.pop("diffusion_steps")
+    n = min(t.preview_steps, d.diffusion_steps)
+    try:
+        return create_gaussian_diffusion(**flags, timestep_respacing=f"ddim{n}")
+    except ValueError:  # no exact DDIM stride: evenly spaced steps instead
+        return create_gaussian_diffusion(**flags, timestep_respacing=str(n))
+
+
+def saved_config(m: ModelConfig, d: DiffusionConfig, t: TrainConfig) -> dict[str, Any]:
+    """The config saved with every checkpoint (keys: the flag names): resolved architecture, diffusion and
+    training flags; a resume compares it with the current one."""
+    return {"model": model_config(m, d), "diffusion": d.to_dict(), "train": t.to_dict()}
+
+
+def train(m: ModelConfig, d: DiffusionConfig, t: TrainConfig) -> None:
+    """Build model, diffusion and data from the configs and run the training loop (holding the log dir's
+    run lock on rank 0 for the whole run)."""
+    _validate(m, t)
+    dist_util.setup_dist()
+    log_dir = t.log_dir or os.environ.get("OPENAI_LOGDIR") or None
+    with contextlib.ExitStack() as stack:
+        if log_dir and dist_util.is_main_process():
+            from .run_lock import run_lock
+
+            stack.enter_context(run_lock(log_dir, "--log_dir"))
+        logger.configure(dir=log_dir)
+        _train_in(logger.get_dir(), m, d, t)
+    dist_util.cleanup()
+
+
+def _train_in(log_dir: str, m: ModelConfig, d: DiffusionConfig, t: TrainConfig) -> None:
+    from .data.brats import get_train_loader
+    from .io_util import atomic_write_bytes
+    from .resample import create_named_schedule_sampler
+    from .train_util import TrainLoop, image_grid_png, seed_everything
+
+    image_dir = t.image_dir or os.path.join(log_dir, "images")
+    if m.num_classes and t.threshold <= 0:
+        logger.warn("--threshold <= 0: the null condition is never trained, so classifier-free guidance "
+                    "will not work (the paper uses --threshold 0.1)")
+    if dist_util.is_main_process():
+        save_run_config(os.path.join(log_dir, RUN_CONFIG), {"model": m, "diffusion": d, "train": t})
+    seed_everything(t.seed)  # same initial weights on every rank
+
+    logger.log("creating model and diffusion...")
+    model, diffusion = create_from_configs(m, d)
+    model.to(dist_util.dev())
+    logger.log(f"unet_ver {m.unet_ver}: {format_param_count(count_parameters(model))}")
+    schedule_sampler = create_named_schedule_sampler(t.schedule_sampler, diffusion)
+
+    logger.log("creating data loader...")
+    data = get_train_loader(t.data_dir, t.batch_size, seed=t.seed, in_channels=m.in_channels, mixed=t.mixed,
+                            ret_lab=t.ret_lab, num_workers=t.num_workers,
+                            n_unhealthy_patients=t.n_unhealthy_patients,
+                            n_healthy_patients=t.n_healthy_patients)
+    loader = data[0] if isinstance(data, tuple) else data
+    first = loader.dataset[0][0]  # read one slice here so that a bad file fails with a plain message
+    if first.shape[0] != m.in_channels:
+        raise ValueError(f"the training data in {t.data_dir} has {first.shape[0]} channels but "
+                         f"--in_channels is {m.in_channels}; pass --in_channels {first.shape[0]}")
+    logger.log(f"{len(loader.dataset)} training slices, {len(loader)} batches per epoch per rank")
+
+    preview_shape = list(t.sample_shape) or None
+    if preview_shape and dist_util.is_main_process():
+        x0 = next(iter(loader))[0][: preview_shape[0]]
+        atomic_write_bytes(image_grid_png(x0.float()), os.path.join(image_dir, f"real_{t.name}_train.png"))
+
+    logger.log("training...")
+    TrainLoop(
+        model=model, diffusion=diffusion, data=data, batch_size=t.batch_size, microbatch=t.microbatch,
+        lr=t.lr, ema_rate=t.ema_rate, log_interval=t.log_interval, save_interval=t.save_interval,
+        resume_checkpoint=t.resume_checkpoint, resume=t.resume, clear_checkpoints=t.clear_checkpoints,
+        weight_decay=t.weight_decay, lr_anneal_steps=t.lr_anneal_steps, schedule_sampler=schedule_sampler,
+        label_dropout=t.threshold, grad_clip=t.grad_clip, precision=t.precision, max_steps=t.max_steps,
+        total_epochs=t.total_epochs, seed=t.seed, config=saved_config(m, d, t), log_dir=log_dir,
+        image_dir=image_dir, preview_shape=preview_shape, preview_w=list(t.w),
+        preview_diffusion=_preview_diffusion(d, t) if preview_shape else None,
+        ddpm_preview=t.ddpm_sampling, num_classes=m.num_classes or None,
+    ).run_loop()
+    logger.log("done")
+
+
+HAE_V2_FORCED: dict[str, Any] = {"unet_ver": "hae_v2"}
+
+
+def main(argv: Sequence[str] | None = None, forced: Mapping[str, Any] | None = None) -> int:
+    """Parse ``argv`` and train; errors propagate (``cli.run_cli`` prints expected ones as one line)."""
+    train(*parse_configs_for_training(argv, forced))
+    return 0
+
+
+def hae_v2_summary(m: ModelConfig, d: DiffusionConfig) -> str:
+    """One line with the HAE V2 settings and the parameter counts of the model the configs build
+    (built on the meta device: no memory used)."""
+    import torch
+
+    from .hae_blocks import HybridCNNTransformerBlockBase, check_bottleneck_ratio
+
+    check_bottleneck_ratio(m.bottleneck_ratio)
+    with torch.device("meta"):
+        model, _ = create_from_configs(m, d)
+    total = count_parameters(model)
+    hybrid = sum(p.numel() for mod in model.modules() if isinstance(mod, HybridCNNTransformerBlockBase)
+                 for p in mod.parameters())
+    return (f"HAE V2: unet_ver={m.unet_ver} use_hae={m.use_hae} bottleneck_ratio={m.bottleneck_ratio} "
+            f"{format_param_count(total)}; hybrid blocks {hybrid:,}")
+
+
+def main_hae_v2(argv: Sequence[str] | None = None) -> int:
+    """``main`` with ``--unet_ver hae_v2`` fixed; prints the HAE V2 settings before training."""
+    m, d, t = parse_configs_for_training(argv, HAE_V2_FORCED)
+    print(hae_v2_summary(m, d), flush=True)
+    train(m, d, t)
+    return 0
