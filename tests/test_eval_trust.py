@@ -197,3 +197,18 @@ def test_help_lists_only_meaningful_flags():
     run = translation.parse_args(["--data_dir", "d", "--model_dir", "m", "--w", "1", "--d_reverse", "False",
                                   "--dropout", "0.1", "--image_dir", "x"])
     assert run.forward.encoding == "ddpm"
+
+
+def test_old_calibration_file_still_loads_with_one_warning(base, tmp_path):
+    data, mdir, out = base
+    old = json.loads((out / "calibration.json").read_text())
+    for entry in old["calibrations"]:
+        entry.pop("settings")  # files written before the typed configs hold only the forward settings
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    with pytest.warns(UserWarning, match="timestep_respacing"):
+        metrics = translation.main([*run_argv(data, mdir, tmp_path / "o", t_e_ratio=("1",)),
+                                    "--calibration", str(path)])
+    assert metrics["primary_setting"] == core(out)["primary_setting"]
+    assert core(tmp_path / "o")["settings_results"] == core(out)["settings_results"]
+    assert (tmp_path / "o" / "slices.csv").read_text() == (out / "slices.csv").read_text()
