@@ -33,8 +33,8 @@ DENOISERS = ("v2", "hae", "hae_lite", "hae_v2")
 _MODEL_COMMON = dict(in_channels=4, num_classes=2, dropout=0.0, diffusion_steps=1000, noise_schedule="linear")
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(
-        model=dict(_MODEL_COMMON, image_size=16, num_channels=8, channel_mult="1,2", attention_resolutions="8",
-                   num_heads=2),
+        model=dict(_MODEL_COMMON, image_size=16, num_channels=8, channel_mult="1,2",
+                   attention_resolutions="8", num_heads=2),
         data=dict(subjects=4, slice_step=12), train_steps=4, batch_size=4, lr=5e-4, ema_rate="0.9",
         label_dropout=0.2, timestep_respacing="10", forward_steps=6, w=[1.0, 3.0], eval_seeds=[0, 1, 2],
         num_slices=8, num_slices_val=None, eval_batch=16, cost_batch=4, cost_reps=2, save_interval=4),
@@ -103,7 +103,8 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     if cfg["data"] is None and not args.data_dir:
         raise ValueError(f"--preset {args.preset} needs --data_dir (the preprocessed BraTS21 root)")
     if args.data_dir and not args.dry_run and not os.path.isdir(os.path.join(args.data_dir, "data_splits")):
-        raise FileNotFoundError(f"--data_dir {args.data_dir} has no data_splits/: not a preprocessed data root")
+        raise FileNotFoundError(f"--data_dir {args.data_dir} has no data_splits/: not a preprocessed "
+                                "data root")
     cfg["save_interval"] = min(cfg["save_interval"], cfg["train_steps"])
     return cfg
 
@@ -128,7 +129,8 @@ def eval_command(cfg, ver, data_dir, model_dir, log_dir, seed, prefix) -> list[s
     cmd = [*prefix, "scripts/translation_FPDM.py", "--data_dir", data_dir, "--model_dir", model_dir,
            "--log_dir", log_dir, *model_flags(cfg, ver), "--model_num", str(cfg["train_steps"]),
            "--ema", "True", "--ema_rate", cfg["ema_rate"], "--forward_steps", str(cfg["forward_steps"]),
-           "--w", *[f"{w:g}" for w in cfg["w"]], "--modality", "0", "3", "--batch_size", str(cfg["eval_batch"]),
+           "--w", *[f"{w:g}" for w in cfg["w"]], "--modality", "0", "3",
+           "--batch_size", str(cfg["eval_batch"]),
            "--batch_size_val", str(cfg["eval_batch"]), "--seed", str(seed), "--resume", "True",
            "--progress", "False", "--num_panels", "4"]
     for flag in ("num_slices", "num_slices_val"):
@@ -152,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = resolve(args)
     out = os.path.abspath(args.out or f"runs/compare_denoisers_{args.preset}")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    pypath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=pypath)
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     prefix = shlex.split(args.launcher) if args.launcher else [sys.executable]
@@ -174,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     data_id = data_identity(data_dir)
     base = {"preset": args.preset, "data_dir": data_dir, "data_sha256": data_id, "model": cfg["model"],
             "timestep_respacing": cfg["timestep_respacing"]}
-    train_set = {**base, **{k: cfg[k] for k in ("train_steps", "batch_size", "lr", "ema_rate", "label_dropout")},
-                 "train_seed": args.train_seed}
+    train_keys = ("train_steps", "batch_size", "lr", "ema_rate", "label_dropout")
+    train_set = {**base, **{k: cfg[k] for k in train_keys}, "train_seed": args.train_seed}
     eval_set = {k: cfg[k] for k in ("forward_steps", "w", "num_slices", "num_slices_val", "eval_batch")}
     rows, ckpts, models = [], {}, {}
     for ver in args.denoisers:
@@ -213,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     per_w = {r["name"]: [] for r in records[:-1]}
     for rec in records[:-1]:
         per_w[rec["name"]].append(rec["metrics"].get("per_w", {}))
-    plots.plot_w_selection(per_w, {n: agg[n]["chosen_w"]["mean"] for n in agg}, os.path.join(out, "w_selection.png"))
+    chosen = {n: [r["metrics"].get("chosen_w") for r in records[:-1] if r["name"] == n] for n in agg}
+    plots.plot_w_selection(per_w, chosen, os.path.join(out, "w_selection.png"))
     plots.plot_denoisers(agg, os.path.join(out, "denoisers.png"))
     print(open(paths["md"], encoding="utf-8").read().split("\nProduced by")[0])
     print(f"wrote {paths['md']}, {paths['csv']}, {paths['json']}, w_selection.png, denoisers.png in {out}")
@@ -232,7 +236,8 @@ def _measure(cost_set: Mapping[str, Any], work: str, env: Mapping[str, str]) -> 
 
     flags = {**cost_set["model"], "timestep_respacing": cost_set["timestep_respacing"], "class_cond": True}
     spec = {"flags": flags, "unet_vers": cost_set["unet_vers"], "batch": cost_set["batch"],
-            "reps": cost_set["reps"], "device": cost_set["device"], "label_dropout": cost_set["label_dropout"],
+            "reps": cost_set["reps"], "device": cost_set["device"],
+            "label_dropout": cost_set["label_dropout"],
             "threads": cost_set["threads"]}
     spec_path, out_path = os.path.join(work, "spec.json"), os.path.join(work, "cost.json")
     atomic_write_json(spec, spec_path)

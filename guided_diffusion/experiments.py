@@ -57,9 +57,7 @@ def _plain(obj: Any) -> Any:
         return {str(k): _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
-    if isinstance(obj, (bool, int, str)) or obj is None:
-        return obj
-    if isinstance(obj, float):
+    if isinstance(obj, (bool, int, float, str)) or obj is None:
         return obj
     if hasattr(obj, "item"):
         return obj.item()
@@ -139,7 +137,8 @@ def load_row(out: str, name: str, seed: int) -> dict[str, Any] | None:
         with open(path, encoding="utf-8") as f:
             rec = json.load(f)
     except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"row file {path} is not valid JSON ({err}); delete it to recompute the row") from err
+        raise ValueError(f"row file {path} is not valid JSON ({err}); delete it to recompute the "
+                         "row") from err
     if not isinstance(rec, dict) or "fingerprint" not in rec or "metrics" not in rec:
         raise ValueError(f"row file {path} lacks 'fingerprint'/'metrics'; delete it to recompute the row")
     return rec
@@ -294,7 +293,9 @@ def write_tables(
 
 
 def _num(v: Any) -> str:
-    return "" if isinstance(v, float) and not math.isfinite(v) else repr(v) if isinstance(v, float) else str(v)
+    if isinstance(v, float):
+        return repr(v) if math.isfinite(v) else ""
+    return str(v)
 
 
 # ---------------------------------------------------------------------------------------------- processes
@@ -353,8 +354,8 @@ def train_once(
     return log_dir, ckpt
 
 
-# ---------------------------------------------------------------------------------------------- AnoFPDM metrics
-TABLE_METRICS = ("mixed.dice", "mixed.iou", "mixed.auprc", "unhealthy.dice", "unhealthy.iou", "unhealthy.auprc")
+# ---------------------------------------------------------------------------------------------- AnoFPDM
+TABLE_METRICS = tuple(f"{s}.{m}" for s in ("mixed", "unhealthy") for m in ("dice", "iou", "auprc"))
 
 
 def read_anofpdm_metrics(eval_dir: str) -> dict[str, Any]:

@@ -115,7 +115,7 @@ def measure_models(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m guided_diffusion.measure SPEC.json OUT.json``; SPEC: keyword arguments of measure_models."""
+    """``python -m guided_diffusion.measure SPEC OUT``: SPEC is a JSON of measure_models' arguments."""
     from .io_util import atomic_write_json
 
     argv = sys.argv[1:] if argv is None else list(argv)

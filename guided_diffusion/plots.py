@@ -35,7 +35,7 @@ def _save(fig, path: str) -> None:
     atomic_write_bytes(buf.getvalue(), path)
 
 
-def _curve(runs: Sequence[Mapping[str, Mapping[str, Any]]], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _curve(runs: Sequence[Mapping[str, Mapping[str, Any]]], key: str) -> tuple[np.ndarray, ...]:
     ws = sorted({float(w) for run in runs for w in run})
     mean, std = [], []
     for w in ws:
@@ -47,14 +47,15 @@ def _curve(runs: Sequence[Mapping[str, Mapping[str, Any]]], key: str) -> tuple[n
 
 
 def plot_w_selection(
-    per_w: Mapping[str, Sequence[Mapping[str, Mapping[str, Any]]]], chosen: Mapping[str, float], path: str
+    per_w: Mapping[str, Sequence[Mapping[str, Mapping[str, Any]]]], chosen: Mapping[str, Sequence[float]],
+    path: str,
 ) -> None:
     """Validation accuracy and unhealthy Dice vs w per model.
 
     Args:
         per_w: {model: [one dict per seed {w as "%g": {"accuracy", "unhealthy_dice", ...}}]} (the "per_w"
             of experiments.read_anofpdm_metrics).
-        chosen: {model: chosen w} (marked with a star on both panels).
+        chosen: {model: chosen w per seed}; the most frequent one is marked with a star on both panels.
     """
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -66,16 +67,19 @@ def plot_w_selection(
                 continue
             color = f"C{i}"
             ax.errorbar(ws, mean, yerr=std, marker="o", ms=4, capsize=3, color=color, label=name)
-            w0 = chosen.get(name)
-            if w0 is not None and math.isfinite(w0) and np.any(np.isclose(ws, w0)):
+            picks = [float(w) for w in chosen.get(name, []) if w is not None]
+            w0 = max(set(picks), key=picks.count) if picks else None
+            if w0 is not None and np.any(np.isclose(ws, w0)):
                 j = int(np.argmin(np.abs(ws - w0)))
                 ax.plot([ws[j]], [mean[j]], marker="*", ms=16, color=color, mec="black", zorder=5)
         ax.set_xlabel("guidance strength w")
         ax.set_ylabel(label)
+        ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-    axes[0].set_title("label-free selection: largest w within 99 % of the best accuracy (★ = chosen)",
-                      fontsize=9)
-    axes[1].set_title("test split, mean ± std over evaluation seeds", fontsize=9)
+    axes[0].set_title("validation split (image labels only)", fontsize=9)
+    axes[1].set_title("test split", fontsize=9)
+    fig.suptitle("label-free w: largest w within 99 % of the best validation accuracy (★ = chosen); "
+                 "mean ± std over evaluation seeds", fontsize=9)
     axes[1].legend(fontsize=8, loc="best")
     _save(fig, path)
 
@@ -97,7 +101,8 @@ def plot_denoisers(aggregated: Mapping[str, Mapping[str, Any]], path: str) -> No
     ax.set_title("segmentation (AnoFPDM, label-free w)", fontsize=9)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
-    costs = [("cost.params_ratio", "params"), ("cost.step_s_ratio", "train step"), ("cost.peak_mib_ratio", "memory")]
+    costs = [("cost.params_ratio", "params"), ("cost.step_s_ratio", "train step"),
+             ("cost.peak_mib_ratio", "memory")]
     cx = np.arange(len(costs))
     for i, name in enumerate(names):
         vals = [aggregated[name].get(k, {}).get("mean", np.nan) for k, _ in costs]
