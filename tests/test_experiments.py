@@ -275,3 +275,37 @@ def test_smoke_preset_end_to_end(tmp_path):
     assert other.stderr.strip().splitlines()[-1].startswith("error: row v2_seed0 in ")
     assert "(differing: w)" in other.stderr
     np.testing.assert_equal(len(other.stderr.strip().splitlines()), 1)
+
+
+def test_compare_hae_versions_quality_delegates(tmp_path):
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    args = ["--preset", "paper", "--dry_run", "--data_dir", str(tmp_path), "--denoisers", "hae_v2"]
+    p = subprocess.run([sys.executable, "compare_hae_versions.py", "--quality", *args], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    direct = _run(args)
+    assert p.stdout == direct.stdout and p.stdout.count("scripts/translation_FPDM.py") == 3
+    bad = subprocess.run([sys.executable, "compare_hae_versions.py", "--quality", "--preset", "paper"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "needs --data_dir" in bad.stderr
+
+
+def test_compare_denoisers_launcher(tmp_path):
+    script = os.path.join(REPO, "config", "run_compare_denoisers_brats.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0 and os.access(script, os.X_OK)
+    base = {k: v for k, v in os.environ.items() if k not in ("NPROC", "NNODES", "OUT", "DATA_DIR")}
+    proc = subprocess.run(["bash", script], env={**base, "DATA_DIR": str(tmp_path / "nodata")},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and str(tmp_path / "nodata") in proc.stderr
+    data = tmp_path / "data"
+    for split in ("train", "val", "test"):
+        (data / "data_splits" / split).mkdir(parents=True)
+    env = {**base, "DATA_DIR": str(data), "PYTHON": "echo", "OUT": str(tmp_path / "o"), "NPROC": "4",
+           "MASTER_PORT": "29998", "EXTRA_FLAGS": "--denoisers v2 hae_v2"}
+    proc = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout.strip()
+    head = f"scripts/compare_denoisers.py --preset paper --data_dir {data} --out {tmp_path / 'o'}"
+    assert out.startswith(head)
+    assert "--launcher echo -m torch.distributed.run --nproc-per-node 4 --nnodes 1 --node-rank 0" in out
+    assert "--master-port 29998" in out and out.endswith("--denoisers v2 hae_v2")
