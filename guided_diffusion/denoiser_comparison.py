@@ -169,11 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                 ev = os.path.join(out, "work", f"{ver}_seed{seed}-<fingerprint>", "eval")
                 print(shlex.join(eval_command(cfg, ver, data_dir, log_dir, ev, seed, prefix)))
         return 0
-    if not os.path.isdir(os.path.join(data_dir, "data_splits")):
-        d = cfg["data"]
-        ex.run_command([sys.executable, "scripts/make_synthetic_brats.py", "--out", data_dir, "--subjects",
-                        str(d["subjects"]), "--seed", "0", "--image_size", str(cfg["model"]["image_size"]),
-                        "--slice_step", str(d["slice_step"]), "--quiet", "--overwrite"], str(REPO), env)
+    if not args.data_dir:
+        build_synthetic(data_dir, cfg, env)
     data_id = data_identity(data_dir)
     base = {"preset": args.preset, "data_dir": data_dir, "data_sha256": data_id, "model": cfg["model"],
             "timestep_respacing": cfg["timestep_respacing"]}
@@ -222,6 +219,25 @@ def main(argv: list[str] | None = None) -> int:
     print(open(paths["md"], encoding="utf-8").read().split("\nProduced by")[0])
     print(f"wrote {paths['md']}, {paths['csv']}, {paths['json']}, w_selection.png, denoisers.png in {out}")
     return 0
+
+
+def build_synthetic(data_dir: str, cfg: Mapping[str, Any], env: Mapping[str, str]) -> None:
+    """Build the preset's synthetic dataset in ``data_dir`` unless a complete build of it is there.
+
+    The marker ``synthetic_build.json`` is written after a successful build, so a killed build (whose
+    data_splits/ already exists) is rebuilt, and a build made with other settings is replaced."""
+    from .io_util import atomic_write_json
+
+    want = {**cfg["data"], "seed": 0, "image_size": cfg["model"]["image_size"]}
+    marker = os.path.join(data_dir, "synthetic_build.json")
+    if os.path.isfile(marker):
+        with open(marker, encoding="utf-8") as f:
+            if json.load(f) == want:
+                return
+    ex.run_command([sys.executable, "scripts/make_synthetic_brats.py", "--out", data_dir, "--subjects",
+                    str(want["subjects"]), "--seed", "0", "--image_size", str(want["image_size"]),
+                    "--slice_step", str(want["slice_step"]), "--quiet", "--overwrite"], str(REPO), env)
+    atomic_write_json(want, marker)
 
 
 def _default_device() -> str:
