@@ -9,6 +9,10 @@ beside them, labelled as quoted (they were not measured here; see the note print
 
 Usage:
     python compare_hae_versions.py [--json FILE] [--bottleneck_ratio 0.125 0.25 0.5 1.0]
+    python compare_hae_versions.py --quality [--preset smoke|demo|paper ...]
+
+``--quality`` runs the denoiser comparison instead (segmentation quality and cost of the four networks
+trained alike; all other flags are those of scripts/compare_denoisers.py).
 """
 
 from __future__ import annotations
@@ -124,6 +128,8 @@ def format_table(config: str, rows: dict[str, dict[str, Any]]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quality", action="store_true",
+                   help="run the denoiser comparison (scripts/compare_denoisers.py) with the other flags")
     p.add_argument("--json", default=None, help="also write the measured figures to this JSON file")
     p.add_argument("--bottleneck_ratio", type=float, nargs="*", default=[],
                    help="HAE V2 bottleneck ratios to sweep (each in (0, 1])")
@@ -132,6 +138,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.quality:
+        return {"quality_exit_status": quality(list(argv if argv is not None else sys.argv[1:]))}
     from guided_diffusion.hae_blocks import check_bottleneck_ratio
 
     for r in args.bottleneck_ratio:
@@ -163,7 +171,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return result
 
 
+def quality(argv: list[str]) -> int:
+    """``--quality``: the denoiser comparison (guided_diffusion.denoiser_comparison) with the other flags."""
+    from guided_diffusion.cli import run_cli
+    from guided_diffusion.denoiser_comparison import main as compare_main
+
+    return run_cli(compare_main, [a for a in argv if a != "--quality"])
+
+
 if __name__ == "__main__":
+    if "--quality" in sys.argv[1:]:
+        sys.exit(quality(sys.argv[1:]))
     try:
         main()
     except ValueError as err:

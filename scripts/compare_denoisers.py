@@ -1,0 +1,17 @@
+#!/usr/bin/env python
+"""Denoiser comparison: v2, hae, hae_lite, hae_v2 trained alike, segmented with AnoFPDM label-free.
+
+Thin entry point over guided_diffusion.denoiser_comparison (see its docstring for presets and outputs).
+Example: python scripts/compare_denoisers.py --preset demo --out runs/compare_denoisers_demo
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from guided_diffusion.cli import run_cli  # noqa: E402
+from guided_diffusion.denoiser_comparison import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
