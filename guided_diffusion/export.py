@@ -16,6 +16,7 @@ every tensor name and shape fits, and refuses a mismatch with one line. Nothing 
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -223,3 +224,28 @@ def load_pretrained(export_dir: str, device: str | torch.device = "cpu") -> tupl
 
         cal = load_calibrations(cal_path)
     return model, diffusion, cal
+
+
+# ------------------------------------------------------------------------------------------ command line
+def create_argparser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Export a training run as a shareable model folder.")
+    p.add_argument("run_dir", help="training log dir (model*/ema_*/state*.pt, config.json)")
+    p.add_argument("--out", required=True, help="export folder to write")
+    p.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA (default) or raw weights")
+    p.add_argument("--rate", default="0.9999", help="EMA rate with --weights ema (default 0.9999)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    p.add_argument("--calibration", default=None, help="calibration.json (default: RUN_DIR/calibration.json)")
+    p.add_argument("--metrics", default=None, help="metrics.json of an evaluation, shown in the model card")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export in --out")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    """``scripts/export_model.py``: parse ``argv`` and export (errors go to ``cli.run_cli``)."""
+    args = create_argparser().parse_args(argv)
+    cfg = export_run(args.run_dir, args.out, weights=args.weights, rate=args.rate, step=args.step,
+                     calibration=args.calibration, metrics=args.metrics, overwrite=args.overwrite)
+    w = cfg["weights"]
+    print(f"exported {w['kind']} weights of step {w['step']} ({w['n_parameters']:,} parameters) "
+          f"to {args.out}")
+    return 0

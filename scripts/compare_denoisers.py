@@ -6,12 +6,9 @@ Example: python scripts/compare_denoisers.py --preset demo --out runs/compare_de
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from guided_diffusion.cli import run_cli  # noqa: E402
-from guided_diffusion.denoiser_comparison import main  # noqa: E402
+from guided_diffusion.cli import run_cli
+from guided_diffusion.denoiser_comparison import main
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_module
 
 from guided_diffusion import checkpoint
 from guided_diffusion.calibration import Calibration, save_calibrations
@@ -110,23 +109,26 @@ def test_tampered_config_and_weights_are_refused(tmp_path):
 
 def test_export_script_cli(tmp_path, capsys):
     run, _, _ = _run_dir(tmp_path)
-    script = load_module("export_model_script", REPO / "scripts" / "export_model.py")
+    from guided_diffusion.cli import run_cli
+    from guided_diffusion.export import main
+
     out = tmp_path / "e"
-    assert script.run_cli(script.main, [str(run), "--out", str(out), "--rate", "0.9999"]) == 0
+    assert run_cli(main, [str(run), "--out", str(out), "--rate", "0.9999"]) == 0
     assert "exported ema weights of step 7" in capsys.readouterr().out
-    assert script.run_cli(script.main, [str(run), "--out", str(tmp_path / "f"), "--rate", "0.5"]) == 2
+    assert run_cli(main, [str(run), "--out", str(tmp_path / "f"), "--rate", "0.5"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no EMA checkpoint with rate 0.5") and err.count("\n") == 1
 
 
 def test_export_of_a_real_training_run(tmp_path):
     """scripts/train.py saves the config export reads: the export reproduces the EMA checkpoint exactly."""
-    from test_train import write_fake_brats
+    from fake_data import write_fake_brats
 
-    train = load_module("train_script_for_export", REPO / "scripts" / "train.py")
+    from guided_diffusion.training import main as train_main
+
     data = write_fake_brats(tmp_path / "data")
     log = tmp_path / "log"
-    assert train.main(["--data_dir", str(data), "--log_dir", str(log), "--image_size", "16",
+    assert train_main(["--data_dir", str(data), "--log_dir", str(log), "--image_size", "16",
                        "--num_channels", "8", "--in_channels", "2", "--num_classes", "2",
                        "--channel_mult", "1,2", "--attention_resolutions", "8", "--num_heads", "1",
                        "--num_res_blocks", "1", "--diffusion_steps", "40", "--batch_size", "4",

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fake_data import write_fake_brats
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from guided_diffusion import checkpoint, dist_util, logger, training
@@ -289,24 +290,6 @@ def test_train_script_errors_are_short(tmp_path, capsys):
     _, _, t = training.parse_configs_for_training(["--w", "1", "1.8", "--threshold", "0.1",
                                                    "--sample_shape", "12", "4", "128", "128"])
     assert t.w == (1.0, 1.8) and t.sample_shape == (12, 4, 128, 128) and t.resume == "auto"
-
-
-def write_fake_brats(root: Path, channels: int = 2, size: int = 16, patients: int = 2, slices: int = 5):
-    """Minimal preprocessed layout (spec 1.1): npy_train/patient_*/slice_*.npz with x, y."""
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    for p in range(patients):
-        d = root / "npy_train" / f"patient_P{p:03d}"
-        d.mkdir(parents=True)
-        for k in range(slices):
-            y = np.zeros((1, 1, size, size), np.float32)
-            if k % 2:
-                y[..., 4:9, 5:10] = 1.0
-            np.savez(d / f"slice_{k}.npz", x=rng.random((1, channels, size, size)).astype(np.float32), y=y)
-    (root / "data_splits" / "train").mkdir(parents=True)
-    (root / "data_splits" / "train" / "scans.csv").write_text("".join(f"P{p:03d}\n" for p in range(patients)))
-    return root
 
 
 def test_train_script_end_to_end(tmp_path, capsys):
