@@ -8,6 +8,8 @@
 #                    step time, images/s, peak memory (v2, hae_v2)
 #   5. translation   AnoFPDM forward process, random-weight BraTS-config model, random inputs (batch 16):
 #                    a few steps timed, slices/s extrapolated to 600 forward steps (v2, hae_v2)
+#   6. inference_modes  benchmarks/bench_inference.py, BraTS config, batch 16: fp32 eager vs bf16, fp16,
+#                    torch.compile and early stop side by side (speed-up, max |dM_t|, identical t_e)
 # Writes ONE JSON: ${OUT:-gpu_check_out}/gpu_check.json (every stage's status, time and results; a failed
 # stage is recorded and the others still run) and prints a summary table. Exit status: 0 all stages ok,
 # 1 some stage failed (details in the JSON), 2 the summary itself failed.
@@ -207,13 +209,24 @@ for ver in ("v2", "hae_v2"):
 json.dump(res, open(os.path.join(os.environ["GPU_CHECK_STAGES"], "translation.json"), "w"), indent=1)
 PY
 
+# ------------------------------------------------------------------------------------------- 6. inference_modes
+if [ "$DRY" = 1 ]; then
+    run_stage inference_modes 300 "$PY" benchmarks/bench_inference.py --config tiny --device cpu \
+        --forward_steps 4 --repeats 1 --threads 1 --skip_memory --patience 2 \
+        --modes faithful bf16 fp16 early_stop --json "$STAGES/inference_modes.json"
+else
+    run_stage inference_modes 420 "$PY" benchmarks/bench_inference.py --config brats --device cuda \
+        --batch 16 --forward_steps "${TRANSLATION_STEPS:-20}" --repeats 2 --patience 5 \
+        --modes faithful bf16 fp16 compile early_stop --json "$STAGES/inference_modes.json"
+fi
+
 # ------------------------------------------------------------------------------------------- merge + summary
 "$PY" - "$OUT_DIR" <<'PY'
 import json, os, sys
 out_dir = sys.argv[1]
 stages_dir = os.path.join(out_dir, "stages")
 report = {"dry_run": os.environ["GPU_CHECK_DRY_RUN"] == "1", "stages": {}}
-for name in ("env", "pytest_cuda", "bench_models", "train_step", "translation"):
+for name in ("env", "pytest_cuda", "bench_models", "train_step", "translation", "inference_modes"):
     entry = {"rc": None, "seconds": None, "ok": False}
     status = os.path.join(stages_dir, f"{name}.status")
     if os.path.exists(status):
@@ -255,6 +268,11 @@ for name, e in report["stages"].items():
         info = "; ".join(f"{m} {v['step_s'] * 1e3:.1f} ms/step {v['images_per_s']:.1f} img/s "
                          f"peak {v['peak_mem_gib'] if v['peak_mem_gib'] is None else round(v['peak_mem_gib'], 2)} GiB"
                          for m, v in r.get("models", {}).items())
+    elif name == "inference_modes":
+        info = "; ".join(f"{m} x{v.get('speedup_vs_faithful', float('nan')):.2f} "
+                         f"dM {v.get('max_abs_div_diff_vs_faithful', float('nan')):.1e} "
+                         f"t_e {v.get('same_end_step_fraction', float('nan')):.2f}"
+                         for m, v in r.get("modes", {}).items())
     else:
         info = "; ".join(f"{m} {v['slices_per_s_at_600']:.3f} slices/s @600 ({v['seconds_per_step'] * 1e3:.1f} ms/step)"
                          for m, v in r.get("models", {}).items())

@@ -13,7 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
-STAGES = ("env", "pytest_cuda", "bench_models", "train_step", "translation")
+STAGES = ("env", "pytest_cuda", "bench_models", "train_step", "translation", "inference_modes")
 
 
 def _env(out: Path, **extra: str) -> dict:
@@ -52,4 +52,7 @@ def test_dry_run_writes_one_json(tmp_path):
         models = report["stages"][stage]["result"]["models"]
         assert set(models) == {"v2", "hae_v2"} and all(m[key] > 0 for m in models.values()), stage
     assert "v2" in report["stages"]["bench_models"]["result"]["time_s"]
+    modes = report["stages"]["inference_modes"]["result"]["modes"]
+    assert set(modes) == {"faithful", "bf16", "fp16", "early_stop"}
+    assert modes["faithful"]["same_end_step_fraction"] == 1.0 and modes["bf16"]["speedup_vs_faithful"] > 0
     assert "stage" in res.stdout and "gpu_check.json" in res.stdout  # the summary table was printed
