@@ -45,8 +45,8 @@ def parse_mode(mode: str) -> dict[str, Any]:
         elif part in ("channels_last", "compile"):
             out[part] = True
         else:
-            raise ValueError(f"--modes: unknown part {part!r} in {mode!r}; use fp32|bf16|fp16, channels_last, "
-                             "compile joined by +")
+            raise ValueError(f"--modes: unknown part {part!r} in {mode!r}; use fp32|bf16|fp16, "
+                             "channels_last, compile joined by +")
     return out
 
 
@@ -90,7 +90,8 @@ def step_rate(config: str, mode: str, batch: int, steps: int, warmup: int, devic
     return {"mode": mode, **opts, "images_per_s": batch * steps / seconds, "final_loss": float(last)}
 
 
-def loader_rate(data_dir: str, batch: int, n_batches: int, num_workers: int, in_channels: int) -> dict[str, Any]:
+def loader_rate(data_dir: str, batch: int, n_batches: int, num_workers: int,
+                in_channels: int) -> dict[str, Any]:
     """images/s of the training DataLoader alone (no model) over ``n_batches`` batches."""
     from guided_diffusion.data.brats import get_train_loader
 
