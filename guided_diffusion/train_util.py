@@ -167,6 +167,37 @@ def total_steps(max_steps: int, lr_anneal_steps: int, total_epochs: int,
     return min(limits) if limits else None
 
 
+def loader_len(loader: Any) -> int:
+    """``len(loader)``, 0 for a loader without a length."""
+    try:
+        return len(loader)
+    except TypeError:
+        return 0
+
+
+def progress_bar(loop: Any) -> Any:
+    """A tqdm bar over the loop's steps on rank 0 at a terminal, else None."""
+    if not (dist_util.is_main_process() and sys.stdout.isatty()):
+        return None
+    from tqdm import tqdm
+
+    total = total_steps(loop.max_steps, loop.lr_anneal_steps, loop.total_epochs, loop.batches_per_epoch())
+    return tqdm(total=total, initial=loop.step, desc="train", dynamic_ncols=True)
+
+
+def wrap_network(model: torch.nn.Module, device: torch.device, world_size: int, compile: bool = False,
+                 channels_last: bool = False) -> torch.nn.Module:
+    """The callable the loop trains through: ``model`` converted in place to channels_last (optional),
+    in DDP when ``world_size > 1``, then torch.compile'd (optional, eager fallback). ``model`` itself
+    stays the module whose state_dict is saved, so the checkpoint keys never carry ``_orig_mod.``."""
+    from .precision import maybe_compile, to_channels_last
+
+    if channels_last:
+        to_channels_last(model)
+    net = wrap_ddp(model, device) if world_size > 1 else model
+    return maybe_compile(net, compile, log=logger.log)
+
+
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     """The autocast context of ``precision`` (none for fp32)."""
     if precision == "fp32":
@@ -258,6 +289,8 @@ class TrainLoop:
         preview_diffusion: Any = None,
         ddpm_preview: bool = False,
         num_classes: int | None = None,
+        compile: bool = False,
+        channels_last: bool = False,
     ):
         check_loop_settings(precision=precision, resume=resume, max_steps=max_steps,
                             total_epochs=total_epochs, lr_anneal_steps=lr_anneal_steps,
@@ -301,13 +334,11 @@ class TrainLoop:
         dist_util.sync_params(self.model.parameters())
         if dist_util.is_main_process() and self.config:
             atomic_write_json(self.config, bf.join(self.log_dir, "config.json"))
-        self.ddp_model = wrap_ddp(model, self.device) if self.world_size > 1 else model
+        self.ddp_model = wrap_network(model, self.device, self.world_size, compile, channels_last)
+        self.memory_format = torch.channels_last if channels_last else torch.preserve_format
 
     def batches_per_epoch(self) -> int:
-        try:
-            return len(self.loader)
-        except TypeError:
-            return 0
+        return loader_len(self.loader)
 
     def _done(self) -> bool:
         if self.max_steps > 0 and self.step >= self.max_steps:
@@ -323,13 +354,7 @@ class TrainLoop:
 
     def run_loop(self) -> None:
         """Train until max_steps / total_epochs; saves every save_interval steps and once at the end."""
-        bar = None
-        if dist_util.is_main_process() and sys.stdout.isatty():
-            from tqdm import tqdm
-
-            n = self.batches_per_epoch()
-            total = total_steps(self.max_steps, self.lr_anneal_steps, self.total_epochs, n)
-            bar = tqdm(total=total, initial=self.step, desc="train", dynamic_ncols=True)
+        bar = progress_bar(self)
         n_batches = self.batches_per_epoch()
         if n_batches == 0:
             raise ValueError("the training loader yields no batches (dataset smaller than one global batch? "
@@ -376,7 +401,7 @@ class TrainLoop:
         gen.manual_seed(seed_for(self.seed, self.rank, self.step))
         self.opt.zero_grad(set_to_none=True)
         for i in range(0, n, micro):
-            xb = x[i:i + micro].to(self.device, non_blocking=True)
+            xb = x[i:i + micro].to(self.device, non_blocking=True, memory_format=self.memory_format)
             kwargs = {k: v[i:i + micro].to(self.device) for k, v in cond.items()}
             if "y" in kwargs:
                 kwargs["threshold"] = self.label_dropout

@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 from . import dist_util, logger
@@ -80,6 +80,10 @@ class TrainConfig(Config):
                                       changes=NO_RUN_EFFECT)
     precision: str = setting("fp32", "fp32 | bf16 (autocast) | fp16 (autocast + loss scaling)",
                              choices=PRECISIONS)
+    compile: bool = setting(False, "torch.compile the network (eager fallback with one line where "
+                            "unsupported); checkpoints unchanged", changes=NO_RUN_EFFECT)
+    channels_last: bool = setting(False, "channels_last memory format for the network and its inputs",
+                                  changes=NO_RUN_EFFECT)
     grad_clip: float = setting(0.0, "clip the global gradient norm to this value (0: off)")
     n_unhealthy_patients: int = setting(-1, "use only the first N unhealthy patients (-1: all)")
     n_healthy_patients: int = setting(-1, "use only the first N healthy patients (-1: all)")
@@ -252,7 +256,6 @@ def train(m: ModelConfig, d: DiffusionConfig, t: TrainConfig) -> None:
 def _train_in(log_dir: str, m: ModelConfig, d: DiffusionConfig, t: TrainConfig) -> None:
     from .data.brats import get_train_loader
     from .io_util import atomic_write_bytes
-    from .resample import create_named_schedule_sampler
     from .train_util import TrainLoop, image_grid_png, seed_everything
 
     image_dir = t.image_dir or os.path.join(log_dir, "images")
@@ -267,7 +270,6 @@ def _train_in(log_dir: str, m: ModelConfig, d: DiffusionConfig, t: TrainConfig) 
     model, diffusion = create_from_configs(m, d)
     model.to(dist_util.dev())
     logger.log(f"unet_ver {m.unet_ver}: {format_param_count(count_parameters(model))}")
-    schedule_sampler = create_named_schedule_sampler(t.schedule_sampler, diffusion)
 
     logger.log("creating data loader...")
     data = get_train_loader(t.data_dir, t.batch_size, seed=t.seed, in_channels=m.in_channels, mixed=t.mixed,
@@ -287,6 +289,59 @@ def _train_in(log_dir: str, m: ModelConfig, d: DiffusionConfig, t: TrainConfig) 
         atomic_write_bytes(image_grid_png(x0.float()), os.path.join(image_dir, f"real_{t.name}_train.png"))
 
     logger.log("training...")
+    with training_extras(log_dir, t):
+        _loop(TrainLoop, model, diffusion, data, log_dir, image_dir, preview_shape, m, d, t)
+    logger.log("done")
+
+
+class _ScalarOutput:
+    """A logger output forwarding every dumped row to a ``ScalarWriter`` (step from the ``step`` key)."""
+
+    def __init__(self, writer: Any):
+        self.writer, self.count = writer, 0
+
+    def writekvs(self, kvs: dict[str, Any]) -> None:
+        self.writer.log_scalars(int(kvs.get("step", self.count)), kvs)
+        self.count += 1
+
+    def writeseq(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+@contextlib.contextmanager
+def training_extras(log_dir: str, t: TrainConfig) -> Iterator[None]:
+    """Rank 0: TensorBoard events under LOG_DIR/tb while training (when tensorboard is importable, else
+    nothing) and LOG_DIR/loss_curves.png from progress.csv at the end of the run (issue 12)."""
+    from .training_plots import ScalarWriter, write_loss_curves_png
+
+    main_rank = dist_util.is_main_process()
+    out = _ScalarOutput(ScalarWriter(os.path.join(log_dir, "tb"))) if main_rank else None
+    current = logger._get() if out is not None and out.writer.enabled else None
+    if current is not None:
+        current.outputs.append(out)
+    try:
+        yield
+    finally:
+        if current is not None:
+            current.outputs.remove(out)
+        if out is not None:
+            out.close()
+    progress = os.path.join(log_dir, "progress.csv")
+    if main_rank and os.path.isfile(progress):
+        try:
+            write_loss_curves_png(progress, os.path.join(log_dir, "loss_curves.png"), title=t.name)
+        except (ValueError, ImportError) as err:
+            logger.warn(f"loss_curves.png not written: {err}")
+
+
+def _loop(TrainLoop: Any, model: Any, diffusion: Any, data: Any, log_dir: str, image_dir: str,
+          preview_shape: list[int] | None, m: ModelConfig, d: DiffusionConfig, t: TrainConfig) -> None:
+    from .resample import create_named_schedule_sampler
+
+    schedule_sampler = create_named_schedule_sampler(t.schedule_sampler, diffusion)
     TrainLoop(
         model=model, diffusion=diffusion, data=data, batch_size=t.batch_size, microbatch=t.microbatch,
         lr=t.lr, ema_rate=t.ema_rate, log_interval=t.log_interval, save_interval=t.save_interval,
@@ -297,8 +352,8 @@ def _train_in(log_dir: str, m: ModelConfig, d: DiffusionConfig, t: TrainConfig) 
         image_dir=image_dir, preview_shape=preview_shape, preview_w=list(t.w),
         preview_diffusion=_preview_diffusion(d, t) if preview_shape else None,
         ddpm_preview=t.ddpm_sampling, num_classes=m.num_classes or None,
+        compile=t.compile, channels_last=t.channels_last,
     ).run_loop()
-    logger.log("done")
 
 
 HAE_V2_FORCED: dict[str, Any] = {"unet_ver": "hae_v2"}

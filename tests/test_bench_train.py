@@ -1,0 +1,54 @@
+"""benchmarks/bench_train.py at the tiny config: every mode runs, ratios are to fp32 eager, the loader-only
+rate is measured on a data dir, and the JSON is written."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_train import write_fake_brats
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "benchmarks" / "bench_train.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_train_tiny_table_and_json(tmp_path, capsys, monkeypatch):
+    bench = _bench()
+    lines = []
+
+    def no_compiler(*a, **k):  # keeps the test fast; the fallback is what an unsupported platform gets
+        lines.append("compile asked")
+        raise RuntimeError("no compiler in this test")
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    data = write_fake_brats(tmp_path / "data")
+    out_json = tmp_path / "bench.json"
+    out = bench.main(["--config", "tiny", "--batch", "2", "--steps", "2", "--warmup", "0", "--threads", "1",
+                      "--modes", "fp32,bf16,channels_last,compile", "--data_dir", str(data),
+                      "--loader_batches", "3", "--num_workers", "0", "--json", str(out_json)])
+    text = capsys.readouterr()
+    assert "running eagerly" in text.err and lines == ["compile asked"]
+    assert [r["mode"] for r in out["train"]] == ["fp32", "bf16", "channels_last", "compile"]
+    assert out["train"][0]["ratio_to_fp32"] == 1.0
+    for r in out["train"]:
+        assert r["images_per_s"] > 0 and r["final_loss"] == r["final_loss"]  # finite, not NaN
+        assert abs(r["ratio_to_fp32"] - r["images_per_s"] / out["train"][0]["images_per_s"]) < 1e-9
+    assert out["train"][2]["channels_last"] and out["train"][3]["compile"]
+    assert out["loader"]["batches"] == 3 and out["loader"]["images_per_s"] > 0
+    assert "loader only" in text.out and "channels_last" in text.out
+    assert json.loads(out_json.read_text()) == json.loads(json.dumps(out))
+
+
+def test_bench_train_bad_mode_names_the_flag():
+    with pytest.raises(ValueError, match="--modes"):
+        _bench().parse_mode("fp32+fast")
