@@ -270,12 +270,8 @@ def _fake_train_split(root, channels=2, size=16, patients=2, slices=4):
 
 
 def test_train_classifier_script(tmp_path, capsys):
-    from pathlib import Path
-
-    from conftest import load_module
-
-    script = load_module("train_classifier_script",
-                         Path(__file__).resolve().parents[1] / "scripts" / "train_classifier.py")
+    from guided_diffusion import classifier_training as script
+    from guided_diffusion.cli import run_cli
     data = _fake_train_split(tmp_path / "data")
     flags = ["--data_dir", str(data), "--log_dir", str(tmp_path / "log"), "--image_size", "16",
              "--in_channels", "2", "--classifier_width", "8", "--classifier_depth", "1",
@@ -295,5 +291,5 @@ def test_train_classifier_script(tmp_path, capsys):
     assert saved == ["classifier_000002.pt", "classifier_000003.pt"]
     model.load_state_dict(torch.load(log / "classifier_000003.pt"), strict=True)
     assert capsys.readouterr().out.count("loss") == 3
-    assert script.run_cli(script.main, ["--log_dir", str(log)]) == 2
+    assert run_cli(script.main, ["--log_dir", str(log)]) == 2
     assert "--data_dir" in capsys.readouterr().err
