@@ -8,9 +8,10 @@ traceback. The traceback is shown when ``--debug`` is on the command line or ``H
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 DEBUG_ENV = ("HAE_FPDM_DEBUG", "TRAIN_DEBUG")
@@ -73,3 +74,32 @@ def run_cli(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> 
         print(error_line(err) + "  (--debug or HAE_FPDM_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2
     return int(status) if isinstance(status, int) else 0
+
+
+def add_dict_to_argparser(parser: argparse.ArgumentParser, default_dict: Mapping[str, Any]) -> None:
+    """Add ``--key`` for every entry (bool -> str2bool, None -> str, tuple/list -> nargs='*')."""
+    for k, v in default_dict.items():
+        if isinstance(v, bool):
+            parser.add_argument(f"--{k}", default=v, type=_str2bool)
+        elif v is None:
+            parser.add_argument(f"--{k}", default=v, type=str)
+        elif isinstance(v, (tuple, list)):
+            item_type = type(v[0]) if v else str
+            parser.add_argument(f"--{k}", default=v, type=item_type, nargs="*")
+        else:
+            parser.add_argument(f"--{k}", default=v, type=type(v))
+
+
+def args_to_dict(args: argparse.Namespace, keys: Iterable[str]) -> dict[str, Any]:
+    """Pick ``keys`` from parsed arguments into a dict."""
+    keys = list(keys)
+    missing = [k for k in keys if not hasattr(args, k)]
+    if missing:
+        raise ValueError(f"parsed arguments lack flags {missing}; add them with add_dict_to_argparser")
+    return {k: getattr(args, k) for k in keys}
+
+
+def _str2bool(v: str | bool) -> bool:
+    from .configs import str2bool
+
+    return str2bool(v)

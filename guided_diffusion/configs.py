@@ -6,9 +6,8 @@ definition. Entry points parse flags into configs (``parse_configs``); library c
 
 - ``setting(default, help, ...)`` declares a field; ``Config`` is the base class (``to_dict``,
   ``from_dict`` refusing unknown keys, ``replace``, ``validate`` run by ``__post_init__``).
-- ``add_flags(parser, Config)`` adds ``--<field>`` for every field; ``from_args`` builds a config from
-  parsed flags. Flags default to "not given", so ``--config FILE`` values can be overridden one by one.
-- ``COMPAT`` maps upstream flag names onto fields, or accepts them with one warning.
+- ``COMPAT`` maps upstream flag names onto fields, or accepts them with one warning (``CompatFlag``).
+- The command-line side (flags generated from the fields, ``--config FILE``) is ``config_flags.py``.
 - ``ModelConfig`` / ``DiffusionConfig``: the network and diffusion flags (the names of script_util's
   ``model_and_diffusion_defaults``, which checkpoints' saved configs use).
 """
@@ -21,7 +20,6 @@ import json
 import math
 import types
 import typing
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
@@ -64,7 +62,7 @@ def str2bool(v: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"boolean value expected (true/false, yes/no, 1/0); got {v!r}")
 
 
-def _field_kind(tp: Any) -> tuple[type, bool, bool]:
+def field_kind(tp: Any) -> tuple[type, bool, bool]:
     """(item type, is_sequence, optional) of a field annotation such as ``int``, ``tuple[int, ...]``,
     ``float | None``."""
     optional = False
@@ -91,7 +89,7 @@ class Config:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
-            item, seq, optional = _field_kind(_hints(type(self))[f.name])
+            item, seq, optional = field_kind(type_hints(type(self))[f.name])
             if value is None and optional:
                 continue
             object.__setattr__(self, f.name, _coerce(value, item, seq, f.name))
@@ -124,7 +122,7 @@ class Config:
                 if changes in f.metadata.get("changes", ())}
 
 
-def _hints(cls: type) -> dict[str, Any]:
+def type_hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
@@ -199,43 +197,6 @@ def require_finite(
     require(high is None or value <= high, f"--{name} must be <= {high}; got {value!r}")
 
 
-# --------------------------------------------------------------------------------------------- flags
-
-
-def add_flags(parser: argparse.ArgumentParser, cls: type[Config], skip: Iterable[str] = ()) -> None:
-    """Add ``--<field>`` for every flag field of ``cls`` (bool: str2bool; tuple: nargs). Flags default to
-    "not given" (argparse.SUPPRESS); the help shows the field default."""
-    skip = set(skip)
-    hints = _hints(cls)
-    group = parser.add_argument_group(cls.SECTION or cls.__name__)
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if f.name in skip or not f.metadata.get("flag", True):
-            continue
-        item, seq, optional = _field_kind(hints[f.name])
-        kwargs: dict[str, Any] = dict(default=argparse.SUPPRESS, dest=f.name)
-        kwargs["type"] = str2bool if item is bool else item
-        if seq:
-            kwargs["nargs"] = "+"
-        if f.metadata.get("choices") is not None:
-            kwargs["choices"] = f.metadata["choices"]
-        if f.metadata.get("metavar"):
-            kwargs["metavar"] = f.metadata["metavar"]
-        default = f.default
-        shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
-        kwargs["help"] = f"{f.metadata.get('help', '')} (default: {shown!s})".strip()
-        group.add_argument(f"--{f.name}", **kwargs)
-
-
-def from_args(cls: type[C], ns: argparse.Namespace | Mapping[str, Any],
-              base: Mapping[str, Any] | None = None) -> C:
-    """Build ``cls`` from parsed flags over ``base`` (e.g. a run file's section), over the field defaults."""
-    given = vars(ns) if isinstance(ns, argparse.Namespace) else dict(ns)
-    names = set(field_names(cls))
-    values = dict(base or {})
-    values.update({k: v for k, v in given.items() if k in names})
-    return cls.from_dict(values)
-
-
 # ---------------------------------------------------------------------------------- upstream names
 
 
@@ -253,7 +214,6 @@ class CompatFlag:
 
 
 COMPAT: dict[str, CompatFlag] = {}
-_WARNED: set[str] = set()
 
 
 def register_compat(*flags: CompatFlag) -> None:
@@ -263,45 +223,6 @@ def register_compat(*flags: CompatFlag) -> None:
         if old is not None and old != c:
             raise ValueError(f"compat flag --{c.name} is already registered differently")
         COMPAT[c.name] = c
-
-
-def add_compat_flags(parser: argparse.ArgumentParser, names: Iterable[str] | None = None) -> None:
-    """Accept the registered upstream names (hidden from --help) that ``parser`` does not define itself."""
-    have = {a.dest for a in parser._actions}
-    for name in sorted(COMPAT if names is None else names):
-        c = COMPAT[name]
-        if name in have:
-            continue
-        parser.add_argument(f"--{name}", dest=f"compat__{name}", type=c.type, default=argparse.SUPPRESS,
-                            nargs="?", const="True", help=argparse.SUPPRESS)
-
-
-def resolve_compat(ns: argparse.Namespace) -> argparse.Namespace:
-    """A copy of ``ns`` with the upstream names applied: mapped onto their field (a value given under the
-    field's own name wins only if they agree), or warned about once, or refused."""
-    out = argparse.Namespace(**vars(ns))
-    for key in [k for k in vars(ns) if k.startswith("compat__")]:
-        name = key[len("compat__"):]
-        c = COMPAT[name]
-        raw = getattr(out, key)
-        delattr(out, key)
-        if c.field is None:
-            try:
-                ok = "*" in c.accepted or (
-                    str2bool(raw) in c.accepted if isinstance(c.accepted[0], bool) else raw in c.accepted)
-            except (argparse.ArgumentTypeError, IndexError):
-                ok = False
-            if not ok:
-                raise ValueError(f"--{name} {raw} is not supported: {c.note}")
-            if name not in _WARNED:
-                _WARNED.add(name)
-                warnings.warn(f"--{name} is accepted for compatibility and ignored: {c.note}", stacklevel=2)
-            continue
-        value = c.convert(raw) if c.convert else raw
-        if hasattr(out, c.field) and getattr(out, c.field) != value:
-            raise ValueError(f"--{name} {raw} contradicts --{c.field} {getattr(out, c.field)}; pass only one")
-        setattr(out, c.field, value)
-    return out
 
 
 # --------------------------------------------------------------------------------------- run files
@@ -330,30 +251,6 @@ def save_run_config(path: str, sections: Mapping[str, Any]) -> None:
 def run_record(*configs: Config) -> dict[str, dict[str, Any]]:
     """{section: fields} of ``configs``, the form ``save_run_config`` writes and ``parse_configs`` reads."""
     return {c.SECTION: c.to_dict() for c in configs}
-
-
-def add_config_flag(parser: argparse.ArgumentParser) -> None:
-    """``--config FILE``: run again from a saved run config (flags given on the command line override)."""
-    parser.add_argument("--config", default=None, metavar="FILE",
-                        help="a run config JSON written by an earlier run (config.json in its log dir); "
-                             "flags given here override single values")
-
-
-def parse_configs(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
-                  classes: Sequence[type[Config]]) -> tuple[argparse.Namespace, list[Config]]:
-    """Parse ``argv`` and build one config per class: field default < ``--config`` file < flag given.
-
-    Returns the namespace (upstream names resolved) and the configs in ``classes`` order. A run file
-    section of another kind is ignored; an unknown key inside a known section is refused."""
-    ns = resolve_compat(parser.parse_args(argv))
-    run = load_run_config(ns.config) if getattr(ns, "config", None) else {}
-    out = []
-    for cls in classes:
-        section = run.get(cls.SECTION, {})
-        src = f"{ns.config} section {cls.SECTION!r}" if run else ""
-        check_keys(cls, section, source=src)  # names unknown keys of the file before flags are applied
-        out.append(from_args(cls, ns, base=section))
-    return ns, out
 
 
 # -------------------------------------------------------------------------------- model, diffusion

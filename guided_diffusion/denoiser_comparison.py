@@ -92,21 +92,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve(args: argparse.Namespace) -> dict[str, Any]:
-    """The preset with the command-line overrides applied (and checked)."""
-    cfg = json.loads(json.dumps(PRESETS[args.preset]))
+def resolve(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The preset named by ``options["preset"]`` with the command-line overrides (``build_parser``'s
+    options as a dict) applied and checked."""
+    cfg = json.loads(json.dumps(PRESETS[options["preset"]]))
     for key in ("eval_seeds", "train_steps", "w", "num_slices"):
-        if getattr(args, key) is not None:
-            cfg[key] = getattr(args, key)
+        if options.get(key) is not None:
+            cfg[key] = options[key]
     if cfg["train_steps"] < 1:
         raise ValueError(f"--train_steps must be >= 1, got {cfg['train_steps']}")
     if len(set(cfg["eval_seeds"])) != len(cfg["eval_seeds"]):
         raise ValueError(f"--eval_seeds has repeated values {cfg['eval_seeds']}")
-    if cfg["data"] is None and not args.data_dir:
-        raise ValueError(f"--preset {args.preset} needs --data_dir (the preprocessed BraTS21 root)")
-    if args.data_dir and not args.dry_run and not os.path.isdir(os.path.join(args.data_dir, "data_splits")):
-        raise FileNotFoundError(f"--data_dir {args.data_dir} has no data_splits/: not a preprocessed "
-                                "data root")
+    data_dir = options.get("data_dir")
+    if cfg["data"] is None and not data_dir:
+        raise ValueError(f"--preset {options['preset']} needs --data_dir (the preprocessed BraTS21 root)")
+    if data_dir and not options.get("dry_run") and not os.path.isdir(os.path.join(data_dir, "data_splits")):
+        raise FileNotFoundError(f"--data_dir {data_dir} has no data_splits/: not a preprocessed data root")
     cfg["save_interval"] = min(cfg["save_interval"], cfg["train_steps"])
     return cfg
 
@@ -154,7 +155,7 @@ def data_identity(data_dir: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cfg = resolve(args)
+    cfg = resolve(vars(args))
     out = os.path.abspath(args.out or f"runs/compare_denoisers_{args.preset}")
     pypath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, PYTHONPATH=pypath)

@@ -7,7 +7,6 @@ The networks come from the registry (``guided_diffusion.registry``), completed b
 
 from __future__ import annotations
 
-import argparse
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -15,10 +14,12 @@ from typing import Any
 from torch import nn
 
 from . import variants
+from .cli import add_dict_to_argparser, args_to_dict
 from .configs import DiffusionConfig, ModelConfig, str2bool
 from .registry import MODEL_REGISTRY, register_model
 
-__all__ = ["MODEL_REGISTRY", "register_model", "str2bool"]  # re-exported from registry / configs
+# re-exported from registry / configs / cli (the guided-diffusion names)
+__all__ = ["MODEL_REGISTRY", "add_dict_to_argparser", "args_to_dict", "register_model", "str2bool"]
 
 # channel_mult chosen from the image size when --channel_mult is empty (anofpdm_spec.md §2.2)
 DEFAULT_CHANNEL_MULT: dict[int, tuple[float, ...]] = {
@@ -249,7 +250,7 @@ _ARCH_FLAGS = (
 
 
 def model_config(
-    args_or_dict: argparse.Namespace | Mapping[str, Any] | ModelConfig,
+    args_or_dict: Mapping[str, Any] | ModelConfig,
     diffusion: DiffusionConfig | None = None,
 ) -> dict[str, Any]:
     """The resolved architecture-defining flags (JSON-friendly), for checking a checkpoint fits the flags.
@@ -260,8 +261,6 @@ def model_config(
     """
     if isinstance(args_or_dict, ModelConfig):
         given = {**args_or_dict.to_dict(), **(diffusion or DiffusionConfig()).to_dict()}
-    elif isinstance(args_or_dict, argparse.Namespace):
-        given = vars(args_or_dict)
     else:
         given = dict(args_or_dict)
     flags = {**model_and_diffusion_defaults(), **given}
@@ -280,26 +279,3 @@ def model_config(
         cfg.pop("use_hae")
         cfg.pop("bottleneck_ratio")
     return cfg
-
-
-def add_dict_to_argparser(parser: argparse.ArgumentParser, default_dict: Mapping[str, Any]) -> None:
-    """Add ``--key`` for every entry (bool -> str2bool, None -> str, tuple/list -> nargs='*')."""
-    for k, v in default_dict.items():
-        if isinstance(v, bool):
-            parser.add_argument(f"--{k}", default=v, type=str2bool)
-        elif v is None:
-            parser.add_argument(f"--{k}", default=v, type=str)
-        elif isinstance(v, (tuple, list)):
-            item_type = type(v[0]) if v else str
-            parser.add_argument(f"--{k}", default=v, type=item_type, nargs="*")
-        else:
-            parser.add_argument(f"--{k}", default=v, type=type(v))
-
-
-def args_to_dict(args: argparse.Namespace, keys: Iterable[str]) -> dict[str, Any]:
-    """Pick ``keys`` from parsed arguments into a dict."""
-    keys = list(keys)
-    missing = [k for k in keys if not hasattr(args, k)]
-    if missing:
-        raise ValueError(f"parsed arguments lack flags {missing}; add them with add_dict_to_argparser")
-    return {k: getattr(args, k) for k in keys}

@@ -8,31 +8,21 @@ configs to ``run_config.json`` in its log dir; ``--config FILE`` runs it again (
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import os
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 from . import dist_util, logger
 from .configs import (
-    CompatFlag,
     Config,
     DiffusionConfig,
     ModelConfig,
-    add_compat_flags,
-    add_config_flag,
-    add_flags,
-    from_args,
-    load_run_config,
     require,
     require_finite,
-    resolve_compat,
     save_run_config,
     setting,
-    str2bool,
 )
 from .nn import count_parameters, format_param_count
 from .script_util import create_from_configs, create_gaussian_diffusion, model_config
@@ -40,12 +30,6 @@ from .train_util import PRECISIONS, parse_ema_rates
 
 SYNTHETIC_HINT = "python scripts/make_synthetic_brats.py --out DIR"
 RUN_CONFIG = "run_config.json"
-DESCRIPTION = """Train a (classifier-free guided) diffusion model on preprocessed BraTS/ATLAS slices.
-
-Runs as a single process (CPU or one GPU), under ``torchrun --nproc-per-node N`` or ``mpiexec -n N``.
-Logs and checkpoints go to ``--log_dir`` / ``$OPENAI_LOGDIR``; ``--resume auto`` (default) continues
-from the newest complete checkpoint found there. A model is class-conditional when --num_classes > 0.
-"""
 NO_RUN_EFFECT: tuple[str, ...] = ()  # field metadata "changes" for settings that leave the weights alone
 
 
@@ -113,91 +97,6 @@ class TrainConfig(Config):
                 f"--sample_shape {list(self.sample_shape)}: expected 4 positive integers N C H W or nothing")
 
 
-# upstream names with a training-specific meaning (inference ignores some of them, so they are kept out of
-# the shared configs.COMPAT table): mapped onto a field, or accepted for one value with a warning
-TRAIN_COMPAT: dict[str, CompatFlag] = {c.name: c for c in (
-    CompatFlag("use_fp16", field="precision", convert=lambda v: "fp16" if str2bool(v) else "fp32"),
-    CompatFlag("noise_type", accepted=("gaussian",), note="only Gaussian noise is implemented"),
-    CompatFlag("class_cond", accepted=(True,), note="a model is class-conditional when --num_classes > 0; "
-               "pass --num_classes 0 for an unconditional model"),
-    CompatFlag("clf_free", accepted=(True,), note="the UNet only has classifier-free label layers"),
-)}
-SHARED_COMPAT = ("resblock_updown", "use_new_attention_order")  # configs.COMPAT entries
-MODEL_SKIP = ("class_cond", "clf_free")  # derived from --num_classes / always True in training
-_PREFIX = "train_compat__"
-
-
-def _resolve_train_compat(ns: argparse.Namespace) -> argparse.Namespace:
-    """A copy of ``ns`` with the TRAIN_COMPAT names applied (mapped, warned about once, or refused)."""
-    out = argparse.Namespace(**vars(ns))
-    for key in [k for k in vars(ns) if k.startswith(_PREFIX)]:
-        c, raw = TRAIN_COMPAT[key[len(_PREFIX):]], getattr(out, key)
-        delattr(out, key)
-        if c.field is not None:
-            value = c.convert(raw) if c.convert else raw
-            if hasattr(out, c.field) and getattr(out, c.field) != value:
-                raise ValueError(f"--{c.name} {raw} contradicts --{c.field} {getattr(out, c.field)}; "
-                                 "pass only one")
-            setattr(out, c.field, value)
-            continue
-        try:
-            ok = (str2bool(raw) if isinstance(c.accepted[0], bool) else raw) in c.accepted
-        except argparse.ArgumentTypeError:
-            ok = False
-        if not ok:
-            raise ValueError(f"--{c.name} {raw} is not supported: {c.note}")
-        if c.name not in _WARNED:
-            _WARNED.add(c.name)
-            warnings.warn(f"--{c.name} is accepted for compatibility and ignored: {c.note}", stacklevel=2)
-    return out
-
-
-_WARNED: set[str] = set()
-
-
-def build_arg_parser() -> argparse.ArgumentParser:
-    """The training flags, generated from ModelConfig, DiffusionConfig and TrainConfig (+ --config)."""
-    parser = argparse.ArgumentParser(description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_flags(parser, ModelConfig, skip=MODEL_SKIP)
-    add_flags(parser, DiffusionConfig)
-    add_flags(parser, TrainConfig)
-    for action in parser._actions:
-        if action.dest in ("sample_shape", "w"):
-            action.nargs = "*"  # given without values: no previews (overrides a run file)
-        elif action.dest == "num_classes":
-            action.help = "classes of the label conditioning (0: an unconditional model) (default: 2)"
-    add_config_flag(parser)
-    add_compat_flags(parser, SHARED_COMPAT)
-    for c in TRAIN_COMPAT.values():
-        parser.add_argument(f"--{c.name}", dest=_PREFIX + c.name, default=argparse.SUPPRESS, nargs="?",
-                            const="True", help=argparse.SUPPRESS)
-    return parser
-
-
-def parse_configs_for_training(
-    argv: Sequence[str] | None = None, forced: Mapping[str, Any] | None = None
-) -> tuple[ModelConfig, DiffusionConfig, TrainConfig]:
-    """Flags (over ``--config FILE``, over the defaults) -> the three configs. ``forced`` (model field ->
-    value, e.g. {"unet_ver": "hae_v2"} for a wrapper script) fixes fields: another given value is refused."""
-    ns = resolve_compat(_resolve_train_compat(build_arg_parser().parse_args(None if argv is None else argv)))
-    file = load_run_config(ns.config) if getattr(ns, "config", None) else {}
-    configs = []
-    for cls in (ModelConfig, DiffusionConfig, TrainConfig):
-        section = file.get(cls.SECTION, {})
-        cls.from_dict(section, source=f"{ns.config} section {cls.SECTION!r}" if file else "")  # unknown keys
-        configs.append(from_args(cls, ns, base=section))
-    m, d, t = configs
-    run = file.get("model", {})
-    for key, value in (forced or {}).items():
-        given = getattr(ns, key, run.get(key, value))
-        if given != value:
-            raise ValueError(f"--{key} {given} contradicts this script, which always trains --{key} {value}; "
-                             f"drop --{key} or use scripts/train.py")
-        m = m.replace(**{key: value})
-    conditional = m.num_classes > 0
-    m = m.replace(class_cond=conditional, num_classes=m.num_classes if conditional else 0, clf_free=True)
-    return m, d, t
 
 
 def _validate(m: ModelConfig, t: TrainConfig) -> None:
@@ -361,6 +260,8 @@ HAE_V2_FORCED: dict[str, Any] = {"unet_ver": "hae_v2"}
 
 def main(argv: Sequence[str] | None = None, forced: Mapping[str, Any] | None = None) -> int:
     """Parse ``argv`` and train; errors propagate (``cli.run_cli`` prints expected ones as one line)."""
+    from .training_flags import parse_configs_for_training
+
     train(*parse_configs_for_training(argv, forced))
     return 0
 
@@ -384,6 +285,8 @@ def hae_v2_summary(m: ModelConfig, d: DiffusionConfig) -> str:
 
 def main_hae_v2(argv: Sequence[str] | None = None) -> int:
     """``main`` with ``--unet_ver hae_v2`` fixed; prints the HAE V2 settings before training."""
+    from .training_flags import parse_configs_for_training
+
     m, d, t = parse_configs_for_training(argv, HAE_V2_FORCED)
     print(hae_v2_summary(m, d), flush=True)
     train(m, d, t)

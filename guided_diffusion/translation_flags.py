@@ -9,15 +9,8 @@ import argparse
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .configs import (
-    COMPAT,
-    DiffusionConfig,
-    ModelConfig,
-    add_compat_flags,
-    add_config_flag,
-    add_flags,
-    parse_configs,
-)
+from .config_flags import add_compat_flags, add_config_flag, add_flags, parse_configs
+from .configs import COMPAT, DiffusionConfig, ModelConfig
 from .eval_configs import (
     INFERENCE_IGNORED,
     CheckpointConfig,

@@ -9,16 +9,17 @@ import warnings
 
 import pytest
 
+from guided_diffusion import config_flags as cfl
 from guided_diffusion import configs as cf
 from guided_diffusion import script_util as su
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser()
-    cf.add_config_flag(p)
-    cf.add_flags(p, cf.ModelConfig)
-    cf.add_flags(p, cf.DiffusionConfig)
-    cf.add_compat_flags(p)
+    cfl.add_config_flag(p)
+    cfl.add_flags(p, cf.ModelConfig)
+    cfl.add_flags(p, cf.DiffusionConfig)
+    cfl.add_compat_flags(p)
     return p
 
 
@@ -31,7 +32,7 @@ def test_field_names_match_the_legacy_defaults():
 
 def test_flags_types_and_defaults():
     argv = ["--image_size", "32", "--class_cond", "yes", "--timestep_respacing", "ddim5"]
-    _, (m, d) = cf.parse_configs(_parser(), argv, [cf.ModelConfig, cf.DiffusionConfig])
+    _, (m, d) = cfl.parse_configs(_parser(), argv, [cf.ModelConfig, cf.DiffusionConfig])
     assert (m.image_size, m.class_cond, m.num_channels) == (32, True, 128)
     assert d.timestep_respacing == "ddim5" and d.diffusion_steps == 1000
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -58,26 +59,26 @@ def test_run_file_then_flag_overrides(tmp_path):
     path = str(tmp_path / "run.json")
     record = cf.run_record(cf.ModelConfig(image_size=16, num_channels=8), cf.DiffusionConfig())
     cf.save_run_config(path, record)
-    _, (m, _) = cf.parse_configs(_parser(), ["--config", path, "--num_channels", "16"],
+    _, (m, _) = cfl.parse_configs(_parser(), ["--config", path, "--num_channels", "16"],
                                  [cf.ModelConfig, cf.DiffusionConfig])
     assert (m.image_size, m.num_channels) == (16, 16)
     (tmp_path / "bad.json").write_text(json.dumps({"model": {"nope": 1}}))
     with pytest.raises(ValueError, match="nope.*bad.json"):
-        cf.parse_configs(_parser(), ["--config", str(tmp_path / "bad.json")], [cf.ModelConfig])
+        cfl.parse_configs(_parser(), ["--config", str(tmp_path / "bad.json")], [cf.ModelConfig])
     (tmp_path / "notjson.json").write_text("{")
     with pytest.raises(ValueError, match="notjson.json is not a JSON"):
         cf.load_run_config(str(tmp_path / "notjson.json"))
 
 
 def test_compat_names_warn_once_or_refuse():
-    cf._WARNED.discard("resblock_updown")
+    cfl._WARNED.discard("resblock_updown")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        cf.parse_configs(_parser(), ["--resblock_updown", "False"], [cf.ModelConfig])
-        cf.parse_configs(_parser(), ["--resblock_updown", "False"], [cf.ModelConfig])
+        cfl.parse_configs(_parser(), ["--resblock_updown", "False"], [cf.ModelConfig])
+        cfl.parse_configs(_parser(), ["--resblock_updown", "False"], [cf.ModelConfig])
     assert sum("resblock_updown" in str(w.message) for w in caught) == 1
     with pytest.raises(ValueError, match="--resblock_updown True is not supported"):
-        cf.parse_configs(_parser(), ["--resblock_updown", "True"], [cf.ModelConfig])
+        cfl.parse_configs(_parser(), ["--resblock_updown", "True"], [cf.ModelConfig])
     assert "--resblock_updown" not in _parser().format_help()
 
 

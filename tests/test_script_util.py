@@ -163,7 +163,7 @@ def test_model_config_resolves_equivalent_spellings():
     assert cfg["num_classes"] == 2 and cfg["num_heads_upsample"] == 4
     assert "dropout" not in cfg and "use_checkpoint" not in cfg
     assert su.model_config({**base, "channel_mult": "1,1,2,3,4", "dropout": 0.3}) == cfg
-    assert su.model_config(argparse.Namespace(**base)) == cfg
+    assert su.model_config(vars(argparse.Namespace(**base))) == cfg
     assert su.model_config({**base, "in_channels": 1}) != cfg
     assert su.model_config({**base, "class_cond": False})["num_classes"] is None
 

@@ -23,7 +23,7 @@ import torch
 from fake_data import write_fake_brats
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from guided_diffusion import checkpoint, dist_util, logger, training
+from guided_diffusion import checkpoint, dist_util, logger, training, training_flags
 from guided_diffusion import script_util as su
 from guided_diffusion.cli import run_cli
 from guided_diffusion.train_util import TrainLoop, get_rng_state, loader_from_batch
@@ -287,7 +287,7 @@ def test_train_script_errors_are_short(tmp_path, capsys):
     status = run_cli(training.main, ["--data_dir", str(tmp_path), "--sample_shape", "2", "3", "16", "16",
                                 "--in_channels", "4"])
     assert status == 2 and "--in_channels" in capsys.readouterr().err
-    _, _, t = training.parse_configs_for_training(["--w", "1", "1.8", "--threshold", "0.1",
+    _, _, t = training_flags.parse_configs_for_training(["--w", "1", "1.8", "--threshold", "0.1",
                                                    "--sample_shape", "12", "4", "128", "128"])
     assert t.w == (1.0, 1.8) and t.sample_shape == (12, 4, 128, 128) and t.resume == "auto"
 
@@ -560,15 +560,15 @@ def test_saved_run_config_reruns_to_the_same_checkpoints(tmp_path, capsys):
 
 def test_train_help_lists_only_flags_that_change_something():
     """Issue 9: rejected/ignored flags are gone from --help (kept as hidden compatibility names)."""
-    text = training.build_arg_parser().format_help()
+    text = training_flags.build_arg_parser().format_help()
     for gone in ("--resblock_updown", "--use_new_attention_order", "--noise_type", "--use_fp16",
                  "--class_cond", "--clf_free"):
         assert gone not in text, gone
-    _, _, t = training.parse_configs_for_training(["--use_fp16", "True"])
+    _, _, t = training_flags.parse_configs_for_training(["--use_fp16", "True"])
     assert t.precision == "fp16"
     with pytest.raises(ValueError, match="--class_cond False is not supported"):
-        training.parse_configs_for_training(["--class_cond", "False"])
-    m, _, _ = training.parse_configs_for_training(["--num_classes", "0"])
+        training_flags.parse_configs_for_training(["--class_cond", "False"])
+    m, _, _ = training_flags.parse_configs_for_training(["--num_classes", "0"])
     assert not m.class_cond and m.num_classes == 0
 
 
