@@ -392,9 +392,15 @@ class UNetModel(nn.Module):
     ) -> torch.Tensor:
         """Classifier-free condition vector c [B, 4*mc]; zero rows are the null condition."""
         assert self.num_classes is not None
-        null_mask = torch.as_tensor(null, device=device).to(torch.bool)
-        if null_mask.ndim == 0:
-            null_mask = null_mask.expand(batch)
+        # No host-device synchronisation on an accelerator: a Python bool becomes a filled tensor, and the
+        # label range is checked on the host only when y lives there (on CUDA an out-of-range label fails
+        # in the embedding lookup instead).
+        if isinstance(null, bool):
+            null_mask = torch.full((batch,), null, device=device, dtype=torch.bool)
+        else:
+            null_mask = torch.as_tensor(null, device=device).to(torch.bool)
+            if null_mask.ndim == 0:
+                null_mask = null_mask.expand(batch)
         if null_mask.shape != (batch,):
             raise ValueError(
                 f"null must be a bool or a bool tensor of shape [{batch}]; got {tuple(null_mask.shape)}"
@@ -405,7 +411,7 @@ class UNetModel(nn.Module):
                 "(values <= 0, e.g. upstream's -1, mean no label dropout)"
             )
         if y is None:
-            if not bool(null_mask.all()):
+            if not (null if isinstance(null, bool) else bool(null_mask.all())):
                 raise ValueError(
                     f"this model is class-conditional (num_classes={self.num_classes}): pass class labels y "
                     "[B] or null=True for the null (unconditional) condition"
@@ -416,7 +422,7 @@ class UNetModel(nn.Module):
             raise ValueError(
                 f"y must be an integer tensor of shape [{batch}]; got {y.dtype} {tuple(y.shape)}"
             )
-        if batch and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+        if batch and y.device.type == "cpu" and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
             raise ValueError(
                 f"y has labels in [{int(y.min())}, {int(y.max())}] but the model has "
                 f"num_classes={self.num_classes} (valid labels 0..{self.num_classes - 1})"
