@@ -19,6 +19,7 @@ from .configs import (
     parse_configs,
 )
 from .eval_configs import (
+    BATCH_FLAGS,
     INFERENCE_IGNORED,
     CheckpointConfig,
     EvalConfig,
@@ -44,6 +45,9 @@ def add_calibration_flags(p: argparse.ArgumentParser, test_split: bool = False) 
     if test_split:
         add_flags(p, SegmentConfig)
     add_flags(p, EvalConfig, skip=() if test_split else TEST_ONLY)
+    for action in p._actions:  # N or "auto": EvalConfig parses (and names the flag on bad values)
+        if action.dest in BATCH_FLAGS:
+            action.type = str
     add_compat_flags(p, [n for n in _COMPAT_NAMES if n in COMPAT])
     return p
 

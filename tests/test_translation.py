@@ -370,3 +370,68 @@ def test_several_w_primary_is_the_selected_w(setup, monkeypatch):
     # a single w keeps the old behaviour: no selection block
     single = translation.choose_primary_w([2.0], {})
     assert single == (2.0, None)
+
+
+# ------------------------------------------------------------------------- gradient SAM, lock, inference
+def _tiny(tmp_path, *extra, w=("2",)):
+    """(data, model dir, argv) of the 16 px tiny run (tests/tiny_eval.py), one w and one t_e ratio."""
+    from tiny_eval import make_run, run_argv
+
+    data, mdir = make_run(tmp_path)
+    return data, mdir, [*run_argv(data, mdir, tmp_path / "out", w=w, t_e_ratio=("1",)), *extra]
+
+
+def _set_log_dir(argv, out):
+    argv = list(argv)
+    argv[argv.index("--log_dir") + 1] = str(out)
+    return argv
+
+
+def _result_maps(out: Path) -> dict[int, np.ndarray]:
+    recs = {}
+    for f in sorted((out / "results").glob("slices_*.pt")):
+        recs.update({r["idx"]: r for r in torch.load(f, weights_only=False)})
+    return {i: next(iter(r["out"].values()))["map"] for i, r in recs.items()}
+
+
+def test_gradient_sam_flags_reach_the_forward_process(tmp_path, monkeypatch):
+    _, _, argv = _tiny(tmp_path, "--use_gradient_sam", "True", "--use_gradient_para_sam", "True",
+                       "--legacy_segmentation", "True", "--num_slices", "3", "--num_slices_val", "4")
+    seen: list[dict] = []
+    real = translation.run_forward_process
+
+    def spy(*a, **k):
+        seen.append(dict(k))
+        return real(*a, **k)
+
+    monkeypatch.setattr(translation, "run_forward_process", spy)
+    metrics = translation.main(argv)
+    val, test = seen[0], seen[-1]
+    assert "sam_mode" not in val  # the calibration statistics do not depend on the SAM kind
+    assert test["sam_mode"] == "gradient_para" and test["legacy_gradient_schedule"] is True
+    assert metrics["run"]["sam_mode"] == "gradient_para"
+    # the SAM kind changes the per-slice results (resume fingerprint), not the calibration match keys
+    run = translation.parse_run(argv)
+    assert run.result_settings()["use_gradient_sam"] is True and "use_gradient_sam" not in run.stats_settings()
+
+
+def test_gradient_sam_changes_the_maps_end_to_end(tmp_path):
+    _, _, argv = _tiny(tmp_path, "--num_slices", "3")
+    default = translation.main(_set_log_dir(argv, tmp_path / "default"))
+    grad = translation.main(_set_log_dir([*argv, "--use_gradient_sam", "True"], tmp_path / "grad"))
+    a, b = _result_maps(tmp_path / "default"), _result_maps(tmp_path / "grad")
+    assert sorted(a) == sorted(b) == [0, 1, 2]
+    assert all(not np.allclose(a[i], b[i]) for i in a)
+    stored = json.loads((tmp_path / "grad" / "metrics.json").read_text())
+    assert stored["run"]["sam_mode"] == "gradient" and default["run"]["sam_mode"] == "default"
+    assert stored["calibration"] == default["calibration"]  # same validation statistics
+
+
+def test_gradient_para_sam_alone_is_refused_in_one_line(tmp_path, capsys):
+    from guided_diffusion.cli import run_cli
+
+    _, _, argv = _tiny(tmp_path, "--use_gradient_para_sam", "True")
+    assert run_cli(translation.main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--use_gradient_para_sam" in err[0] and "--use_gradient_sam" in err[0]
+    assert not (tmp_path / "out").exists()
