@@ -49,12 +49,14 @@ def slice_generators(seed: int, split: str, indices: Sequence[int]) -> list[torc
 # ---------------------------------------------------------------------------------------------- session
 @contextlib.contextmanager
 def run_session(run: EvalRun) -> Iterator[str]:
-    """setup_dist, the run lock (rank 0 holds it on the log dir until the block ends), logger.configure,
-    the resolved run config written to LOGDIR/config.json; yields the log dir. A second run on a locked
-    folder stops at once with a RunLockError naming the holder (pid, host)."""
+    """setup_dist, ``--precision`` checked for the device, the run lock (rank 0 holds it on the log dir
+    until the block ends), logger.configure, the resolved run config written to LOGDIR/config.json;
+    yields the log dir. A second run on a locked folder stops at once with a RunLockError naming the
+    holder (pid, host)."""
     from .run_lock import run_lock
 
     dist_util.setup_dist()
+    check_inference_precision(run.forward.precision, dist_util.dev())  # before anything is written
     wanted = run.eval.log_dir or os.environ.get("OPENAI_LOGDIR") or None
     with contextlib.ExitStack() as stack:
         main = dist_util.get_rank() == 0
@@ -169,7 +171,7 @@ def maybe_compile_model(run: EvalRun, model, diffusion):
 def prepare_inference(run: EvalRun, model, diffusion):
     """(run with batch sizes resolved, network to call): precision checked for the device, compiled when
     asked, ``auto`` batch sizes sized to the device."""
-    check_inference_precision(run.forward.precision, dist_util.dev())
+    check_inference_precision(run.forward.precision, dist_util.dev())  # also for callers without a session
     model = maybe_compile_model(run, model, diffusion)
     return resolve_batch_sizes(run, model, diffusion), model
 

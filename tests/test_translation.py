@@ -412,13 +412,14 @@ def test_gradient_sam_flags_reach_the_forward_process(tmp_path, monkeypatch):
     assert metrics["run"]["sam_mode"] == "gradient_para"
     # the SAM kind changes the per-slice results (resume fingerprint), not the calibration match keys
     run = translation.parse_run(argv)
-    assert run.result_settings()["use_gradient_sam"] is True and "use_gradient_sam" not in run.stats_settings()
+    assert run.result_settings()["use_gradient_sam"] is True
+    assert "use_gradient_sam" not in run.stats_settings()
 
 
 def test_gradient_sam_changes_the_maps_end_to_end(tmp_path):
     _, _, argv = _tiny(tmp_path, "--num_slices", "3")
     default = translation.main(_set_log_dir(argv, tmp_path / "default"))
-    grad = translation.main(_set_log_dir([*argv, "--use_gradient_sam", "True"], tmp_path / "grad"))
+    translation.main(_set_log_dir([*argv, "--use_gradient_sam", "True"], tmp_path / "grad"))
     a, b = _result_maps(tmp_path / "default"), _result_maps(tmp_path / "grad")
     assert sorted(a) == sorted(b) == [0, 1, 2]
     assert all(not np.allclose(a[i], b[i]) for i in a)
@@ -435,3 +436,58 @@ def test_gradient_para_sam_alone_is_refused_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--use_gradient_para_sam" in err[0] and "--use_gradient_sam" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_second_run_into_a_locked_log_dir_stops_at_once(tmp_path, capsys):
+    import os
+
+    from guided_diffusion.cli import run_cli
+    from guided_diffusion.run_lock import run_lock
+    from scripts import select_guidance as select_script
+
+    _, _, argv = _tiny(tmp_path, "--num_slices", "2", "--num_slices_val", "4")
+    out = tmp_path / "out"
+    with run_lock(str(out)):  # another run holds the folder
+        assert run_cli(translation.main, argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "in use by another run" in err[0] and f"pid {os.getpid()}" in err[0]
+        test_only = ("--num_slices", "--batch_size", "--t_e_ratio", "--num_panels")
+        sel = [a for i, a in enumerate(argv) if a not in test_only and argv[i - 1] not in test_only]
+        assert run_cli(select_script.main, sel) == 2
+        assert "in use by another run" in capsys.readouterr().err
+    assert not (out / "log.txt").exists() and not (out / "metrics.json").exists()
+    # the evaluation itself holds the lock while it runs, and drops it at the end
+    held = []
+    real = translation.get_calibrations
+
+    def probe(*a, **k):
+        with pytest.raises(OSError, match="in use by another run"):
+            with run_lock(str(out)):
+                pass
+        held.append(True)
+        return real(*a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(translation, "get_calibrations", probe)
+        translation.main(argv)
+    assert held == [True]
+    with run_lock(str(out)):
+        pass
+
+
+def test_data_summary_reports_all_zero_slices_and_empty_patients(tmp_path):
+    data, _, argv = _tiny(tmp_path)
+    blank = data / "npy_test" / "patient_P1" / "slice_11.npz"
+    with np.load(blank) as z:
+        np.savez(blank, x=np.zeros_like(z["x"]), y=z["y"])
+    (data / "npy_val" / "patient_V9").mkdir()
+    with open(data / "data_splits" / "val" / "scans.csv", "a") as f:
+        f.write("V9\n")
+    with pytest.warns(UserWarning):
+        translation.main(argv)
+    log = (tmp_path / "out" / "log.txt").read_text().splitlines()
+    test_line = [ln for ln in log if ln.startswith("data: test split")]
+    val_line = [ln for ln in log if ln.startswith("data: val split")]
+    assert len(test_line) == 1 and "warning: 1 all-zero slices read" in test_line[0]
+    assert len(val_line) == 1 and "1 empty patient folders skipped" in val_line[0]
+    assert "all-zero" not in val_line[0]
