@@ -491,3 +491,89 @@ def test_data_summary_reports_all_zero_slices_and_empty_patients(tmp_path):
     assert len(test_line) == 1 and "warning: 1 all-zero slices read" in test_line[0]
     assert len(val_line) == 1 and "1 empty patient folders skipped" in val_line[0]
     assert "all-zero" not in val_line[0]
+
+
+def test_precision_and_early_stop_reach_both_passes_bf16_on_cpu(tmp_path, monkeypatch):
+    _, _, argv = _tiny(tmp_path, "--precision", "bf16", "--early_stop_patience", "2", "--num_slices", "3",
+                       "--num_slices_val", "4", "--forward_steps", "8")
+    seen: list[tuple[int, dict]] = []
+    real = translation.run_forward_process
+
+    def spy(*a, **k):
+        fr = real(*a, **k)
+        seen.append((fr.steps_run, dict(k)))
+        return fr
+
+    monkeypatch.setattr(translation, "run_forward_process", spy)
+    metrics = translation.main(argv)
+    assert len(seen) == 2  # one validation batch (4), one test batch (3)
+    assert all(k["precision"] == "bf16" and k["early_stop_patience"] == 2 for _, k in seen)
+    timing = metrics["run"]["timing"]
+    assert timing["steps_run_mean"] == seen[-1][0] and 1 <= seen[-1][0] <= 8 and timing["forward_steps"] == 8
+    assert metrics["run"]["precision"] == "bf16"
+    assert 0.0 <= metrics["mixed"]["dice"] <= 1.0
+    cal = json.loads((tmp_path / "out" / "calibration.json").read_text())["calibrations"][0]
+    assert np.isfinite(cal["thr_01"]) and all(np.isfinite(cal["diff_max"]))
+    assert cal["settings"]["precision"] == "bf16" and cal["settings"]["early_stop_patience"] == 2
+    # a resume under another precision stops and names it (the stored calibration does not match)
+    with pytest.raises(ValueError, match="precision"):
+        translation.main([*argv, "--resume", "True", "--precision", "fp32"])
+    # without early stop the timing has no steps_run_mean and every pass runs all steps
+    seen.clear()
+    plain = translation.main(_set_log_dir([*argv, "--early_stop_patience", "0"], tmp_path / "plain"))
+    assert "steps_run_mean" not in plain["run"]["timing"] and all(n == 8 for n, _ in seen)
+
+
+def test_resume_with_another_precision_stops_naming_it(tmp_path):
+    from guided_diffusion.cli import run_cli
+
+    _, _, argv = _tiny(tmp_path, "--num_slices", "3", "--num_slices_val", "4")
+    translation.main(argv)
+    with pytest.raises(ValueError, match="precision: .*'fp32'.*'bf16'"):
+        translation.main([*argv, "--resume", "True", "--precision", "bf16"])
+    # the fp32 calibration given explicitly is refused as well
+    cal = str(tmp_path / "out" / "calibration.json")
+    with pytest.raises(ValueError, match="precision"):
+        translation.main([*argv, "--resume", "True", "--precision", "bf16", "--calibration", cal])
+    assert run_cli(translation.main, [*argv, "--resume", "True", "--early_stop_patience", "3"]) == 2
+
+
+def test_fp16_on_cpu_is_refused_in_one_line(tmp_path, capsys):
+    from guided_diffusion.cli import run_cli
+
+    _, _, argv = _tiny(tmp_path, "--precision", "fp16")
+    assert run_cli(translation.main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--precision fp16 needs a CUDA device" in err[0]
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_batch_size_auto_and_compile_fallback(tmp_path, monkeypatch):
+    from guided_diffusion import translation_runtime
+
+    _, _, argv = _tiny(tmp_path, "--num_slices", "3", "--num_slices_val", "4")
+    ref = translation.main(_set_log_dir(argv, tmp_path / "ref"))
+
+    def broken(model, enabled, **kw):  # a compiler that wraps fine and fails at the first call
+        def call(*a, **k):
+            raise RuntimeError("no C++ compiler\nsecond line")
+        return call
+
+    monkeypatch.setattr(translation_runtime, "maybe_compile", broken)
+    out = tmp_path / "auto"
+    auto = [*_set_log_dir(argv, out), "--batch_size", "auto", "--batch_size_val", "auto", "--compile", "True"]
+    metrics = translation.main(auto)
+    log = (out / "log.txt").read_text()
+    assert "--batch_size auto: 8 on cpu" in log and "--batch_size_val auto: 8 on cpu" in log
+    assert ("--compile: torch.compile failed on this platform (RuntimeError: no C++ compiler); "
+            "running eagerly") in log
+    assert metrics["run"]["timing"]["batch_size"] == 8 and metrics["run"]["config"]["eval"]["batch_size"] == 8
+    assert json.loads((out / "config.json").read_text())["eval"]["batch_size"] == "auto"
+    assert metrics["mixed"] == ref["mixed"] and metrics["settings_results"] == ref["settings_results"]
+    # --compile is a RESULT setting only: the calibration is reused, the per-slice results are not
+    with pytest.raises(ValueError, match="compile"):
+        translation.main([*_set_log_dir(argv, tmp_path / "ref"), "--resume", "True", "--compile", "True"])
+    run = translation.parse_run(auto)
+    assert run.result_settings()["compile"] is True and "compile" not in run.stats_settings()
+    with pytest.raises(ValueError, match="--batch_size must be a positive integer or 'auto'"):
+        translation.parse_run([*argv, "--batch_size", "0"])
