@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any, ClassVar
 
 from .anofpdm import ENCODINGS, UGP_MODES
+from .batch_size import parse_batch_size
 from .configs import (
     RESULT,
     STATS,
@@ -23,6 +24,8 @@ from .configs import (
     require_finite,
     setting,
 )
+from .gradient_sam import sam_mode_from_flags
+from .precision import PRECISIONS
 
 _BOTH = (STATS, RESULT)
 
@@ -59,6 +62,11 @@ class ForwardConfig(Config):
     legacy_indexing: bool = setting(False, "upstream's off-by-one step indexing", changes=_BOTH)
     clip_denoised: bool = setting(True, "clip predicted x_0 to [-1, 1]", changes=_BOTH)
     dynamic_clip: bool = setting(False, "dynamic (quantile) clipping of x_0", changes=_BOTH)
+    precision: str = setting("fp32", "precision of the network calls (autocast; statistics, inversion and "
+                             "accumulators stay fp32); fp16 needs CUDA", choices=PRECISIONS, changes=_BOTH)
+    early_stop_patience: int = setting(0, "K > 0: stop a batch's forward process once every tracked M_t has "
+                                       "stayed below its running maximum for K steps (changes results); "
+                                       "0: off", changes=_BOTH)
 
     def validate(self) -> None:
         require(len(self.w) >= 1, "--w is required: give one or more guidance strengths, e.g. --w 2")
@@ -68,6 +76,8 @@ class ForwardConfig(Config):
         require(self.forward_steps >= 1, f"--forward_steps must be >= 1, got {self.forward_steps}")
         require(len(self.modality) >= 1, "--modality needs at least one channel index")
         require(all(m >= 0 for m in self.modality), f"--modality indices must be >= 0, got {self.modality}")
+        require(self.early_stop_patience >= 0,
+                f"--early_stop_patience must be >= 0 (0 = off), got {self.early_stop_patience}")
 
     def settings_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of anofpdm.run_forward_process (all fields but w)."""
@@ -86,7 +96,11 @@ class SegmentConfig(Config):
     median_filter: bool = setting(True, "5x5 median filter of the anomaly map")
     last_only: bool = setting(False, "use only the last step's map")
     subset_interval: int = setting(-1, "use every N-th step (-1: all)")
-    legacy_segmentation: bool = setting(False, "upstream's quantile formula")
+    legacy_segmentation: bool = setting(False, "upstream's quantile formula (with --use_gradient_sam also "
+                                        "upstream's hard-coded linear schedule for B_t)")
+    use_gradient_sam: bool = setting(False, "ablation (spec 5.5 step 1): SAM_t from the guidance term "
+                                     "(x̂h0 - x̂∅0)² / (B_t² (1 + w)²) instead of (x̂h0 - x0)²")
+    use_gradient_para_sam: bool = setting(False, "with --use_gradient_sam: the guidance term undivided")
     legacy_metrics: bool = setting(False, "also report upstream's running metrics", changes=())
     min_cc_size: int = setting(-1, "drop predicted components of <= this many px; -1: the paper's 40 px at "
                                "128 px scaled by area to --image_size", changes=())
@@ -102,8 +116,19 @@ class SegmentConfig(Config):
                 "--last_only True cannot be combined with --subset_interval > 0")
         require(self.subset_interval == -1 or self.subset_interval > 0,
                 f"--subset_interval must be -1 (off) or > 0, got {self.subset_interval}")
+        sam_mode_from_flags(self.use_gradient_sam, self.use_gradient_para_sam)  # para needs gradient
         require(self.min_cc_size >= -1, "--min_cc_size must be -1 (scale the paper's 40 px at 128 px to "
                 f"--image_size) or >= 0, got {self.min_cc_size}")
+
+    @property
+    def sam_mode(self) -> str:
+        """The SAM kind of run_forward_process: "default", "gradient" or "gradient_para"."""
+        return sam_mode_from_flags(self.use_gradient_sam, self.use_gradient_para_sam)
+
+
+_AUTO_HELP = ("; 'auto': sized to the device (CUDA: the largest power of two <= 256 that fits, halved for "
+              "headroom; CPU: 8)")
+BATCH_FLAGS = ("batch_size", "batch_size_val")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,9 +141,10 @@ class EvalConfig(Config):
     log_dir: str | None = setting(None, "output folder (default $OPENAI_LOGDIR)", changes=())
     seed: int = setting(0, "noise seed (per slice: seed, split, index)")
     num_slices_val: int | None = setting(None, "first N validation slices (default all)", changes=())
-    batch_size_val: int = setting(32, "validation batch size", changes=())
+    batch_size_val: int | None = setting(32, "validation batch size" + _AUTO_HELP, changes=(),
+                                         metavar="N|auto")
     num_slices: int | None = setting(None, "first N test slices (default all)", changes=())
-    batch_size: int = setting(32, "test batch size", changes=())
+    batch_size: int | None = setting(32, "test batch size" + _AUTO_HELP, changes=(), metavar="N|auto")
     calibration: str | None = setting(None, "reuse this calibration JSON instead of calibrating",
                                       changes=())
     resume: bool = setting(False, "continue a run in the same --log_dir (settings must match)", changes=())
@@ -128,11 +154,24 @@ class EvalConfig(Config):
     progress: bool = setting(True, "progress bars", changes=())
     selection_tolerance: float = setting(0.99, "several --w: largest w whose validation accuracy >= this "
                                          "* best (spec 5.8)", changes=())
+    compile: bool = setting(False, "torch.compile the network (eager fallback with one logged line where "
+                            "unsupported); changes results by float rounding only, so a resume must match it "
+                            "but a calibration made without it is reused", changes=(RESULT,))
+
+    def __post_init__(self) -> None:
+        for flag in BATCH_FLAGS:  # "auto" (flag or run file) -> None: sized to the device at run time
+            value = getattr(self, flag)
+            if value is not None:
+                object.__setattr__(self, flag, parse_batch_size(value, f"--{flag}"))
+        super().__post_init__()
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out.update({flag: "auto" for flag in BATCH_FLAGS if out[flag] is None})
+        return out
 
     def validate(self) -> None:
         require(bool(self.data_dir), "--data_dir is required")
-        for flag in ("batch_size", "batch_size_val"):
-            require(getattr(self, flag) >= 1, f"--{flag} must be >= 1, got {getattr(self, flag)}")
         for flag in ("num_slices", "num_slices_val"):
             v = getattr(self, flag)
             require(v is None or v >= 1, f"--{flag} must be >= 1, got {v}")
@@ -168,6 +207,11 @@ class EvalRun:
             out.update(c.settings(STATS))
         out.pop("w")
         return out
+
+    @property
+    def sam_mode(self) -> str:
+        """The segmentation's SAM kind (SegmentConfig.sam_mode)."""
+        return self.segment.sam_mode
 
     def result_settings(self) -> dict[str, Any]:
         """Every setting that changes a per-slice result (the resume fingerprint, with the checkpoint and

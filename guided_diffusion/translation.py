@@ -18,9 +18,7 @@ depend on the batch composition or the number of processes.
 
 from __future__ import annotations
 
-import json
 import os
-import resource
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -36,18 +34,24 @@ from .calibration import (
     Calibration,
     calibrate,
     choose_primary_w,
-    file_sha256,
     guidance_selection,
     load_calibrations,
     save_calibrations,
 )
-from .configs import DiffusionConfig, ModelConfig, save_run_config
-from .eval_configs import CheckpointConfig, EvalRun, SegmentConfig
+from .eval_configs import EvalRun, SegmentConfig
 from .eval_resume import open_shared, save_batch
-from .script_util import create_from_configs, model_config
 from .segmentation import segment
 from .translation_flags import add_calibration_flags, create_argparser, parse_args, parse_run
 from .translation_outputs import setting_key, write_outputs
+from .translation_runtime import (
+    checkpoint_step,
+    load_model,
+    log_data_summary,
+    peak_memory,
+    prepare_inference,
+    run_session,
+    slice_generators,
+)
 
 __all__ = [
     "add_calibration_flags",
@@ -61,53 +65,21 @@ __all__ = [
     "main",
     "parse_args",
     "parse_run",
+    "prepare_inference",
+    "run_session",
     "save_calibrations",
     "setting_key",
     "write_outputs",
 ]
 
-SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+# forward settings that change the statistics but are not Calibration fields (kept in its `settings`)
+RUNTIME_SETTINGS = ("precision", "early_stop_patience")
 FRESH = "start fresh with another --log_dir, or delete {folder} (or run without --resume)"
-
-
-def slice_generators(seed: int, split: str, indices: Sequence[int]) -> list[torch.Generator]:
-    """One CPU generator per slice, seeded from (seed, split, dataset index)."""
-    out = []
-    for i in indices:
-        state = np.random.SeedSequence([int(seed), SPLIT_CODES.get(split, 9), int(i)]).generate_state(
-            2, np.uint32
-        )
-        out.append(torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1])))
-    return out
 
 
 def _bar(iterable, **kw):
     show = dist_util.get_rank() == 0 and kw.pop("enabled", True)
     return tqdm(iterable, disable=not show, leave=sys.stderr.isatty(), **kw)
-
-
-# ---------------------------------------------------------------------------------------------- model
-def load_model(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, ckpt: CheckpointConfig):
-    """(model, diffusion, checkpoint path, sha256) built from the configs, weights loaded, eval mode."""
-    from .checkpoint import find_checkpoint, load_model_checkpoint
-
-    model, diffusion = create_from_configs(model_cfg, diffusion_cfg)
-    if not os.path.isdir(ckpt.model_dir):
-        raise FileNotFoundError(
-            f"--model_dir {ckpt.model_dir} does not exist; point it to the training log dir"
-        )
-    path = find_checkpoint(ckpt.model_dir, step=ckpt.model_num, ema_rate=ckpt.ema_rate if ckpt.ema else None)
-    load_model_checkpoint(model, path, config=model_config(model_cfg, diffusion_cfg))
-    model.to(dist_util.dev()).eval()
-    return model, diffusion, path, file_sha256(path)
-
-
-def checkpoint_step(path: str) -> int | None:
-    """The training step in a checkpoint's file name (None when it has none)."""
-    from .checkpoint import parse_checkpoint_name
-
-    parsed = parse_checkpoint_name(os.path.basename(path))
-    return int(parsed[2]) if parsed else None
 
 
 # ---------------------------------------------------------------------------------------------- calibration
@@ -136,7 +108,8 @@ def collect_statistics(
     """
     from .data.brats import get_eval_loader
 
-    loader, _ = get_eval_loader(data_dir, split, batch_size, num_slices=num_slices, in_channels=in_channels)
+    loader, dataset = get_eval_loader(data_dir, split, batch_size, num_slices=num_slices,
+                                      in_channels=in_channels)
     done: dict[int, dict] = {}
     if cache_dir is not None:
         done = open_shared(cache_dir, split, cache_fingerprint or {}, resume=True, on_mismatch="recompute",
@@ -167,6 +140,7 @@ def collect_statistics(
         rows.append((torch.as_tensor(ids), torch.as_tensor([r["label"] for r in recs]),
                      *(torch.stack([r[k] for r in recs]) for k in ("mse_h", "mse_null", "div"))))
     local = [torch.cat(c) for c in zip(*rows)] if rows else []
+    log_data_summary(dataset)
     parts = [p for p in dist_util.all_gather_object(local) if p]
     if not parts:
         raise ValueError(f"the {split} split of {data_dir} yielded no slices")
@@ -223,7 +197,7 @@ def calibrate_for_ws(
             checkpoint_sha256=checkpoint_sha256,
             extra={"num_slices_val": num_slices, "seed": seed},
             settings=stats_settings,
-            **settings,
+            **{k: v for k, v in settings.items() if k not in RUNTIME_SETTINGS},
         )
         for i, w in enumerate(ws)
     }
@@ -291,11 +265,15 @@ def process_batch(run: EvalRun, model, diffusion, cals: Mapping[float, Calibrati
         subset_interval=seg_cfg.subset_interval,
         keep_sam_stack=any(r != 1 for r in seg_cfg.t_e_ratio),
         progress=run.eval.progress and dist_util.get_rank() == 0,
+        sam_mode=seg_cfg.sam_mode,
+        legacy_gradient_schedule=seg_cfg.legacy_segmentation,
         **run.forward.settings_kwargs(),
     )
+    steps_run = int(fr.steps_run if fr.steps_run is not None else run.forward.forward_steps)
     records = [
         {
             "idx": int(i),
+            "steps_run": steps_run,
             "out": {},
             "mse_h": fr.mse_h[b].cpu().numpy(),
             "mse_null": fr.mse_null[b].cpu().numpy(),
@@ -316,6 +294,7 @@ def process_batch(run: EvalRun, model, diffusion, cals: Mapping[float, Calibrati
                 last_only=seg_cfg.last_only,
                 subset_interval=seg_cfg.subset_interval,
                 legacy=seg_cfg.legacy_segmentation,
+                sam_mode=seg_cfg.sam_mode,
             )
             for b, rec in enumerate(records):
                 rec["out"][setting_key(w, ratio)] = {
@@ -356,12 +335,12 @@ def run_test(
     done = open_shared(results_dir, "slices", results_fingerprint(run, sha, cals), resume=run.eval.resume,
                        on_mismatch="stop", what="per-slice results",
                        fresh_hint=FRESH.format(folder=results_dir))
-    loader, _ = get_eval_loader(
+    loader, dataset = get_eval_loader(
         run.eval.data_dir, "test", run.eval.batch_size, num_slices=run.eval.num_slices,
         in_channels=run.model.in_channels,
     )
     mine: dict[int, dict] = {}
-    n_new, t0 = 0, time.time()
+    n_new, t0, steps = 0, time.time(), []
     for x, _gt, _lab, idx in _bar(loader, desc="test batches", enabled=run.eval.progress):
         ids = [int(i) for i in idx]
         if all(i in done for i in ids):
@@ -371,37 +350,28 @@ def run_test(
         save_batch(results_dir, "slices", records)
         mine.update({r["idx"]: r for r in records})
         n_new += len(ids)
+        steps += [r["steps_run"] for r in records]
     seconds = time.time() - t0
     timing = {
         "new_slices": n_new,
         "seconds": seconds,
         "slices_per_s": n_new / seconds if n_new else None,
-        "peak_memory_bytes": _peak_memory(),
+        "peak_memory_bytes": peak_memory(),
+        "batch_size": run.eval.batch_size,
+        "steps": steps,
     }
+    log_data_summary(dataset)
     gathered = dist_util.all_gather_object((mine, timing))
     merged: dict[int, dict] = {}
     for part, _ in gathered:
         merged.update(part)
-    timing = {"per_rank": [t for _, t in gathered], "new_slices": sum(t["new_slices"] for _, t in gathered)}
+    every = [n for _, t in gathered for n in t.pop("steps")]
+    timing = {"per_rank": [t for _, t in gathered], "new_slices": sum(t["new_slices"] for _, t in gathered),
+              "batch_size": run.eval.batch_size}
+    if run.forward.early_stop_patience > 0:
+        timing["forward_steps"] = run.forward.forward_steps
+        timing["steps_run_mean"] = float(np.mean(every)) if every else None
     return merged, timing
-
-
-def _peak_memory() -> int:
-    if torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated())
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-def start_run(run: EvalRun) -> str:
-    """setup_dist, logger.configure, the resolved run config written to LOGDIR/config.json; the log dir."""
-    dist_util.setup_dist()
-    logger.configure(dir=run.eval.log_dir)
-    log_dir = logger.get_dir()
-    record = run.record()
-    logger.log("config: " + json.dumps(record, sort_keys=True))
-    if dist_util.get_rank() == 0:
-        save_run_config(os.path.join(log_dir, "config.json"), record)
-    return log_dir
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -411,10 +381,16 @@ def main(argv: Sequence[str] | None = None, overrides: Mapping[str, Any] | None 
 
 
 def evaluate(run: EvalRun) -> dict | None:
-    """Run the evaluation described by ``run``; returns the metrics dict on rank 0 (None elsewhere)."""
-    log_dir = start_run(run)
+    """Run the evaluation described by ``run``; returns the metrics dict on rank 0 (None elsewhere).
+    Rank 0 holds the run lock on the log dir for the whole run (a second run there stops at once)."""
+    with run_session(run) as log_dir:
+        return _evaluate_in(run, log_dir)
+
+
+def _evaluate_in(run: EvalRun, log_dir: str) -> dict | None:
     model, diffusion, path, sha = load_model(run.model, run.diffusion, run.checkpoint)
     logger.log(f"loaded {path} (sha256 {sha[:12]}...) on {dist_util.dev()}")
+    run, model = prepare_inference(run, model, diffusion)
     cals = get_calibrations(run, model, diffusion, sha, log_dir)
     for w, c in cals.items():
         logger.log(
@@ -431,10 +407,16 @@ def evaluate(run: EvalRun) -> dict | None:
             f"test: {t['new_slices']} new slices in {t['seconds']:.1f}s ({rate} slices/s), "
             f"peak memory {t['peak_memory_bytes'] / 2**20:.1f} MiB"
         )
+    if "steps_run_mean" in timing:
+        logger.log(f"early stop (--early_stop_patience {run.forward.early_stop_patience}): "
+                   f"{timing['steps_run_mean']} of {run.forward.forward_steps} steps run on average")
     metrics = None
     if dist_util.get_rank() == 0:
         extra = {
             "forward": run.forward.settings_kwargs(),
+            "sam_mode": run.sam_mode,
+            "precision": run.forward.precision,
+            "compile": run.eval.compile,
             "timing": timing,
             "checkpoint": path,
             "checkpoint_step": checkpoint_step(path),

@@ -12,6 +12,7 @@ from typing import Any
 from .config_flags import add_compat_flags, add_config_flag, add_flags, parse_configs
 from .configs import COMPAT, DiffusionConfig, ModelConfig
 from .eval_configs import (
+    BATCH_FLAGS,
     INFERENCE_IGNORED,
     CheckpointConfig,
     EvalConfig,
@@ -37,6 +38,9 @@ def add_calibration_flags(p: argparse.ArgumentParser, test_split: bool = False) 
     if test_split:
         add_flags(p, SegmentConfig)
     add_flags(p, EvalConfig, skip=() if test_split else TEST_ONLY)
+    for action in p._actions:  # N or "auto": EvalConfig parses (and names the flag on bad values)
+        if action.dest in BATCH_FLAGS:
+            action.type = str
     add_compat_flags(p, [n for n in _COMPAT_NAMES if n in COMPAT])
     return p
 

@@ -26,8 +26,9 @@ from guided_diffusion.translation import (
     calibrate_run,
     guidance_selection,
     load_model,
+    prepare_inference,
+    run_session,
     save_calibrations,
-    start_run,
 )
 from guided_diffusion.translation_flags import create_selection_argparser, parse_run
 
@@ -40,10 +41,16 @@ def main(argv: Sequence[str] | None = None, overrides: Mapping[str, Any] | None 
 
 
 def select(run: EvalRun) -> dict | None:
-    """Calibrate every w of ``run`` in one (resumable) validation pass and apply the paper's rule."""
-    log_dir = start_run(run)
+    """Calibrate every w of ``run`` in one (resumable) validation pass and apply the paper's rule.
+    Rank 0 holds the run lock on the log dir for the whole run."""
+    with run_session(run) as log_dir:
+        return _select_in(run, log_dir)
+
+
+def _select_in(run: EvalRun, log_dir: str) -> dict | None:
     model, diffusion, path, sha = load_model(run.model, run.diffusion, run.checkpoint)
     logger.log(f"loaded {path} (sha256 {sha[:12]}...) on {dist_util.dev()}")
+    run, model = prepare_inference(run, model, diffusion)
     cals = calibrate_run(run, model, diffusion, sha, log_dir)
     selection = guidance_selection(cals, run.eval.selection_tolerance)
     out = None
@@ -56,6 +63,7 @@ def select(run: EvalRun) -> dict | None:
             "checkpoint": path,
             "checkpoint_sha256": sha,
             "forward": run.forward.settings_kwargs(),
+            "compile": run.eval.compile,
             "num_slices_val": run.eval.num_slices_val,
             "n_val": next(iter(cals.values())).n_val,
             "seed": run.eval.seed,

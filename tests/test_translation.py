@@ -370,3 +370,210 @@ def test_several_w_primary_is_the_selected_w(setup, monkeypatch):
     # a single w keeps the old behaviour: no selection block
     single = translation.choose_primary_w([2.0], {})
     assert single == (2.0, None)
+
+
+# ------------------------------------------------------------------------- gradient SAM, lock, inference
+def _tiny(tmp_path, *extra, w=("2",)):
+    """(data, model dir, argv) of the 16 px tiny run (tests/tiny_eval.py), one w and one t_e ratio."""
+    from tiny_eval import make_run, run_argv
+
+    data, mdir = make_run(tmp_path)
+    return data, mdir, [*run_argv(data, mdir, tmp_path / "out", w=w, t_e_ratio=("1",)), *extra]
+
+
+def _set_log_dir(argv, out):
+    argv = list(argv)
+    argv[argv.index("--log_dir") + 1] = str(out)
+    return argv
+
+
+def _result_maps(out: Path) -> dict[int, np.ndarray]:
+    recs = {}
+    for f in sorted((out / "results").glob("slices_*.pt")):
+        recs.update({r["idx"]: r for r in torch.load(f, weights_only=False)})
+    return {i: next(iter(r["out"].values()))["map"] for i, r in recs.items()}
+
+
+def test_gradient_sam_flags_reach_the_forward_process(tmp_path, monkeypatch):
+    _, _, argv = _tiny(tmp_path, "--use_gradient_sam", "True", "--use_gradient_para_sam", "True",
+                       "--legacy_segmentation", "True", "--num_slices", "3", "--num_slices_val", "4")
+    seen: list[dict] = []
+    real = translation.run_forward_process
+
+    def spy(*a, **k):
+        seen.append(dict(k))
+        return real(*a, **k)
+
+    monkeypatch.setattr(translation, "run_forward_process", spy)
+    metrics = translation.main(argv)
+    val, test = seen[0], seen[-1]
+    assert "sam_mode" not in val  # the calibration statistics do not depend on the SAM kind
+    assert test["sam_mode"] == "gradient_para" and test["legacy_gradient_schedule"] is True
+    assert metrics["run"]["sam_mode"] == "gradient_para"
+    # the SAM kind changes the per-slice results (resume fingerprint), not the calibration match keys
+    run = translation.parse_run(argv)
+    assert run.result_settings()["use_gradient_sam"] is True
+    assert "use_gradient_sam" not in run.stats_settings()
+
+
+def test_gradient_sam_changes_the_maps_end_to_end(tmp_path):
+    _, _, argv = _tiny(tmp_path, "--num_slices", "3")
+    default = translation.main(_set_log_dir(argv, tmp_path / "default"))
+    translation.main(_set_log_dir([*argv, "--use_gradient_sam", "True"], tmp_path / "grad"))
+    a, b = _result_maps(tmp_path / "default"), _result_maps(tmp_path / "grad")
+    assert sorted(a) == sorted(b) == [0, 1, 2]
+    assert all(not np.allclose(a[i], b[i]) for i in a)
+    stored = json.loads((tmp_path / "grad" / "metrics.json").read_text())
+    assert stored["run"]["sam_mode"] == "gradient" and default["run"]["sam_mode"] == "default"
+    assert stored["calibration"] == default["calibration"]  # same validation statistics
+
+
+def test_gradient_para_sam_alone_is_refused_in_one_line(tmp_path, capsys):
+    from guided_diffusion.cli import run_cli
+
+    _, _, argv = _tiny(tmp_path, "--use_gradient_para_sam", "True")
+    assert run_cli(translation.main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--use_gradient_para_sam" in err[0] and "--use_gradient_sam" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_second_run_into_a_locked_log_dir_stops_at_once(tmp_path, capsys):
+    import os
+
+    from guided_diffusion.cli import run_cli
+    from guided_diffusion.run_lock import run_lock
+    from scripts import select_guidance as select_script
+
+    _, _, argv = _tiny(tmp_path, "--num_slices", "2", "--num_slices_val", "4")
+    out = tmp_path / "out"
+    with run_lock(str(out)):  # another run holds the folder
+        assert run_cli(translation.main, argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "in use by another run" in err[0] and f"pid {os.getpid()}" in err[0]
+        test_only = ("--num_slices", "--batch_size", "--t_e_ratio", "--num_panels")
+        sel = [a for i, a in enumerate(argv) if a not in test_only and argv[i - 1] not in test_only]
+        assert run_cli(select_script.main, sel) == 2
+        assert "in use by another run" in capsys.readouterr().err
+    assert not (out / "log.txt").exists() and not (out / "metrics.json").exists()
+    # the evaluation itself holds the lock while it runs, and drops it at the end
+    held = []
+    real = translation.get_calibrations
+
+    def probe(*a, **k):
+        with pytest.raises(OSError, match="in use by another run"):
+            with run_lock(str(out)):
+                pass
+        held.append(True)
+        return real(*a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(translation, "get_calibrations", probe)
+        translation.main(argv)
+    assert held == [True]
+    with run_lock(str(out)):
+        pass
+
+
+def test_data_summary_reports_all_zero_slices_and_empty_patients(tmp_path):
+    data, _, argv = _tiny(tmp_path)
+    blank = data / "npy_test" / "patient_P1" / "slice_11.npz"
+    with np.load(blank) as z:
+        np.savez(blank, x=np.zeros_like(z["x"]), y=z["y"])
+    (data / "npy_val" / "patient_V9").mkdir()
+    with open(data / "data_splits" / "val" / "scans.csv", "a") as f:
+        f.write("V9\n")
+    with pytest.warns(UserWarning):
+        translation.main(argv)
+    log = (tmp_path / "out" / "log.txt").read_text().splitlines()
+    test_line = [ln for ln in log if ln.startswith("data: test split")]
+    val_line = [ln for ln in log if ln.startswith("data: val split")]
+    assert len(test_line) == 1 and "warning: 1 all-zero slices read" in test_line[0]
+    assert len(val_line) == 1 and "1 empty patient folders skipped" in val_line[0]
+    assert "all-zero" not in val_line[0]
+
+
+def test_precision_and_early_stop_reach_both_passes_bf16_on_cpu(tmp_path, monkeypatch):
+    _, _, argv = _tiny(tmp_path, "--precision", "bf16", "--early_stop_patience", "2", "--num_slices", "3",
+                       "--num_slices_val", "4", "--forward_steps", "8")
+    seen: list[tuple[int, dict]] = []
+    real = translation.run_forward_process
+
+    def spy(*a, **k):
+        fr = real(*a, **k)
+        seen.append((fr.steps_run, dict(k)))
+        return fr
+
+    monkeypatch.setattr(translation, "run_forward_process", spy)
+    metrics = translation.main(argv)
+    assert len(seen) == 2  # one validation batch (4), one test batch (3)
+    assert all(k["precision"] == "bf16" and k["early_stop_patience"] == 2 for _, k in seen)
+    timing = metrics["run"]["timing"]
+    assert timing["steps_run_mean"] == seen[-1][0] and 1 <= seen[-1][0] <= 8 and timing["forward_steps"] == 8
+    assert metrics["run"]["precision"] == "bf16"
+    assert 0.0 <= metrics["mixed"]["dice"] <= 1.0
+    cal = json.loads((tmp_path / "out" / "calibration.json").read_text())["calibrations"][0]
+    assert np.isfinite(cal["thr_01"]) and all(np.isfinite(cal["diff_max"]))
+    assert cal["settings"]["precision"] == "bf16" and cal["settings"]["early_stop_patience"] == 2
+    # a resume under another precision stops and names it (the stored calibration does not match)
+    with pytest.raises(ValueError, match="precision"):
+        translation.main([*argv, "--resume", "True", "--precision", "fp32"])
+    # without early stop the timing has no steps_run_mean and every pass runs all steps
+    seen.clear()
+    plain = translation.main(_set_log_dir([*argv, "--early_stop_patience", "0"], tmp_path / "plain"))
+    assert "steps_run_mean" not in plain["run"]["timing"] and all(n == 8 for n, _ in seen)
+
+
+def test_resume_with_another_precision_stops_naming_it(tmp_path):
+    from guided_diffusion.cli import run_cli
+
+    _, _, argv = _tiny(tmp_path, "--num_slices", "3", "--num_slices_val", "4")
+    translation.main(argv)
+    with pytest.raises(ValueError, match="precision: .*'fp32'.*'bf16'"):
+        translation.main([*argv, "--resume", "True", "--precision", "bf16"])
+    # the fp32 calibration given explicitly is refused as well
+    cal = str(tmp_path / "out" / "calibration.json")
+    with pytest.raises(ValueError, match="precision"):
+        translation.main([*argv, "--resume", "True", "--precision", "bf16", "--calibration", cal])
+    assert run_cli(translation.main, [*argv, "--resume", "True", "--early_stop_patience", "3"]) == 2
+
+
+def test_fp16_on_cpu_is_refused_in_one_line(tmp_path, capsys):
+    from guided_diffusion.cli import run_cli
+
+    _, _, argv = _tiny(tmp_path, "--precision", "fp16")
+    assert run_cli(translation.main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--precision fp16 needs a CUDA device" in err[0]
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_batch_size_auto_and_compile_fallback(tmp_path, monkeypatch):
+    from guided_diffusion import translation_runtime
+
+    _, _, argv = _tiny(tmp_path, "--num_slices", "3", "--num_slices_val", "4")
+    ref = translation.main(_set_log_dir(argv, tmp_path / "ref"))
+
+    def broken(model, enabled, **kw):  # a compiler that wraps fine and fails at the first call
+        def call(*a, **k):
+            raise RuntimeError("no C++ compiler\nsecond line")
+        return call
+
+    monkeypatch.setattr(translation_runtime, "maybe_compile", broken)
+    out = tmp_path / "auto"
+    auto = [*_set_log_dir(argv, out), "--batch_size", "auto", "--batch_size_val", "auto", "--compile", "True"]
+    metrics = translation.main(auto)
+    log = (out / "log.txt").read_text()
+    assert "--batch_size auto: 8 on cpu" in log and "--batch_size_val auto: 8 on cpu" in log
+    assert ("--compile: torch.compile failed on this platform (RuntimeError: no C++ compiler); "
+            "running eagerly") in log
+    assert metrics["run"]["timing"]["batch_size"] == 8 and metrics["run"]["config"]["eval"]["batch_size"] == 8
+    assert json.loads((out / "config.json").read_text())["eval"]["batch_size"] == "auto"
+    assert metrics["mixed"] == ref["mixed"] and metrics["settings_results"] == ref["settings_results"]
+    # --compile is a RESULT setting only: the calibration is reused, the per-slice results are not
+    with pytest.raises(ValueError, match="compile"):
+        translation.main([*_set_log_dir(argv, tmp_path / "ref"), "--resume", "True", "--compile", "True"])
+    run = translation.parse_run(auto)
+    assert run.result_settings()["compile"] is True and "compile" not in run.stats_settings()
+    with pytest.raises(ValueError, match="--batch_size must be a positive integer or 'auto'"):
+        translation.parse_run([*argv, "--batch_size", "0"])
