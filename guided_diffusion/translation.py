@@ -88,9 +88,16 @@ def _bar(iterable, **kw):
 
 # ---------------------------------------------------------------------------------------------- model
 def load_model(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, ckpt: CheckpointConfig):
-    """(model, diffusion, checkpoint path, sha256) built from the configs, weights loaded, eval mode."""
-    from .checkpoint import find_checkpoint, load_model_checkpoint
+    """(model, diffusion, checkpoint path, sha256) built from the configs, weights loaded, eval mode.
 
+    ``ckpt.model_dir`` is a training log dir or an export folder (guided_diffusion.export_load)."""
+    from .checkpoint import find_checkpoint, load_model_checkpoint
+    from .export import is_export_dir
+
+    if is_export_dir(ckpt.model_dir):
+        from .export_load import load_export_model
+
+        return load_export_model(model_cfg, diffusion_cfg, ckpt, dist_util.dev())
     model, diffusion = create_from_configs(model_cfg, diffusion_cfg)
     if not os.path.isdir(ckpt.model_dir):
         raise FileNotFoundError(
@@ -251,12 +258,17 @@ def calibrate_run(
 
 
 def get_calibrations(run: EvalRun, model, diffusion, sha: str, log_dir: str) -> dict[float, Calibration]:
-    """The run's calibrations: ``--calibration FILE``, the log dir's calibration.json on --resume, or a
-    new (resumable) validation pass. A stored calibration must match every statistics-changing setting."""
+    """The run's calibrations: ``--calibration FILE``, the log dir's calibration.json on --resume, an export
+    folder's matching calibration.json (``--model_dir EXPORT``), or a new (resumable) validation pass.
+    A stored calibration must match every statistics-changing setting."""
     expect = {**run.stats_settings(), "checkpoint_sha256": sha}
     stored = os.path.join(log_dir, "calibration.json")
     given = run.eval.calibration
     path = given or (stored if run.eval.resume and os.path.isfile(stored) else None)
+    if not path:  # an export folder's own calibration.json when it matches this run
+        from .export_load import export_calibration_path
+
+        path = export_calibration_path(run, sha)
     if path:
         if given:
             hint = "recalibrate (omit --calibration) or run with the calibration's settings"
