@@ -58,7 +58,8 @@ def load_export_model(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, ck
                          f"flags ({'; '.join(diffs)}); run with the export's flags (its {CONFIG_FILE} / "
                          "README.md)")
     step = (cfg.get("weights") or {}).get("step")
-    if ckpt.model_num is not None and str(ckpt.model_num).strip() and int(ckpt.model_num) != step:
+    given = str(ckpt.model_num).strip() if ckpt.model_num is not None else ""
+    if given and (not given.isdigit() or int(given) != step):
         raise ValueError(f"--model_num {ckpt.model_num}: the export {export_dir} holds the weights of step "
                          f"{step} only; omit --model_num")
     path = os.path.join(export_dir, WEIGHTS_FILE)

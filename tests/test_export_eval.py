@@ -90,7 +90,8 @@ def test_export_reproduces_the_evaluation_bit_identically(exported, monkeypatch)
     assert cal["checkpoint_sha256"] == metrics["run"]["checkpoint_sha256"]
     assert cal["extra"]["exported_from"]["checkpoint_sha256"] == first_sha
     assert metrics["volume"]["spacing_source"] == "meta.json" and metrics["volume"]["n_patients"] == 2
-    assert (export / "README.md").is_file()
+    card = (export / "README.md").read_text()
+    assert "`volume.dice_3d_mean`" in card and "`volume.hd95_mm_mean`" in card
 
 
 def test_export_calibration_of_other_settings_is_not_used(exported, monkeypatch):
