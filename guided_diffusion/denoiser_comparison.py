@@ -66,6 +66,8 @@ COLUMNS = [
     ex.Column("chosen_w", "chosen w", 1, 1),
     *[ex.Column(f"{s}.{m}", f"{s[:3]}. {m.upper()} (%)", 100, 1)
       for s in ("mixed", "unhealthy") for m in ("dice", "iou", "auprc")],
+    ex.Column("volume.dice_3d_mean", "3-D DICE (%)", 100, 1),
+    ex.Column("volume.hd95_mm_mean", "HD95 (mm)", 1, 1),
 ]
 
 

@@ -356,6 +356,9 @@ def train_once(
 
 # ---------------------------------------------------------------------------------------------- AnoFPDM
 TABLE_METRICS = tuple(f"{s}.{m}" for s in ("mixed", "unhealthy") for m in ("dice", "iou", "auprc"))
+# per-patient 3-D means of metrics.json "volume" (None for an evaluation made before they existed)
+VOLUME_METRICS = ("dice_3d_mean", "iou_3d_mean", "hd95_mm_mean", "asd_mm_mean", "lesion_f1_mean",
+                  "lesion_dice_mean", "lesion_f1_pooled", "n_patients")
 
 
 def read_anofpdm_metrics(eval_dir: str) -> dict[str, Any]:
@@ -363,7 +366,8 @@ def read_anofpdm_metrics(eval_dir: str) -> dict[str, Any]:
 
     Returns {"mixed": {dice, iou, auprc}, "unhealthy": {...}, "image": {...}, "primary_setting",
     "chosen_w", "seconds_per_slice", "peak_memory_bytes", "per_w": {w: {"accuracy", "unhealthy_dice",
-    "mixed_dice"}}}; seconds per slice over the slices computed in this log dir (None if none were new).
+    "mixed_dice"}}, "volume": {VOLUME_METRICS}}; seconds per slice over the slices computed in this log dir
+    (None if none were new); volume values None when metrics.json has no "volume" section.
     """
     path = os.path.join(eval_dir, "metrics.json")
     if not os.path.isfile(path):
@@ -387,6 +391,7 @@ def read_anofpdm_metrics(eval_dir: str) -> dict[str, Any]:
         per_w[f"{w:g}"] = {"accuracy": acc.get(w), "unhealthy_dice": res["unhealthy"].get("dice"),
                            "mixed_dice": res["mixed"].get("dice")}
     pick = ("dice", "iou", "auprc", "dice_lesion")
+    volume = m.get("volume") or {}
     return {
         "mixed": {k: m["mixed"].get(k) for k in pick},
         "unhealthy": {k: m["unhealthy"].get(k) for k in pick},
@@ -396,4 +401,5 @@ def read_anofpdm_metrics(eval_dir: str) -> dict[str, Any]:
         "seconds_per_slice": (secs / n_new) if n_new else None,
         "peak_memory_bytes": max((t.get("peak_memory_bytes") or 0 for t in ranks), default=None),
         "per_w": per_w,
+        "volume": {k: volume.get(k) for k in VOLUME_METRICS},
     }

@@ -5,9 +5,11 @@ An export folder holds
 * ``model.safetensors``: the weights (EMA weights of one rate by default, or the raw model weights);
 * ``config.json``: {"format", "version", "model", "diffusion", "train"} where model / diffusion / train are
   the config dict the training run saved with its checkpoints (``script_util.model_config`` keys and the
-  diffusion flags, i.e. today's flag names), plus "weights" {kind, ema_rate, step, source, sha256,
-  n_parameters};
-* ``calibration.json`` when the run (or ``--calibration``) has one (copied unchanged);
+  diffusion flags, i.e. today's flag names), plus "weights" {kind, ema_rate, step, source, source_sha256,
+  sha256 (of model.safetensors), n_parameters};
+* ``calibration.json`` when the run (or ``--calibration``) has one: a calibration made with the exported
+  checkpoint is re-keyed to ``model.safetensors`` (checkpoint_sha256 = the export's weights sha256, the
+  source checkpoint in extra["exported_from"]), so ``--model_dir EXPORT`` of translation can use it;
 * ``README.md``: a model card.
 
 ``load_pretrained(DIR)`` rebuilds the network from config.json, checks the weights file's SHA-256 and that
@@ -34,7 +36,7 @@ CONFIG_FILE = "config.json"
 CALIBRATION_FILE = "calibration.json"
 
 __all__ = ["FORMAT", "WEIGHTS_FILE", "CONFIG_FILE", "CALIBRATION_FILE", "flags_from_config",
-           "export_run", "load_pretrained", "is_export_dir"]
+           "export_run", "load_pretrained", "is_export_dir", "read_export", "export_tensors"]
 
 
 def flags_from_config(model_cfg: Mapping[str, Any], diffusion_cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -89,6 +91,7 @@ def export_run(run_dir: str, out_dir: str, weights: str = "ema", rate: str = "0.
     """Write the export folder of one training run (see module docstring); returns the config written."""
     from safetensors.torch import save
 
+    from .calibration import file_sha256
     from .checkpoint import load_state_dict_file, read_saved_config
     from .script_util import create_model_and_diffusion
 
@@ -115,7 +118,8 @@ def export_run(run_dir: str, out_dir: str, weights: str = "ema", rate: str = "0.
         "diffusion": dict(saved["diffusion"]),
         "train": dict(saved.get("train") or {}),
         "weights": {"kind": weights, "ema_rate": rate if weights == "ema" else None, "step": found_step,
-                    "source": os.path.basename(path), "sha256": _sha256(blob), "n_parameters": n_params},
+                    "source": os.path.basename(path), "source_sha256": file_sha256(path),
+                    "sha256": _sha256(blob), "n_parameters": n_params},
     }
     from .model_card import model_card
 
@@ -123,14 +127,38 @@ def export_run(run_dir: str, out_dir: str, weights: str = "ema", rate: str = "0.
     # calibration and card first, weights last: an interrupted export has no model.safetensors
     stale = os.path.join(out_dir, CALIBRATION_FILE)
     if cal is not None:
-        with open(cal, "rb") as f:
-            atomic_write_bytes(f.read(), stale)
+        atomic_write_text(_exported_calibration(cal, path, config["weights"]["sha256"]), stale)
     elif os.path.exists(stale):
         os.remove(stale)  # from an earlier export with --overwrite
     atomic_write_text(card, os.path.join(out_dir, "README.md"))
     atomic_write_json(config, os.path.join(out_dir, CONFIG_FILE))
     atomic_write_bytes(blob, os.path.join(out_dir, WEIGHTS_FILE))
     return config
+
+
+def _exported_calibration(cal_path: str, source: str, export_sha: str) -> str:
+    """calibration.json text for the export: a calibration made with the exported checkpoint is tied to
+    model.safetensors (its checkpoint_sha256 becomes the export's, the source's goes to
+    extra["exported_from"]); one without a checkpoint_sha256 is kept as is (it cannot be verified and a
+    translation run recalibrates); one made with other weights is refused."""
+    from dataclasses import asdict
+
+    from .calibration import file_sha256, load_calibrations
+
+    src_sha = file_sha256(source)
+    cals = load_calibrations(cal_path)
+    for w, c in sorted(cals.items()):
+        if c.checkpoint_sha256 == src_sha:
+            c.checkpoint_sha256 = export_sha
+            c.extra = {**c.extra, "exported_from": {"checkpoint": os.path.basename(source),
+                                                    "checkpoint_sha256": src_sha}}
+        elif c.checkpoint_sha256:
+            raise ValueError(f"calibration {cal_path} (w={w:g}) was made with the checkpoint of sha256 "
+                             f"{c.checkpoint_sha256[:12]}..., not the exported {os.path.basename(source)} "
+                             f"({src_sha[:12]}...); export the weights it was made with (--weights, --rate, "
+                             "--step) or pass the matching --calibration")
+    items = [asdict(c) for _, c in sorted(cals.items())]
+    return json.dumps({"calibrations": items}, indent=2, sort_keys=True) + "\n"
 
 
 def _read_inputs(run_dir: str, calibration: str | None, metrics: str | None) -> tuple[str | None, Any]:
@@ -175,17 +203,8 @@ def is_export_dir(path: str) -> bool:
     return all(os.path.isfile(os.path.join(path, name)) for name in (WEIGHTS_FILE, CONFIG_FILE))
 
 
-def load_pretrained(export_dir: str, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Any, Any]:
-    """(model in eval mode, diffusion, {w: Calibration} or None) from an export folder; local files only.
-
-    Raises ValueError (one line) when config.json is not an export config, the weights' SHA-256 differs
-    from the one recorded, or the tensors do not fit the network the config describes.
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
-    from .script_util import create_model_and_diffusion
-
+def read_export(export_dir: str) -> tuple[dict[str, Any], bytes]:
+    """(config.json dict, model.safetensors bytes) of an export, format and weights' SHA-256 checked."""
     if not is_export_dir(export_dir):
         raise FileNotFoundError(f"{export_dir} is not an export folder (needs {WEIGHTS_FILE} and "
                                 f"{CONFIG_FILE}; create one with scripts/export_model.py RUN_DIR --out DIR)")
@@ -200,9 +219,33 @@ def load_pretrained(export_dir: str, device: str | torch.device = "cpu") -> tupl
     wpath = os.path.join(export_dir, WEIGHTS_FILE)
     with open(wpath, "rb") as f:
         blob = f.read()
-    if _sha256(blob) != cfg.get("weights", {}).get("sha256"):
+    if _sha256(blob) != (cfg.get("weights") or {}).get("sha256"):
         raise ValueError(f"{wpath} does not match the sha256 recorded in {cfg_path}; the files belong to "
                          "different exports or were modified: re-export the model")
+    return cfg, blob
+
+
+def export_tensors(blob: bytes, path: str) -> dict[str, torch.Tensor]:
+    """The state dict in the safetensors bytes ``blob`` read from ``path`` (ValueError naming it)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        return load(blob)
+    except SafetensorError as err:
+        raise ValueError(f"{path}: not a safetensors file ({err})") from err
+
+
+def load_pretrained(export_dir: str, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Any, Any]:
+    """(model in eval mode, diffusion, {w: Calibration} or None) from an export folder; local files only.
+
+    Raises ValueError (one line) when config.json is not an export config, the weights' SHA-256 differs
+    from the one recorded, or the tensors do not fit the network the config describes.
+    """
+    from .script_util import create_model_and_diffusion
+
+    cfg, blob = read_export(export_dir)
+    cfg_path, wpath = os.path.join(export_dir, CONFIG_FILE), os.path.join(export_dir, WEIGHTS_FILE)
     try:
         flags = flags_from_config(cfg["model"], cfg["diffusion"])
     except (KeyError, TypeError) as err:
@@ -210,10 +253,7 @@ def load_pretrained(export_dir: str, device: str | torch.device = "cpu") -> tupl
     except ValueError as err:
         raise ValueError(f"{cfg_path}: {err}") from err
     model, diffusion = create_model_and_diffusion(**flags)
-    try:
-        sd = load(blob)
-    except SafetensorError as err:
-        raise ValueError(f"{wpath}: not a safetensors file ({err})") from err
+    sd = export_tensors(blob, wpath)
     _check_fits(model, sd, wpath)
     model.load_state_dict(sd, strict=True)
     model.to(device).eval()

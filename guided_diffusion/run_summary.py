@@ -1,5 +1,6 @@
 """The "what produced this" section of ``panels/index.html``: checkpoint (path, step, sha256), the primary
-w with the guidance-selection table, thr_01 / diff_max per w, and the resolved settings of the run.
+w with the guidance-selection table, thr_01 / diff_max per w, the resolved settings of the run, and the
+per-patient 3-D ("volume") metrics of the primary setting when metrics.json has them.
 
 Kept apart from ``report.py`` (which renders metrics and panels); ``add_run_summary`` inserts the section
 into an index.html that ``report.save_panels`` wrote.
@@ -53,7 +54,35 @@ def run_summary_html(metrics: Mapping[str, Any]) -> str:
             out.append(_row(section, name, json.dumps(value)))
     out.append(_row("segment", "min_cc_size (resolved)", run.get("min_cc_size")))
     out.append("</table>")
+    out += volume_html(metrics.get("volume"))
     return "\n".join(out) + "\n"
+
+
+VOLUME_ROWS = (("3-D Dice", "dice_3d"), ("3-D IoU", "iou_3d"), ("HD95 (mm)", "hd95_mm"),
+               ("ASD (mm)", "asd_mm"), ("lesion-wise F1", "lesion_f1"), ("lesion-wise Dice", "lesion_dice"))
+
+
+def _num(v: Any) -> str:
+    return "n/a" if v is None else f"{v:.4g}"
+
+
+def volume_html(volume: Mapping[str, Any] | None) -> list[str]:
+    """HTML lines of the per-patient 3-D metrics ("volume" section of metrics.json); none without it."""
+    if not volume:
+        return []
+    out = [f"<h3>Volume metrics (3-D, per patient; {html.escape(str(volume.get('setting', '?')))})</h3>",
+           f"<p>{volume.get('n_patients')} patients ({volume.get('n_patients_lesion')} with a lesion); "
+           f"voxel spacing: {html.escape(str(volume.get('spacing_source', '?')))}</p><table>",
+           _row("metric", "mean", "std", head=True)]
+    for label, key in VOLUME_ROWS:
+        out.append(_row(label, _num(volume.get(key + "_mean")), _num(volume.get(key + "_std"))))
+    out.append(_row("lesions TP / FP / FN", f"{volume.get('lesion_tp')} / {volume.get('lesion_fp')} / "
+                    f"{volume.get('lesion_fn')}", f"pooled F1 {_num(volume.get('lesion_f1_pooled'))}"))
+    out.append("</table><p>Conventions:</p><ul>")
+    for name, text in (volume.get("conventions") or {}).items():
+        out.append(f"<li>{html.escape(name)}: {html.escape(str(text))}</li>")
+    out.append("</ul>")
+    return out
 
 
 def add_run_summary(index_path: str, metrics: Mapping[str, Any]) -> None:

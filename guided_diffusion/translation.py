@@ -225,12 +225,17 @@ def calibrate_run(
 
 
 def get_calibrations(run: EvalRun, model, diffusion, sha: str, log_dir: str) -> dict[float, Calibration]:
-    """The run's calibrations: ``--calibration FILE``, the log dir's calibration.json on --resume, or a
-    new (resumable) validation pass. A stored calibration must match every statistics-changing setting."""
+    """The run's calibrations: ``--calibration FILE``, the log dir's calibration.json on --resume, an export
+    folder's matching calibration.json (``--model_dir EXPORT``), or a new (resumable) validation pass.
+    A stored calibration must match every statistics-changing setting."""
     expect = {**run.stats_settings(), "checkpoint_sha256": sha}
     stored = os.path.join(log_dir, "calibration.json")
     given = run.eval.calibration
     path = given or (stored if run.eval.resume and os.path.isfile(stored) else None)
+    if not path:  # an export folder's own calibration.json when it matches this run
+        from .export_load import export_calibration_path
+
+        path = export_calibration_path(run, sha)
     if path:
         if given:
             hint = "recalibrate (omit --calibration) or run with the calibration's settings"

@@ -6,6 +6,9 @@ Everything here runs on rank 0 after the per-slice records of the test split hav
   chosen by the paper's selection rule when several ``--w`` are given, else the only w; the first
   ``--t_e_ratio``), every setting under "settings_results", the calibrations, the guidance-selection table
   (several w only) and the run settings;
+* "volume" (metrics.json) and the 3-D columns of patients.csv: per-patient 3-D Dice / IoU / HD95 / ASD (mm)
+  and lesion-wise detection of the primary setting (``guided_diffusion.volume_outputs``; conventions for
+  empty masks in ``metrics["volume"]["conventions"]``);
 * slices.csv / patients.csv: per-slice / per-patient rows of every setting;
 * panels/ (PNG + index.html) and nifti/ (``--save_nifti``) of the primary setting;
 * arrays/ (``--save_data``): one .npz per setting.
@@ -28,6 +31,7 @@ import torch
 from .calibration import Calibration
 from .eval_configs import EvalRun
 from .run_summary import add_run_summary
+from .volume_outputs import merge_patient_rows, volume_section
 
 MODALITY_NAMES = {4: ["FLAIR", "T1", "T1ce", "T2"], 1: ["T1"]}
 PAPER_MIN_CC_SIZE = 40  # px at the paper's 128 x 128 slices (spec 5.6)
@@ -137,6 +141,8 @@ def write_outputs(
             **extra,
         },
     }
+    volume, volume_rows = _volume(ev.data_dir, cache, filtered[primary], primary)
+    metrics["volume"] = volume
     if guidance_selection is not None:
         metrics["guidance_selection"] = dict(guidance_selection)
     if legacy:
@@ -147,7 +153,8 @@ def write_outputs(
         slice_rows += [{"setting": k, **r} for r in evals[k].slice_records()]
         patient_rows += [{"setting": k, **r} for r in evals[k].patient_records()]
     report.write_csv(os.path.join(log_dir, "slices.csv"), slice_rows)
-    report.write_csv(os.path.join(log_dir, "patients.csv"), patient_rows)
+    report.write_csv(os.path.join(log_dir, "patients.csv"),
+                     merge_patient_rows(patient_rows, volume_rows, primary))
     _write_panels(run, records, cache, filtered[primary], primary, results[primary], log_dir)
     add_run_summary(os.path.join(log_dir, "panels", "index.html"), metrics)
     if ev.save_nifti:
@@ -155,6 +162,13 @@ def write_outputs(
     if ev.save_data:
         _write_arrays(records, order, keys, filtered, log_dir)
     return metrics
+
+
+def _volume(data_dir: str, cache, filtered, key) -> tuple[dict, list[dict]]:
+    """The "volume" section and per-patient 3-D rows of setting ``key`` (its filtered gated masks)."""
+    order = sorted(filtered)
+    return volume_section([cache[i][1] for i in order], [filtered[i] for i in order],
+                          [cache[i][0][1] for i in order], data_dir, key, split="test")
 
 
 def _write_arrays(records, order, keys, filtered, log_dir) -> None:

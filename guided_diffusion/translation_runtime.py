@@ -75,9 +75,16 @@ def run_session(run: EvalRun) -> Iterator[str]:
 
 # ---------------------------------------------------------------------------------------------- model
 def load_model(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, ckpt: CheckpointConfig):
-    """(model, diffusion, checkpoint path, sha256) built from the configs, weights loaded, eval mode."""
-    from .checkpoint import find_checkpoint, load_model_checkpoint
+    """(model, diffusion, checkpoint path, sha256) built from the configs, weights loaded, eval mode.
 
+    ``ckpt.model_dir`` is a training log dir or an export folder (guided_diffusion.export_load)."""
+    from .checkpoint import find_checkpoint, load_model_checkpoint
+    from .export import is_export_dir
+
+    if is_export_dir(ckpt.model_dir):
+        from .export_load import load_export_model
+
+        return load_export_model(model_cfg, diffusion_cfg, ckpt, dist_util.dev())
     model, diffusion = create_from_configs(model_cfg, diffusion_cfg)
     if not os.path.isdir(ckpt.model_dir):
         raise FileNotFoundError(
@@ -90,9 +97,15 @@ def load_model(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, ckpt: Che
 
 
 def checkpoint_step(path: str) -> int | None:
-    """The training step in a checkpoint's file name (None when it has none)."""
+    """The training step in a checkpoint's file name, or the step recorded by the export folder holding
+    ``path`` (None when neither has one)."""
     from .checkpoint import parse_checkpoint_name
+    from .export import WEIGHTS_FILE, is_export_dir, read_export
 
+    folder = os.path.dirname(path)
+    if is_export_dir(folder) and os.path.basename(path) == WEIGHTS_FILE:
+        step = (read_export(folder)[0].get("weights") or {}).get("step")
+        return int(step) if step is not None else None
     parsed = parse_checkpoint_name(os.path.basename(path))
     return int(parsed[2]) if parsed else None
 

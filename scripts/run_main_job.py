@@ -109,7 +109,10 @@ def main(argv: list[str] | None = None) -> int:
                "unhealthy_dice": metrics["unhealthy"].get("dice"),
                "mixed_dice": metrics["mixed"].get("dice"),
                "unhealthy_auprc": metrics["unhealthy"].get("auprc"),
-               "image_accuracy": metrics["image"].get("accuracy")}
+               "image_accuracy": metrics["image"].get("accuracy"),
+               "volume_dice_3d": metrics.get("volume", {}).get("dice_3d_mean"),
+               "volume_hd95_mm": metrics.get("volume", {}).get("hd95_mm_mean"),
+               "lesion_f1": metrics.get("volume", {}).get("lesion_f1_mean")}
     print("\n== main job finished ==")
     for key, value in summary.items():
         print(f"{key:>18}: {value}")

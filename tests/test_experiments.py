@@ -194,8 +194,36 @@ def test_read_anofpdm_metrics(tmp_path):
     assert r["per_w"] == {"1": {"accuracy": 0.9, "unhealthy_dice": 0.2, "mixed_dice": 0.4},
                           "3": {"accuracy": 0.95, "unhealthy_dice": 0.3, "mixed_dice": 0.5}}
     assert r["peak_memory_bytes"] == 20
+    assert set(r["volume"]) == set(ex.VOLUME_METRICS) and r["volume"]["dice_3d_mean"] is None  # older run
     with pytest.raises(FileNotFoundError, match="did not finish"):
         ex.read_anofpdm_metrics(str(tmp_path / "nope"))
+
+
+def test_denoiser_table_reads_the_volume_columns(tmp_path):
+    """metrics.json "volume" -> read_anofpdm_metrics -> the 3-D DICE / HD95 columns of the denoiser table."""
+    from guided_diffusion.denoiser_comparison import COLUMNS
+
+    keys = [c.key for c in COLUMNS]
+    assert "volume.dice_3d_mean" in keys and "volume.hd95_mm_mean" in keys
+    recs = []
+    for seed, (dice, hd95) in enumerate(((0.4, 10.0), (0.6, 20.0))):
+        d = tmp_path / f"e{seed}"
+        d.mkdir()
+        m = {"mixed": {"dice": 0.5}, "unhealthy": {"dice": 0.3}, "image": {}, "primary_setting": "w=1",
+             "volume": {"dice_3d_mean": dice, "hd95_mm_mean": hd95, "n_patients": 3}}
+        (d / "metrics.json").write_text(json.dumps(m))
+        recs.append({"name": "v2", "seed": seed, "metrics": ex.read_anofpdm_metrics(str(d))})
+    recs.append({"name": "hae", "seed": 0, "metrics": {"volume": {"dice_3d_mean": None}}})
+    agg = ex.aggregate(recs, keys)
+    assert agg["v2"]["volume.dice_3d_mean"]["mean"] == pytest.approx(0.5)
+    assert agg["v2"]["volume.hd95_mm_mean"]["std"] == pytest.approx(5.0)
+    md = open(ex.write_tables(str(tmp_path), "T", COLUMNS, agg, {"command": "x"})["md"]).read()
+    head = next(line for line in md.splitlines() if line.startswith("| row"))
+    assert head.endswith("| 3-D DICE (%) | HD95 (mm) |")
+    v2 = next(line for line in md.splitlines() if line.startswith("| v2 "))
+    assert v2.endswith("| 50.0 ± 10.0 | 15.0 ± 5.0 |")
+    hae = next(line for line in md.splitlines() if line.startswith("| hae "))
+    assert hae.endswith("| – | – |")
 
 
 def test_measure_models_side_by_side():

@@ -152,3 +152,19 @@ def test_bad_export_inputs_write_nothing(tmp_path):
     with pytest.raises(ValueError, match="--metrics .* not valid JSON"):
         export_run(str(run), str(out), metrics=str(tmp_path / "m.json"))
     assert not out.exists()
+
+
+def test_monai_and_safetensors_are_pinned_and_imported_lazily():
+    """Both are pinned in requirements.txt (installed by the Quickstart) and only imported when used."""
+    import subprocess
+    import sys
+
+    reqs = (REPO / "requirements.txt").read_text().splitlines()
+    assert "monai==1.6.1" in reqs and "safetensors==0.8.0" in reqs
+    code = ("import sys, guided_diffusion, guided_diffusion.translation, guided_diffusion.export, "
+            "guided_diffusion.export_load, guided_diffusion.volume_metrics, guided_diffusion.volume_outputs; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'monai', 'safetensors'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

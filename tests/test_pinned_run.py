@@ -33,7 +33,10 @@ def test_tiny_run_matches_the_pinned_results(tmp_path):
     want = json.loads(PINNED.read_text())
     assert got["slices_csv"] == want["slices_csv"]
     assert got["calibration"] == want["calibration"]
-    assert got["metrics"] == want["metrics"]
+    # keys added after the pinning (the per-patient 3-D "volume" section) are compared on their own
+    # tests; every pinned key must be reproduced exactly
+    assert set(got["metrics"]) - set(want["metrics"]) == {"volume"}
+    assert {k: got["metrics"][k] for k in want["metrics"]} == want["metrics"]
 
 
 if __name__ == "__main__":

@@ -190,6 +190,7 @@ def test_translation_outputs_resume_and_determinism(setup, monkeypatch):
     assert cal["w"] == 2.0 and cal["n_val"] == 8 and cal["encoding"] == "ddim" and len(cal["diff_max"]) == 2
     slices_csv = (out / "slices.csv").read_text().splitlines()
     assert len(slices_csv) == 1 + 2 * 7
+    _check_volume_outputs(out, metrics)
 
     # --resume after deleting the final outputs: no forward pass at all, identical metrics
     before = _metrics_core(out / "metrics.json")
@@ -245,6 +246,38 @@ def test_translation_outputs_resume_and_determinism(setup, monkeypatch):
     )
     assert calls == [3]  # only the deleted batch is recomputed
     assert _metrics_core(out2 / "metrics.json") == before
+
+
+def _check_volume_outputs(out: Path, metrics: dict) -> None:
+    """The per-patient 3-D metrics of the primary setting: metrics.json "volume", patients.csv, index.html."""
+    import csv
+
+    from guided_diffusion.volume_metrics import HD_MAX_MM
+
+    vol = metrics["volume"]
+    assert vol == json.loads((out / "metrics.json").read_text())["volume"]
+    assert vol["setting"] == metrics["primary_setting"] == "w=2,t_e_ratio=1"
+    assert vol["n_patients"] == 2 and vol["n_patients_lesion"] == 2 and vol["spacing_source"] == "meta.json"
+    assert "373.13 mm" in vol["conventions"]["empty_one"] and "= 1" in vol["conventions"]["empty_both"]
+    for key in ("dice_3d_mean", "iou_3d_mean", "lesion_f1_mean", "lesion_dice_mean", "lesion_f1_pooled"):
+        assert 0 <= vol[key] <= 1, key
+    assert 0 <= vol["asd_mm_mean"] <= vol["hd95_mm_mean"] <= HD_MAX_MM
+    with open(out / "patients.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    primary = [r for r in rows if r["setting"] == vol["setting"]]
+    assert len(primary) == 2 and all(r["dice_3d"] == "" for r in rows if r not in primary)
+    for r in primary:
+        # 3-D Dice of the stacked slices = the evaluator's per-patient Dice from pooled counts
+        assert float(r["dice_3d"]) == pytest.approx(float(r["dice"]), abs=1e-12)
+        assert int(r["n_slices_3d"]) == int(r["n_slices"]) and r["n_slices_missing"] == "0"
+        assert float(r["spacing_z_mm"]) == 1.0 and float(r["spacing_y_mm"]) == 1.0
+        assert 0 <= float(r["hd95_mm"]) <= float(r["hd_mm"]) <= HD_MAX_MM
+        tp, fp, fn = (int(r[f"lesion_{k}"]) for k in ("tp", "fp", "fn"))
+        assert tp + fn >= 1 and tp + fp + fn <= 8
+    n_fp = sum(int(r["lesion_fp"]) for r in primary)
+    assert vol["lesion_fp"] == n_fp
+    page = (out / "panels" / "index.html").read_text()
+    assert "Volume metrics (3-D, per patient; w=2,t_e_ratio=1)" in page and "HD95 (mm)" in page
 
 
 def test_translation_errors(setup, tmp_path):

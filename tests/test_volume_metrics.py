@@ -162,3 +162,42 @@ def test_adapter_reads_meta_and_summarises(tmp_path):
     assert summ["hd95_mm_mean"] == pytest.approx(vm.HD_MAX_MM / 2)
     assert summ["lesion_f1_pooled"] == pytest.approx(2 / (2 + 1))
     assert set(vm.ROW_COLUMNS) <= set(rows["A"])
+
+
+def test_volume_section_for_the_evaluation_outputs(tmp_path):
+    """volume_outputs: spacing from meta.json (a shifted box: HD95 known in mm), 1 mm assumed without it."""
+    from guided_diffusion.volume_outputs import PATIENT_COLUMNS, merge_patient_rows, volume_section
+
+    pdir = tmp_path / "npy_test" / "patient_A"
+    pdir.mkdir(parents=True)
+    # raw 2 x 3 mm in-plane at 32 px, slices 4 mm apart, stored every 2nd slice resized to 16 px:
+    # grid spacing (8, 4, 6) mm
+    affine = np.diag([2.0, 3.0, 4.0, 1.0]).tolist()
+    (pdir / "meta.json").write_text(json.dumps({"affine": affine, "shape": [32, 32, 20], "slice_step": 2}))
+    ids, preds, gts = [], [], []
+    for pid in ("A", "B"):
+        for n in (10, 12, 14):
+            g = np.zeros((16, 16), bool)
+            g[4:8, 4:8] = True
+            ids.append((pid, n))
+            gts.append(g)
+            preds.append(np.roll(g, 2, axis=1))  # shifted by 2 columns
+    section, rows = volume_section(ids, preds, gts, str(tmp_path), "w=1,t_e_ratio=1")
+    assert section["n_patients"] == 2 and section["spacing_assumed_patients"] == ["B"]
+    assert section["spacing_source"].startswith("meta.json; assumed 1 mm")
+    a, b = rows
+    assert (a["spacing_z_mm"], a["spacing_y_mm"], a["spacing_x_mm"]) == (8.0, 4.0, 6.0)
+    assert (b["spacing_z_mm"], b["spacing_y_mm"], b["spacing_x_mm"]) == (1.0, 1.0, 1.0)
+    # each face of the box moves 2 columns: the largest surface distance is 2 columns = 12 mm for A
+    assert a["hd_mm"] == pytest.approx(12.0) and b["hd_mm"] == pytest.approx(2.0)
+    assert a["dice_3d"] == b["dice_3d"] == pytest.approx(0.5)  # 2 of 4 columns overlap
+    assert a["lesion_tp"] == 1 and a["lesion_fp"] == a["lesion_fn"] == 0
+    assert section["dice_3d_mean"] == pytest.approx(0.5) and section["lesion_f1_pooled"] == 1.0
+    base = [{"setting": s, "patient": p, "dice": 0.5} for s in ("w=1,t_e_ratio=1", "w=2,t_e_ratio=1")
+            for p in ("A", "B")]
+    merged = merge_patient_rows(base, rows, "w=1,t_e_ratio=1")
+    assert [m["dice_3d"] for m in merged] == [a["dice_3d"], b["dice_3d"], None, None]
+    assert all(set(PATIENT_COLUMNS) <= set(m) for m in merged) and merged[0]["dice"] == 0.5
+    with pytest.raises(ValueError, match="meta.json"):
+        (pdir / "meta.json").write_text("{broken")
+        volume_section(ids, preds, gts, str(tmp_path), "w=1,t_e_ratio=1")
