@@ -147,25 +147,25 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
 def train_commands(cfg: Mapping[str, Any], data_dir: str, prefix: list[str]) -> dict[str, Any]:
     """{model key: (settings, command builder log_dir -> argv)} of the models the selected rows need."""
     comp = cfg["comparison_unet"]
-    healthy = ["--num_classes", "0", "--mixed", "False", "--n_unhealthy_patients", "0", "--ret_lab", "False",
-               "--threshold", "-1"]
+    uncond = {**cfg, "model": {**cfg["model"], "num_classes": 0}, "label_dropout": -1}
+    healthy = ["--mixed", "False", "--n_unhealthy_patients", "0", "--ret_lab", "False"]
     extra = {
-        "fpdm": ("v2", []),
-        "anoddpm_gaussian": (comp, [*healthy, "--noise_type", "gaussian"]),
-        "anoddpm_simplex": (comp, [*healthy, "--noise_type", "simplex", "--simplex_frequency",
-                                   f"{cfg['simplex_frequency']:g}"]),
-        "clf_model": (comp, ["--num_classes", "0", "--ret_lab", "False", "--threshold", "-1",
-                             "--learn_sigma", "True"]),
+        "fpdm": ("v2", cfg, []),
+        "anoddpm_gaussian": (comp, uncond, [*healthy, "--noise_type", "gaussian"]),
+        "anoddpm_simplex": (comp, uncond, [*healthy, "--noise_type", "simplex", "--simplex_frequency",
+                                           f"{cfg['simplex_frequency']:g}"]),
+        "clf_model": (comp, uncond, ["--ret_lab", "False", "--learn_sigma", "True"]),
     }
     out: dict[str, Any] = {}
     needed = {k for k, users in MODEL_USERS.items() if set(users) & set(cfg["rows"])}
     base = {"model": cfg["model"], "timestep_respacing": cfg["timestep_respacing"],
             **{k: cfg[k] for k in ("train_steps", "batch_size", "lr", "ema_rate", "label_dropout")}}
-    for key, (ver, flags) in extra.items():
+    for key, (ver, c, flags) in extra.items():
         if key in needed:
-            settings = {**base, "unet_ver": ver, "extra_flags": flags}
-            out[key] = (settings, lambda d, v=ver, f=flags: [
-                *dc.train_command(cfg, v, data_dir, d, 0, prefix), *f])
+            settings = {**base, "unet_ver": ver, "num_classes": c["model"]["num_classes"],
+                        "label_dropout": c["label_dropout"], "extra_flags": flags}
+            out[key] = (settings, lambda d, v=ver, c=c, f=flags: [
+                *dc.train_command(c, v, data_dir, d, 0, prefix), *f])
     if "classifier" in needed:
         settings = {"classifier": cfg["classifier"], "image_size": cfg["model"]["image_size"],
                     "in_channels": cfg["model"]["in_channels"], "steps": cfg["classifier_steps"],

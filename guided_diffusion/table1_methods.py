@@ -186,7 +186,8 @@ def evaluate_method(cfg: MethodConfig, models: Models, tuned: Mapping[str, Any],
 
     Returns {"mixed": {dice, iou, auprc, dice_lesion}, "unhealthy": {...}, "image": {"accuracy"},
     "nfe_per_slice", "seconds_per_slice", "tuned": {...}, "num_test_slices"}; with ``work_dir`` and
-    ``cfg.panel_slices`` > 0 also writes panel.npz (the first slices' inputs, GT, maps and masks)."""
+    ``cfg.panel_slices`` > 0 also writes panel.npz (inputs, GT, maps and masks of the test slices with
+    the largest lesions, in dataset order)."""
     from .evaluator import SegmentationEvaluator
     from .metrics import cc_filter
     from .translation_outputs import resolve_min_cc_size
@@ -206,14 +207,15 @@ def evaluate_method(cfg: MethodConfig, models: Models, tuned: Mapping[str, Any],
     if work_dir and cfg.panel_slices > 0:
         from .io_util import atomic_write_bytes
 
-        k = min(cfg.panel_slices, n)
-        buf = _npz_bytes(index=out["idx"][:k].numpy(), x=out["x"][:k].numpy(), gt=gt[:k],
-                         anomaly_map=maps[:k], pred_mask=masks[:k])
+        area = gt.reshape(n, -1).sum(axis=1)
+        pick = np.sort(np.argsort(-area, kind="stable")[:min(cfg.panel_slices, n)])  # largest lesions
+        buf = _npz_bytes(index=out["idx"].numpy()[pick], x=out["x"].numpy()[pick], gt=gt[pick],
+                         anomaly_map=maps[pick], pred_mask=masks[pick])
         atomic_write_bytes(buf, os.path.join(work_dir, "panel.npz"))
-    pick = ("dice", "iou", "auprc", "dice_lesion")
+    keys = ("dice", "iou", "auprc", "dice_lesion")
     return {
-        "mixed": {k: res["mixed"].get(k) for k in pick},
-        "unhealthy": {k: res["unhealthy"].get(k) for k in pick},
+        "mixed": {k: res["mixed"].get(k) for k in keys},
+        "unhealthy": {k: res["unhealthy"].get(k) for k in keys},
         "image": {"accuracy": res.get("image", {}).get("accuracy")},
         "nfe_per_slice": out["nfe"],
         "seconds_per_slice": out["seconds"] / max(n, 1),

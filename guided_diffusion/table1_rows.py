@@ -5,7 +5,8 @@
 1. one ``tune_<method>`` row per comparison method (seed 0): the grid search of table1_methods.tune_method
    on validation slices with pixel labels; its result (L, s / w, threshold) enters the settings of
 2. the ``<method>`` rows (one per evaluation seed): test metrics with the tuned values;
-3. the ``anofpdm_*`` rows: scripts/translation_FPDM.py (label-free) per seed, read back with
+3. the ``anofpdm_*`` rows: scripts/translation_FPDM.py (label-free) per seed (a subprocess through the
+   ``--launcher``, or ``translation.main`` in this process when none is given), read back with
    ``experiments.read_anofpdm_metrics``; network evaluations per slice = 2 x forward steps (one network
    call on the doubled batch per forward step, anofpdm.py).
 
@@ -16,6 +17,8 @@ and mask of every method on the first test slices, seed 0).
 from __future__ import annotations
 
 import os
+import shlex
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,6 +29,7 @@ from . import table1_methods as tm
 from .table1 import ANOFPDM_ROWS, COLUMNS, DISPLAY, PIXEL_MARK, anofpdm_command
 
 TUNE_SEED = 0
+TEST_ONLY = ("num_test", "panel_slices")  # MethodConfig fields that leave the tuning alone
 
 
 def _method_config(cfg: Mapping[str, Any], method: str, data_dir: str, seed: int) -> tm.MethodConfig:
@@ -90,7 +94,8 @@ def build_rows(cfg: Mapping[str, Any], base: Mapping[str, Any], models: Mapping[
     tune_rows = []
     for method in comparison:
         mc = _method_config(cfg, method, data_dir, TUNE_SEED)
-        settings = {**base, "method": _plain(mc), "checkpoints": _shas(method, shas)}
+        tune_set = {k: v for k, v in _plain(mc).items() if k not in TEST_ONLY}
+        settings = {**base, "method": tune_set, "checkpoints": _shas(method, shas)}
         tune_rows.append(ex.Row(f"tune_{method}", TUNE_SEED, settings,
                                 lambda work, m=method, c=mc: tm.tune_method(c, cache.get(m))))
     tuned = {r["name"][len("tune_"):]: r for r in ex.run_rows(tune_rows, out, mode)}
@@ -119,7 +124,14 @@ def _anofpdm_row(cfg, base, row, seed, models, shas, data_dir, prefix, env) -> e
 
     def fn(work: str) -> dict[str, Any]:
         ev = os.path.join(work, "eval")
-        ex.run_command(anofpdm_command(cfg, row, data_dir, model_dir, ev, seed, prefix), str(tm_repo()), env)
+        cmd = anofpdm_command(cfg, row, data_dir, model_dir, ev, seed, prefix)
+        if prefix == [sys.executable]:  # no --launcher: the same evaluation in this process (no start-up)
+            from . import translation
+
+            print("$ (in process) " + shlex.join(cmd[1:]), flush=True)
+            translation.main(cmd[2:])
+        else:
+            ex.run_command(cmd, str(tm_repo()), env)
         res = ex.read_anofpdm_metrics(ev)
         res.pop("per_w", None)
         return {**res, "nfe_per_slice": 2 * int(cfg["forward_steps"]), "pixel_labels": 0.0}
@@ -195,7 +207,7 @@ def panel_arrays(records: list[dict[str, Any]], out: str, seed: int) -> tuple[di
 
 
 def write_panel(records: list[dict[str, Any]], out: str, path: str, seed: int) -> None:
-    """Fig. 4-style panel: rows = test slices; columns = input (FLAIR channel or the first), GT, then
+    """Fig. 4-style panel: rows = test slices; columns = input (channel 0), GT, then
     anomaly map and mask of each method."""
     from .plots import _pyplot, _save
 
@@ -203,7 +215,7 @@ def write_panel(records: list[dict[str, Any]], out: str, path: str, seed: int) -
     plt = _pyplot()
     n, k = len(base["index"]), len(per)
     fig, axes = plt.subplots(n, 2 + 2 * k, figsize=(1.3 * (2 + 2 * k), 1.4 * n), squeeze=False)
-    chan = min(3, base["x"].shape[1] - 1)
+    chan = 0  # FLAIR in this project's BraTS channel order (flair, t1, t1ce, t2); T1 for ATLAS
     for i in range(n):
         cells = [(base["x"][i, chan], "input", "gray"), (base["gt"][i].squeeze(), "GT", "gray")]
         for name, (maps, masks) in per.items():
