@@ -23,7 +23,7 @@ import json
 import os
 import shlex
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from . import denoiser_comparison as dc
@@ -188,8 +188,8 @@ def anofpdm_command(cfg: Mapping[str, Any], row: str, data_dir: str, model_dir: 
             "--save_data", "True"]
 
 
-def train_classifier_once(settings: Mapping[str, Any], cmd, models_dir: str, steps: int,
-                          env: Mapping[str, str]) -> tuple[str, str]:
+def train_classifier_once(settings: Mapping[str, Any], cmd: Callable[[str], list[str]], models_dir: str,
+                          steps: int, env: Mapping[str, str]) -> tuple[str, str]:
     """train_once for scripts/train_classifier.py (its checkpoint is classifier_<step>.pt)."""
     fp = ex.fingerprint({"name": "classifier", "settings": settings})
     log_dir = os.path.join(models_dir, f"classifier-{fp[:12]}")
@@ -225,6 +225,10 @@ def main(argv: list[str] | None = None) -> int:
                 ev = os.path.join(out, "work", f"{row}_seed{seed}-<fingerprint>", "eval")
                 model_dir = os.path.join(out, "models", "fpdm-<fingerprint>")
                 print(shlex.join(anofpdm_command(cfg, row, data_dir, model_dir, ev, seed, prefix)))
+        rest = [r for r in cfg["rows"] if r not in ANOFPDM_ROWS]
+        if rest:
+            print(f"# then in this process: tune on validation slices with pixel labels and evaluate "
+                  f"{', '.join(rest)} (seeds {cfg['eval_seeds']})")
         return 0
     if not args.data_dir:
         dc.build_synthetic(data_dir, cfg, env)

@@ -22,7 +22,7 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -138,26 +138,19 @@ def _generator(seed: int, split: str, first: int) -> torch.Generator:
     return torch.Generator(device=gen_device).manual_seed(int(state[0]) << 31 ^ int(state[1]))
 
 
-def split_maps(cfg: MethodConfig, models: Models, split: str, level: int, scale: float,
-               num: int | None) -> dict[str, Any]:
-    """Maps of the first ``num`` slices of ``split``: {"maps" [N, 1, H, W], "gt", "x", "label", "idx",
-    "nfe" (per slice), "seconds" (map computation only), "dataset"}."""
+def iter_maps(cfg: MethodConfig, models: Models, split: str, level: int, scale: float,
+              num: int | None) -> Iterator[dict[str, Any]]:
+    """Batches of the first ``num`` slices of ``split``: {"maps" [B, 1, H, W] (CPU), "x", "gt", "label",
+    "idx", "nfe" (per slice), "seconds" (map computation only), "dataset"}."""
     from .data.brats import get_eval_loader
 
     loader, dataset = get_eval_loader(cfg.data_dir, split, cfg.batch_size, num_slices=num,
                                       world_size=1, rank=0)
-    maps, gts, xs, labs, ids, nfe, secs = [], [], [], [], [], 0, 0.0
     for x, gt, lab, idx in loader:
         t0 = time.perf_counter()
         amap, nfe = method_map(cfg, models, x, level, scale, _generator(cfg.seed, split, int(idx[0])))
-        secs += time.perf_counter() - t0
-        maps.append(amap)
-        gts.append(gt.float())
-        xs.append(x.float())
-        labs.append(lab)
-        ids.append(idx)
-    return {"maps": torch.cat(maps), "gt": torch.cat(gts), "x": torch.cat(xs), "label": torch.cat(labs),
-            "idx": torch.cat(ids), "nfe": nfe, "seconds": secs, "dataset": dataset}
+        yield {"maps": amap, "x": x.float(), "gt": gt.float(), "label": lab, "idx": idx, "nfe": nfe,
+               "seconds": time.perf_counter() - t0, "dataset": dataset}
 
 
 def tune_method(cfg: MethodConfig, models: Models) -> dict[str, Any]:
@@ -165,15 +158,15 @@ def tune_method(cfg: MethodConfig, models: Models) -> dict[str, Any]:
 
     Returns {"level", "scale", "threshold", "val_dice", "grid": [{"level", "scale", "threshold",
     "val_dice"}, ...], "num_val_slices"}."""
-    grid, best = [], None
-    n = 0
+    grid, best, n = [], None, 0
     for level in cfg.levels:
         for scale in cfg.scales:
-            out = split_maps(cfg, models, "val", int(level), float(scale), cfg.num_val)
-            thr, dice = methods.best_threshold(out["maps"], out["gt"], cfg.thresholds)
+            batches = list(iter_maps(cfg, models, "val", int(level), float(scale), cfg.num_val))
+            maps = torch.cat([b["maps"] for b in batches])
+            thr, dice = methods.best_threshold(maps, torch.cat([b["gt"] for b in batches]), cfg.thresholds)
             point = {"level": int(level), "scale": float(scale), "threshold": thr, "val_dice": dice}
             grid.append(point)
-            n = int(out["maps"].shape[0])
+            n = int(maps.shape[0])
             if best is None or dice > best["val_dice"]:
                 best = point
     assert best is not None
@@ -182,43 +175,52 @@ def tune_method(cfg: MethodConfig, models: Models) -> dict[str, Any]:
 
 def evaluate_method(cfg: MethodConfig, models: Models, tuned: Mapping[str, Any],
                     work_dir: str | None = None) -> dict[str, Any]:
-    """Test-split metrics of the tuned method (same evaluator as AnoFPDM's metrics.json).
+    """Test-split metrics of the tuned method (same evaluator as AnoFPDM's metrics.json), streamed.
 
     Returns {"mixed": {dice, iou, auprc, dice_lesion}, "unhealthy": {...}, "image": {"accuracy"},
-    "nfe_per_slice", "seconds_per_slice", "tuned": {...}, "num_test_slices"}; with ``work_dir`` and
-    ``cfg.panel_slices`` > 0 also writes panel.npz (inputs, GT, maps and masks of the test slices with
-    the largest lesions, in dataset order)."""
+    "nfe_per_slice", "seconds_per_slice", "tuned": {...}, "num_test_slices", "min_cc_size"}; with
+    ``work_dir`` and ``cfg.panel_slices`` > 0 also writes panel.npz (inputs, GT, maps and masks of the
+    test slices with the largest lesions, in dataset order)."""
     from .evaluator import SegmentationEvaluator
     from .metrics import cc_filter
     from .translation_outputs import resolve_min_cc_size
 
-    out = split_maps(cfg, models, "test", int(tuned["level"]), float(tuned["scale"]), cfg.num_test)
-    maps, gt = out["maps"][:, 0].numpy(), out["gt"][:, 0].numpy() > 0.5
-    min_cc = resolve_min_cc_size(cfg.min_cc_size, maps.shape[-1])
-    masks = cc_filter(maps >= float(tuned["threshold"]), min_cc)
-    pred_lab = masks.reshape(masks.shape[0], -1).any(axis=1).astype(np.int64)
-    ev = SegmentationEvaluator(min_cc_size=min_cc)
-    dataset = out["dataset"]
-    ev.add_batch(pred_mask_gated=masks, pred_mask_all=masks, anomaly_map=maps, gt=gt,
-                 source=out["x"].numpy(), label=out["label"].numpy(), pred_label=pred_lab,
-                 slice_ids=[tuple(dataset.slice_info(int(i))) for i in out["idx"]])
+    ev, min_cc = None, 0
+    n, nfe, secs, panel = 0, 0, 0.0, []
+    for b in iter_maps(cfg, models, "test", int(tuned["level"]), float(tuned["scale"]), cfg.num_test):
+        maps, gt = b["maps"][:, 0].numpy(), b["gt"][:, 0].numpy() > 0.5
+        if ev is None:  # the paper's 40 px at 128 px scaled to the slice size, as AnoFPDM's evaluation
+            min_cc = resolve_min_cc_size(cfg.min_cc_size, maps.shape[-1])
+            ev = SegmentationEvaluator(min_cc_size=min_cc)
+        masks = cc_filter(maps >= float(tuned["threshold"]), min_cc)
+        pred_lab = masks.reshape(masks.shape[0], -1).any(axis=1).astype(np.int64)
+        ev.add_batch(pred_mask_gated=masks, pred_mask_all=masks, anomaly_map=maps, gt=gt,
+                     source=b["x"].numpy(), label=b["label"].numpy(), pred_label=pred_lab,
+                     slice_ids=[tuple(b["dataset"].slice_info(int(i))) for i in b["idx"]])
+        n, nfe, secs = n + len(maps), b["nfe"], secs + b["seconds"]
+        if cfg.panel_slices > 0:  # keep the slices with the largest lesions so far
+            for j in range(len(maps)):
+                panel.append((-int(gt[j].sum()), int(b["idx"][j]), b["x"][j].numpy(), gt[j], maps[j],
+                              masks[j]))
+            panel = sorted(panel, key=lambda r: r[:2])[:cfg.panel_slices]
+    if ev is None:
+        raise ValueError(f"{cfg.method}: the test split of {cfg.data_dir} has no slices")
     res = ev.results()
-    n = int(maps.shape[0])
-    if work_dir and cfg.panel_slices > 0:
+    if work_dir and panel:
         from .io_util import atomic_write_bytes
 
-        area = gt.reshape(n, -1).sum(axis=1)
-        pick = np.sort(np.argsort(-area, kind="stable")[:min(cfg.panel_slices, n)])  # largest lesions
-        buf = _npz_bytes(index=out["idx"].numpy()[pick], x=out["x"].numpy()[pick], gt=gt[pick],
-                         anomaly_map=maps[pick], pred_mask=masks[pick])
+        panel.sort(key=lambda r: r[1])
+        buf = _npz_bytes(index=np.array([r[1] for r in panel]), x=np.stack([r[2] for r in panel]),
+                         gt=np.stack([r[3] for r in panel]), anomaly_map=np.stack([r[4] for r in panel]),
+                         pred_mask=np.stack([r[5] for r in panel]))
         atomic_write_bytes(buf, os.path.join(work_dir, "panel.npz"))
     keys = ("dice", "iou", "auprc", "dice_lesion")
     return {
         "mixed": {k: res["mixed"].get(k) for k in keys},
         "unhealthy": {k: res["unhealthy"].get(k) for k in keys},
         "image": {"accuracy": res.get("image", {}).get("accuracy")},
-        "nfe_per_slice": out["nfe"],
-        "seconds_per_slice": out["seconds"] / max(n, 1),
+        "nfe_per_slice": nfe,
+        "seconds_per_slice": secs / max(n, 1),
         "tuned": {k: tuned[k] for k in ("level", "scale", "threshold", "val_dice")},
         "num_test_slices": n,
         "min_cc_size": min_cc,

@@ -117,7 +117,9 @@ def build_rows(cfg: Mapping[str, Any], base: Mapping[str, Any], models: Mapping[
     return ex.run_rows(rows, out, mode)
 
 
-def _anofpdm_row(cfg, base, row, seed, models, shas, data_dir, prefix, env) -> ex.Row:
+def _anofpdm_row(cfg: Mapping[str, Any], base: Mapping[str, Any], row: str, seed: int,
+                 models: Mapping[str, tuple[str, str]], shas: Mapping[str, str], data_dir: str,
+                 prefix: list[str], env: Mapping[str, str]) -> ex.Row:
     model_dir = models["fpdm"][0]
     keys = ("forward_steps", "w", "num_slices", "num_slices_val", "eval_batch", "modality")
     settings = {**base, **{k: cfg[k] for k in keys}, "row": row, "checkpoint_sha256": shas["fpdm"]}

@@ -59,6 +59,10 @@ def test_smoke_preset_fills_every_row_and_resumes(tmp_path):
     assert nfe["anofpdm_ddpm_ste"] == 2 * smoke["forward_steps"]
     assert tuned["ddim_cfg"]["scale"] in smoke["cfg_w"]
     assert tuned["ddim_classifier"]["scale"] in smoke["clf_scales"]
+    for method in ("ddim_classifier", "ddim_cfg"):  # the grid point with the best validation Dice wins
+        tune = json.load(open(os.path.join(out, "rows", f"tune_{method}_seed0.json")))["metrics"]
+        assert len(tune["grid"]) == 2 and tune["val_dice"] == max(g["val_dice"] for g in tune["grid"])
+        assert tune["threshold"] == tuned[method]["threshold"]
     # the deterministic DDIM rows give the same numbers for every seed (as the paper's ± 0.0)
     assert table["rows"][_label("ddim_cfg")]["mixed.dice"]["std"] == 0.0
     md = open(os.path.join(out, "table1.md")).read()
