@@ -148,3 +148,21 @@ def test_simplex_training_noise():
     torch.testing.assert_close(losses["mse"], noise.pow(2).mean(dim=(1, 2, 3)))
     gauss = diffusion.training_losses(Zero(), x, t, generator=torch.Generator().manual_seed(5))
     assert not torch.allclose(gauss["mse"], losses["mse"])
+
+
+def test_simplex_training_runs_and_refuses_a_gaussian_resume(tmp_path):
+    from fake_data import write_fake_brats
+
+    from guided_diffusion.cli import run_cli
+
+    data = write_fake_brats(tmp_path / "data")
+    flags = ["--data_dir", str(data), "--log_dir", str(tmp_path / "log"), "--image_size", "16",
+             "--num_channels", "8", "--in_channels", "2", "--num_classes", "0", "--channel_mult", "1,2",
+             "--attention_resolutions", "8", "--num_heads", "1", "--num_res_blocks", "1", "--unet_ver", "v1",
+             "--diffusion_steps", "40", "--batch_size", "2", "--save_interval", "1", "--log_interval", "1",
+             "--num_workers", "0", "--mixed", "False", "--n_unhealthy_patients", "0", "--ret_lab", "False"]
+    assert run_cli(training.main, [*flags, "--max_steps", "1", "--noise_type", "simplex",
+                                   "--simplex_frequency", "8"]) == 0
+    assert (tmp_path / "log" / "model000001.pt").is_file()
+    with pytest.raises(ValueError, match="train.noise_type: checkpoint 'simplex', flags 'gaussian'"):
+        training.main([*flags, "--max_steps", "2", "--simplex_frequency", "8"])
