@@ -212,7 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     pypath = os.pathsep.join(filter(None, [str(dc.REPO), os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, PYTHONPATH=pypath)
     if args.threads:
+        import torch
+
         env["OMP_NUM_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)  # the rows evaluated in this process
     prefix = shlex.split(args.launcher) if args.launcher else [sys.executable]
     data_dir = os.path.abspath(args.data_dir) if args.data_dir else os.path.join(out, "data")
     command = "python scripts/run_table1.py " + shlex.join(argv if argv is not None else sys.argv[1:])
