@@ -20,6 +20,7 @@ from . import checkpoint, dist_util, logger
 RUN_CHANGING_TRAIN_KEYS = (
     "seed", "lr", "weight_decay", "lr_anneal_steps", "microbatch", "ema_rate", "precision", "grad_clip",
     "threshold", "schedule_sampler", "mixed", "ret_lab", "n_unhealthy_patients", "n_healthy_patients",
+    "noise_type", "simplex_frequency",
 )
 
 

@@ -28,6 +28,7 @@ from .nn import count_parameters, format_param_count
 from .script_util import create_from_configs, create_gaussian_diffusion, model_config
 from .train_util import PRECISIONS, parse_ema_rates
 
+NOISE_TYPES = ("gaussian", "simplex")
 SYNTHETIC_HINT = "python scripts/make_synthetic_brats.py --out DIR"
 RUN_CONFIG = "run_config.json"
 NO_RUN_EFFECT: tuple[str, ...] = ()  # field metadata "changes" for settings that leave the weights alone
@@ -75,6 +76,10 @@ class TrainConfig(Config):
     max_steps: int = setting(0, "stop after N steps (0: no step limit)", changes=NO_RUN_EFFECT)
     threshold: float = setting(-1.0, "label-dropout probability during training (<= 0: off; paper: 0.1)")
     seed: int = setting(0, "seed of the weights, data order and noise")
+    noise_type: str = setting("gaussian", "training noise: gaussian, or multi-octave simplex (AnoDDPM (S))",
+                              choices=NOISE_TYPES)
+    simplex_frequency: float = setting(64.0, "simplex noise: first octave's wavelength in pixels "
+                                       "(upstream: 64 at 128 px)")
     num_workers: int = setting(2, "data-loading worker processes", changes=NO_RUN_EFFECT)
     preview_steps: int = setting(50, "sampling steps of the preview images", changes=NO_RUN_EFFECT)
     ddpm_sampling: bool = setting(False, "previews with ancestral (DDPM) instead of DDIM sampling",
@@ -89,6 +94,8 @@ class TrainConfig(Config):
         for name in ("lr", "weight_decay", "grad_clip", "threshold"):
             require_finite(name, getattr(self, name))
         require(self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        require_finite("simplex_frequency", self.simplex_frequency)
+        require(self.simplex_frequency > 0, f"--simplex_frequency must be > 0, got {self.simplex_frequency}")
         require(self.batch_size >= 1, f"--batch_size must be >= 1, got {self.batch_size}")
         require(self.num_workers >= 0, f"--num_workers must be >= 0, got {self.num_workers}")
         require(self.log_interval > 0 and self.save_interval > 0,
@@ -241,6 +248,8 @@ def _loop(TrainLoop: Any, model: Any, diffusion: Any, data: Any, log_dir: str, i
     from .resample import create_named_schedule_sampler
 
     schedule_sampler = create_named_schedule_sampler(t.schedule_sampler, diffusion)
+    if t.noise_type == "simplex":
+        diffusion = SimplexTrainingDiffusion(diffusion, {"frequency": t.simplex_frequency})
     TrainLoop(
         model=model, diffusion=diffusion, data=data, batch_size=t.batch_size, microbatch=t.microbatch,
         lr=t.lr, ema_rate=t.ema_rate, log_interval=t.log_interval, save_interval=t.save_interval,
@@ -253,6 +262,26 @@ def _loop(TrainLoop: Any, model: Any, diffusion: Any, data: Any, log_dir: str, i
         ddpm_preview=t.ddpm_sampling, num_classes=m.num_classes or None,
         compile=t.compile, channels_last=t.channels_last,
     ).run_loop()
+
+
+class SimplexTrainingDiffusion:
+    """A diffusion whose ``training_losses`` draws multi-octave simplex noise (from the loop's generator)
+    instead of N(0, I) (AnoDDPM (S), Wyatt et al. 2022); every other attribute is the wrapped diffusion's."""
+
+    def __init__(self, diffusion: Any, simplex_kwargs: Mapping[str, Any]):
+        self._diffusion, self._kwargs = diffusion, dict(simplex_kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._diffusion, name)
+
+    def training_losses(self, model: Any, x_start: Any, t: Any, model_kwargs: dict | None = None,
+                        noise: Any = None, generator: Any = None) -> dict[str, Any]:
+        from .simplex import simplex_noise_like
+
+        if noise is None:
+            noise = simplex_noise_like(x_start, generator=generator, **self._kwargs)
+        return self._diffusion.training_losses(model, x_start, t, model_kwargs=model_kwargs, noise=noise,
+                                               generator=generator)
 
 
 HAE_V2_FORCED: dict[str, Any] = {"unet_ver": "hae_v2"}

@@ -25,7 +25,6 @@ from the newest complete checkpoint found there. A model is class-conditional wh
 # the shared configs.COMPAT table): mapped onto a field, or accepted for one value with a warning
 TRAIN_COMPAT: dict[str, CompatFlag] = {c.name: c for c in (
     CompatFlag("use_fp16", field="precision", convert=lambda v: "fp16" if str2bool(v) else "fp32"),
-    CompatFlag("noise_type", accepted=("gaussian",), note="only Gaussian noise is implemented"),
     CompatFlag("class_cond", accepted=(True,), note="a model is class-conditional when --num_classes > 0; "
                "pass --num_classes 0 for an unconditional model"),
     CompatFlag("clf_free", accepted=(True,), note="the UNet only has classifier-free label layers"),

@@ -162,3 +162,29 @@ def test_bench_inference_precision_and_early_stop_modes(tmp_path, run_script):
     assert modes["bf16"]["precision"] == "bf16" and modes["bf16"]["max_abs_div_diff_vs_faithful"] > 0.0
     assert 0.0 <= modes["early_stop"]["same_end_step_fraction"] <= 1.0
     assert 1 <= modes["early_stop"]["steps_run"] <= 6 and "speedup_vs_faithful" in modes["bf16"]
+
+
+@pytest.mark.parametrize("dataset", ["brats", "atlas"])
+def test_table1_launchers(dataset, tmp_path):
+    """config/run_table1_{brats,atlas}.sh: syntax, missing data -> exit 2, the paper-preset command line."""
+    script = REPO / "config" / f"run_table1_{dataset}.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0 and os.access(script, os.X_OK)
+    assert "set -euo pipefail" in script.read_text()
+    base = {k: v for k, v in os.environ.items() if k not in ("NPROC", "NNODES", "OUT", "DATA_DIR", "DATASET")}
+    proc = subprocess.run(["bash", str(script)], env={**base, "DATA_DIR": str(tmp_path / "nodata")},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and str(tmp_path / "nodata") in proc.stderr
+    data = tmp_path / "data"
+    for split in ("train", "val", "test"):
+        (data / "data_splits" / split).mkdir(parents=True)
+    env = {**base, "DATA_DIR": str(data), "PYTHON": "echo", "OUT": str(tmp_path / "o"), "NPROC": "4",
+           "MASTER_PORT": "29997", "EXTRA_FLAGS": "--rows anofpdm_ddim"}
+    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout.strip()
+    head = (f"scripts/run_table1.py --preset paper --dataset {dataset} --data_dir {data} "
+            f"--out {tmp_path / 'o'} --launcher echo -m torch.distributed.run --nproc-per-node 4 --nnodes 1")
+    assert out.startswith(head) and out.endswith("--rows anofpdm_ddim")
+    proc = subprocess.run(["bash", str(script)], env={**env, "NPROC": "zero"}, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "NPROC" in proc.stderr

@@ -561,7 +561,7 @@ def test_saved_run_config_reruns_to_the_same_checkpoints(tmp_path, capsys):
 def test_train_help_lists_only_flags_that_change_something():
     """Issue 9: rejected/ignored flags are gone from --help (kept as hidden compatibility names)."""
     text = training_flags.build_arg_parser().format_help()
-    for gone in ("--resblock_updown", "--use_new_attention_order", "--noise_type", "--use_fp16",
+    for gone in ("--resblock_updown", "--use_new_attention_order", "--use_fp16",
                  "--class_cond", "--clf_free"):
         assert gone not in text, gone
     _, _, t = training_flags.parse_configs_for_training(["--use_fp16", "True"])
