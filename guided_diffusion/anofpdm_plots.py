@@ -80,7 +80,14 @@ def te_ratio_series(metrics: Mapping[str, Any]) -> dict[str, dict[str, list]]:
     return out
 
 
-def plot_te_ratio(series: Mapping[str, Mapping[str, Sequence[float]]], path: str, primary_w: str) -> None:
+def _note(fig, note: str) -> None:
+    """Small grey provenance line under the figure."""
+    if note:
+        fig.text(0.01, -0.02, note, fontsize=6, color="grey", ha="left", va="top")
+
+
+def plot_te_ratio(series: Mapping[str, Mapping[str, Sequence[float]]], path: str, primary_w: str,
+                  note: str = "") -> None:
     """Mixed and unhealthy Dice vs t_e ratio, one line per w (primary w bold), ratio 1 marked."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -99,6 +106,7 @@ def plot_te_ratio(series: Mapping[str, Mapping[str, Sequence[float]]], path: str
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8)
     fig.suptitle("Dice vs t_e ratio (★ / dashed = ratio 1, the paper's t_e); test split", fontsize=9)
+    _note(fig, note)
     _save(fig, path)
 
 
@@ -195,7 +203,7 @@ def fixed_threshold_dice(anomaly_map: np.ndarray, pred_label: np.ndarray, gt: np
     return {"threshold": [float(t) for t in thresholds], "mixed_dice": mixed, "unhealthy_dice": unhealthy}
 
 
-def plot_thresholds(data: Mapping[str, Any], path: str, title: str) -> None:
+def plot_thresholds(data: Mapping[str, Any], path: str, title: str, note: str = "") -> None:
     """Fixed-threshold Dice curves with the dynamic-threshold Dice as horizontal lines."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
@@ -209,6 +217,7 @@ def plot_thresholds(data: Mapping[str, Any], path: str, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title(title, fontsize=8)
+    _note(fig, note)
     _save(fig, path)
 
 
@@ -228,7 +237,7 @@ def mse_curves(mse_h: np.ndarray, mse_null: np.ndarray, labels: np.ndarray, w_in
     return out
 
 
-def plot_mse_curves(curves: Mapping[str, Any], path: str, title: str) -> None:
+def plot_mse_curves(curves: Mapping[str, Any], path: str, title: str, note: str = "") -> None:
     """Fig. 2-style MSE_h / MSE_∅ curves (mean ± std band), healthy and unhealthy panels."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
@@ -248,6 +257,7 @@ def plot_mse_curves(curves: Mapping[str, Any], path: str, title: str) -> None:
     axes[0].set_ylabel("MSE to the input (mean over modalities)")
     axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
+    _note(fig, note)
     _save(fig, path)
 
 
@@ -278,6 +288,7 @@ def make_plots(log_dir: str, data_dir: str | None = None, out_dir: str | None = 
                               "files": {}, "skipped": {}}
     primary_w = metrics["primary_setting"].split(",")[0].split("=")[1]
     cache: dict[str, Any] = {}
+    note = f"{PRODUCER} from {os.path.abspath(log_dir)}"
 
     def arrays() -> dict[str, np.ndarray]:
         if "arrays" not in cache:
@@ -286,7 +297,7 @@ def make_plots(log_dir: str, data_dir: str | None = None, out_dir: str | None = 
 
     def te_ratio() -> Any:
         series = te_ratio_series(metrics)
-        plot_te_ratio(series, os.path.join(out_dir, PLOT_FILES["te_ratio"]), primary_w)
+        plot_te_ratio(series, os.path.join(out_dir, PLOT_FILES["te_ratio"]), primary_w, note)
         return {"per_w": series, "primary_w": primary_w}
 
     def thresholds() -> Any:
@@ -305,8 +316,8 @@ def make_plots(log_dir: str, data_dir: str | None = None, out_dir: str | None = 
                                    "dice": float(np.nanmax(fixed[k]))}
                                for k in ("mixed_dice", "unhealthy_dice") if np.isfinite(fixed[k]).any()}}
         plot_thresholds(data, os.path.join(out_dir, PLOT_FILES["thresholds"]),
-                        f"dynamic per-slice quantile threshold Q* vs fixed thresholds ({key}); {filt}; "
-                        "mixed gated by the cosine rule, unhealthy ungated")
+                        f"dynamic per-slice quantile threshold Q* vs fixed thresholds ({key})\n{filt}; "
+                        "mixed: gated by the cosine rule, all slices; unhealthy: ungated", note)
         return data
 
     def mse() -> Any:
@@ -316,7 +327,7 @@ def make_plots(log_dir: str, data_dir: str | None = None, out_dir: str | None = 
         w = key.split(",")[0].split("=")[1]
         curves = mse_curves(a["mse_h"], a["mse_null"], labels, ws.index(w))
         plot_mse_curves(curves, os.path.join(out_dir, PLOT_FILES["mse_curves"]),
-                        f"MSE_h (w={w}) and MSE_∅ vs forward step, mean ± std over test slices")
+                        f"MSE_h (w={w}) and MSE_∅ vs forward step, mean ± std over test slices", note)
         return {"w": w, **curves}
 
     for name, fn in (("te_ratio", te_ratio), ("thresholds", thresholds), ("mse_curves", mse)):
