@@ -14,7 +14,8 @@
   unhealthy test slices, mean ± std band (from ``arrays/``, labels from slices.csv);
 * ``plots.json``: every plotted number, what was skipped and why, and what produced the files.
 
-A plot whose inputs are missing is skipped with one logged reason; the others are still made. Setting used
+A plot whose inputs are missing is skipped with one logged reason (its PNG of an earlier call in ``out_dir``
+is removed); the others are still made. Setting used
 for the two array plots: ``setting`` if given, else the primary w at t_e ratio 1 (if evaluated), else the
 primary setting of metrics.json.
 """
@@ -336,6 +337,9 @@ def make_plots(log_dir: str, data_dir: str | None = None, out_dir: str | None = 
             result["files"][name] = PLOT_FILES[name]
         except PlotSkipped as why:
             result["skipped"][name] = str(why)
+            stale = os.path.join(out_dir, PLOT_FILES[name])
+            if os.path.isfile(stale):  # a PNG of an earlier call must not pass for this run's
+                os.remove(stale)
             log(f"{PLOT_FILES[name]} skipped: {why}")
     from .report import _jsonable
 
