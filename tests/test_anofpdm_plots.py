@@ -58,7 +58,7 @@ def test_files_and_numbers_match_metrics_json(tiny, tmp_path):
 
 
 def test_dynamic_and_fixed_threshold_dice_independent(tiny, tmp_path):
-    """A setting with non-zero unhealthy Dice: dynamic Dice = metrics.json's; one fixed threshold's Dice
+    """A setting with non-zero unhealthy Dice: dynamic Dice = metrics.json's; the fixed-threshold Dice
     recomputed here with scipy from the slice files (8-connected, hole-filled size > 1 px kept)."""
     data, out, metrics = tiny
     key = "w=1,t_e_ratio=0.5"
@@ -76,9 +76,7 @@ def test_dynamic_and_fixed_threshold_dice_independent(tiny, tmp_path):
         y = np.load(data / "npy_test" / f"patient_{r['patient']}" / f"slice_{r['slice']}.npz")["y"]
         gts.append(y[0, 0] > 0.5)
         labs.append(int(r["label"]))
-    j = int(np.argmax(th["fixed"]["unhealthy_dice"]))
-    assert th["fixed"]["unhealthy_dice"][j] > ref["unhealthy"]["dice"]  # a different, better threshold
-    thr = th["fixed"]["threshold"][j]
+    assert max(th["fixed"]["unhealthy_dice"]) > ref["unhealthy"]["dice"]  # some fixed thr does better
 
     def keep_big(m):
         lab, n = ndimage.label(m, structure=np.ones((3, 3)))
@@ -93,11 +91,15 @@ def test_dynamic_and_fixed_threshold_dice_independent(tiny, tmp_path):
         den = p.sum() + g.sum()
         return 1.0 if den == 0 else 2 * (p & g).sum() / den
 
-    unh = [dice(keep_big(z["anomaly_map"][k] >= thr), gts[k]) for k in range(len(gts)) if labs[k] == 1]
-    mixed = [dice(keep_big(z["anomaly_map"][k] >= thr) & (z["pred_label"][k] == 1), gts[k])
-             for k in range(len(gts))]
-    assert th["fixed"]["unhealthy_dice"][j] == pytest.approx(np.mean(unh), abs=1e-12)
-    assert th["fixed"]["mixed_dice"][j] == pytest.approx(np.mean(mixed), abs=1e-12)
+    maps, gate, n = z["anomaly_map"], z["pred_label"] == 1, len(gts)
+    unh, raw, mixed = [], [], []
+    for thr in th["fixed"]["threshold"]:
+        unh.append(np.mean([dice(keep_big(maps[k] >= thr), gts[k]) for k in range(n) if labs[k] == 1]))
+        raw.append(np.mean([dice(maps[k] >= thr, gts[k]) for k in range(n) if labs[k] == 1]))
+        mixed.append(np.mean([dice(keep_big(maps[k] >= thr) & gate[k], gts[k]) for k in range(n)]))
+    assert not np.allclose(unh, raw)  # the size filter matters on this run, so it is checked
+    assert th["fixed"]["unhealthy_dice"] == pytest.approx(unh, abs=1e-12)
+    assert th["fixed"]["mixed_dice"] == pytest.approx(mixed, abs=1e-12)
     # MSE curves: the healthy MSE_h mean at w=1 (index 0) over the label-0 slices
     healthy = np.array(labs) == 0
     want = z["mse_h"][healthy, 0].mean(-1).mean(0)
