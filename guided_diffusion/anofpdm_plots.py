@@ -179,6 +179,11 @@ def split_dice(mask_gated: np.ndarray, mask_all: np.ndarray, gt: np.ndarray, lab
     if min_cc_size is not None:
         mask_gated = cc_filter(mask_gated, min_cc_size, fill_holes)
         mask_all = cc_filter(mask_all, min_cc_size, fill_holes)
+    return _dice_pair(mask_gated, mask_all, gt, labels)
+
+
+def _dice_pair(mask_gated: np.ndarray, mask_all: np.ndarray, gt: np.ndarray,
+               labels: np.ndarray) -> tuple[float, float]:
     mixed = float(np.mean(dice_per_sample(mask_gated, gt, smooth=0)))
     unh = labels == 1
     unhealthy = float(np.mean(dice_per_sample(mask_all[unh], gt[unh], smooth=0))) if unh.any() else NAN
@@ -193,12 +198,15 @@ def threshold_grid(anomaly_map: np.ndarray, n: int = 41) -> np.ndarray:
 def fixed_threshold_dice(anomaly_map: np.ndarray, pred_label: np.ndarray, gt: np.ndarray, labels: np.ndarray,
                          thresholds: Sequence[float], min_cc_size: int | None,
                          fill_holes: bool = True) -> dict[str, list[float]]:
-    """Dice of masks ``map >= thr`` for every fixed ``thr`` (gated with ``pred_label`` for mixed)."""
+    """Dice of masks ``map >= thr`` for every fixed ``thr`` (gated with ``pred_label`` for mixed; the
+    gate zeroes whole slices, so filtering the ungated mask once and gating it after is the same)."""
     gate = (np.asarray(pred_label) == 1)[:, None, None]
     mixed, unhealthy = [], []
     for thr in thresholds:
         allm = anomaly_map >= thr
-        m, u = split_dice(allm & gate, allm, gt, labels, min_cc_size, fill_holes)
+        if min_cc_size is not None:
+            allm = cc_filter(allm, min_cc_size, fill_holes)
+        m, u = _dice_pair(allm & gate, allm, gt, labels)
         mixed.append(m)
         unhealthy.append(u)
     return {"threshold": [float(t) for t in thresholds], "mixed_dice": mixed, "unhealthy_dice": unhealthy}
