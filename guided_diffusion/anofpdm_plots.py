@@ -335,9 +335,11 @@ def make_plots(log_dir: str, data_dir: str | None = None, out_dir: str | None = 
         ws = [f"{float(w):g}" for w in cfg["forward"]["w"]]
         w = key.split(",")[0].split("=")[1]
         curves = mse_curves(a["mse_h"], a["mse_null"], labels, ws.index(w))
+        patience = int(cfg["forward"].get("early_stop_patience", 0) or 0)
+        held = f"; early stop {patience}: a stopped batch holds its last values" if patience else ""
         plot_mse_curves(curves, os.path.join(out_dir, PLOT_FILES["mse_curves"]),
-                        f"MSE_h (w={w}) and MSE_∅ vs forward step, mean ± std over test slices", note)
-        return {"w": w, **curves}
+                        f"MSE_h (w={w}) and MSE_∅ vs forward step, mean ± std over test slices{held}", note)
+        return {"w": w, "early_stop_patience": patience, **curves}
 
     for name, fn in (("te_ratio", te_ratio), ("thresholds", thresholds), ("mse_curves", mse)):
         try:
