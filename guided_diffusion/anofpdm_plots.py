@@ -145,6 +145,14 @@ def read_slice_rows(log_dir: str, key: str) -> dict[int, dict[str, str]]:
     return rows
 
 
+def _labels(rows: Mapping[int, Mapping[str, str]], index: np.ndarray, log_dir: str) -> np.ndarray:
+    """Image labels (1 = unhealthy) of the array rows ``index`` from slices.csv."""
+    missing = sorted(set(index.tolist()) - set(rows))
+    if missing:
+        raise ValueError(f"{os.path.join(log_dir, 'slices.csv')} lacks the arrays/ slices {missing[:5]}")
+    return np.asarray([int(rows[i]["label"]) for i in index.tolist()])
+
+
 def load_ground_truth(data_dir: str, index: np.ndarray, metrics: Mapping[str, Any],
                       rows: Mapping[int, Mapping[str, str]]) -> tuple[np.ndarray, np.ndarray]:
     """(gt bool [N, H, W], label [N]) of the test slices ``index``, checked against slices.csv (patient,
@@ -163,10 +171,11 @@ def load_ground_truth(data_dir: str, index: np.ndarray, metrics: Mapping[str, An
         _, gt, lab = ds.load(i)
         g = gt[0].numpy() > 0.5
         row, (pid, sl) = rows[i], ds.slice_info(i)
-        if (str(pid), int(sl), int(g.sum())) != (row["patient"], int(row["slice"]), int(row["n_gt"])):
-            raise ValueError(f"data dir {data_dir}: test slice {i} is ({pid}, {sl}, {int(g.sum())} GT px) "
-                             f"but slices.csv has ({row['patient']}, {row['slice']}, {row['n_gt']}); "
-                             "not this run's data")
+        have = (str(pid), int(sl), int(g.sum()), int(lab))
+        if have != (row["patient"], int(row["slice"]), int(row["n_gt"]), int(row["label"])):
+            raise ValueError(f"data dir {data_dir}: test slice {i} is {have} (patient, slice, GT px, label) "
+                             f"but slices.csv has ({row['patient']}, {row['slice']}, {row['n_gt']}, "
+                             f"{row['label']}); not this run's data")
         gts.append(g)
         labels.append(int(lab))
     return np.stack(gts), np.asarray(labels)
@@ -219,8 +228,12 @@ def plot_thresholds(data: Mapping[str, Any], path: str, title: str, note: str = 
     x = np.asarray(data["fixed"]["threshold"])
     for i, (key, name) in enumerate((("mixed_dice", "mixed"), ("unhealthy_dice", "unhealthy"))):
         ax.plot(x, data["fixed"][key], marker=".", color=f"C{i}", label=f"fixed threshold, {name}")
+        best = data.get("best_fixed", {}).get(key)
+        if best is not None:
+            ax.plot([best["threshold"]], [best["dice"]], marker="*", ms=13, color=f"C{i}", mec="black",
+                    zorder=5)
         ax.axhline(data["dynamic"][key], color=f"C{i}", ls="--", label=f"dynamic Q*, {name}")
-    ax.set_xlabel("fixed threshold on the anomaly map")
+    ax.set_xlabel("fixed threshold on the anomaly map (★ = best fixed, chosen with the pixel labels)")
     ax.set_ylabel("Dice")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
@@ -311,7 +324,9 @@ def make_plots(log_dir: str, data_dir: str | None = None, out_dir: str | None = 
 
     def thresholds() -> Any:
         a = arrays()
-        gt, labels = load_ground_truth(data_dir, a["index"], metrics, read_slice_rows(log_dir, key))
+        rows = read_slice_rows(log_dir, key)
+        _labels(rows, a["index"], log_dir)
+        gt, labels = load_ground_truth(data_dir, a["index"], metrics, rows)
         grid = threshold_grid(a["anomaly_map"], n_thresholds)
         fixed = fixed_threshold_dice(a["anomaly_map"], a["pred_label"], gt, labels, grid, min_cc, fill)
         dyn = split_dice(a["pred_mask"], a["pred_mask_all"], gt, labels, min_cc, fill)
@@ -331,7 +346,7 @@ def make_plots(log_dir: str, data_dir: str | None = None, out_dir: str | None = 
 
     def mse() -> Any:
         a, rows = arrays(), read_slice_rows(log_dir, key)
-        labels = np.asarray([int(rows[i]["label"]) for i in a["index"].tolist()])
+        labels = _labels(rows, a["index"], log_dir)
         ws = [f"{float(w):g}" for w in cfg["forward"]["w"]]
         w = key.split(",")[0].split("=")[1]
         curves = mse_curves(a["mse_h"], a["mse_null"], labels, ws.index(w))
