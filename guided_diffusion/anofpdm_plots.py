@@ -62,13 +62,11 @@ def read_metrics(log_dir: str) -> dict:
     return metrics
 
 
-def _config(metrics: Mapping[str, Any]) -> dict:
-    return metrics["run"]["config"]
-
-
-def te_ratio_series(metrics: Mapping[str, Any]) -> dict[str, dict[str, list]]:
-    """{w as "%g": {"ratio", "mixed_dice", "unhealthy_dice"}} over the evaluated t_e ratios (sorted)."""
-    cfg = _config(metrics)
+def te_ratio_series(metrics: Mapping[str, Any], log_dir: str | None = None) -> dict[str, dict[str, list]]:
+    """{w as "%g": {"ratio", "mixed_dice", "unhealthy_dice", "t_e_at_last_step"}} over the evaluated t_e
+    ratios (sorted); the last: share of slices whose (scaled) t_e reached the last forward step, where a
+    larger ratio cannot go further (from slices.csv of ``log_dir``; None without it)."""
+    cfg = metrics["run"]["config"]
     ratios = sorted(float(r) for r in cfg["segment"]["t_e_ratio"])
     if len(ratios) < 2:
         raise PlotSkipped(f"only one t_e ratio was evaluated ({ratios}); run translation_FPDM.py with e.g. "
@@ -77,8 +75,20 @@ def te_ratio_series(metrics: Mapping[str, Any]) -> dict[str, dict[str, list]]:
     for w in cfg["forward"]["w"]:
         res = [metrics["settings_results"][setting_key(float(w), r)] for r in ratios]
         out[f"{float(w):g}"] = {"ratio": ratios, "mixed_dice": [r["mixed"]["dice"] for r in res],
-                                "unhealthy_dice": [r["unhealthy"]["dice"] for r in res]}
+                                "unhealthy_dice": [r["unhealthy"]["dice"] for r in res],
+                                "t_e_at_last_step": [_capped(log_dir, setting_key(float(w), r),
+                                                             int(cfg["forward"]["forward_steps"]))
+                                                     for r in ratios]}
     return out
+
+
+def _capped(log_dir: str | None, key: str, steps: int) -> float | None:
+    """Share of the slices.csv rows of ``key`` with t_e >= steps - 1 (None when unknown)."""
+    try:
+        rows = read_slice_rows(log_dir, key) if log_dir else {}
+    except PlotSkipped:
+        rows = {}
+    return float(np.mean([int(r["t_e"]) >= steps - 1 for r in rows.values()])) if rows else None
 
 
 def _note(fig, note: str) -> None:
@@ -106,7 +116,11 @@ def plot_te_ratio(series: Mapping[str, Mapping[str, Sequence[float]]], path: str
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8)
-    fig.suptitle("Dice vs t_e ratio (★ / dashed = ratio 1, the paper's t_e); test split", fontsize=9)
+    s = series.get(primary_w, {})
+    cap = dict(zip(s.get("ratio", []), s.get("t_e_at_last_step", []))).get(1.0)
+    txt = (f"\nw={primary_w}: t_e is the last forward step for {100 * cap:.0f} % of slices at ratio 1 "
+           "(ratios > 1 are capped there)") if cap else ""
+    fig.suptitle(f"Dice vs t_e ratio (★ / dashed = ratio 1, the paper's t_e); test split{txt}", fontsize=9)
     _note(fig, note)
     _save(fig, path)
 
@@ -159,7 +173,7 @@ def load_ground_truth(data_dir: str, index: np.ndarray, metrics: Mapping[str, An
     slice, GT pixel count) so that a data dir of another run is refused."""
     from .data.brats import get_eval_loader
 
-    cfg = _config(metrics)
+    cfg = metrics["run"]["config"]
     if not os.path.isdir(data_dir):
         raise PlotSkipped(f"data dir {data_dir} not found (pass --data_dir for the ground-truth masks)")
     _, ds = get_eval_loader(data_dir, "test", 1, num_slices=cfg["eval"]["num_slices"],
@@ -299,7 +313,7 @@ def make_plots(log_dir: str, data_dir: str | None = None, out_dir: str | None = 
         raise ValueError(f"--n_thresholds must be >= 2, got {n_thresholds}")
     metrics = read_metrics(log_dir)
     out_dir = out_dir or os.path.join(log_dir, "plots")
-    cfg = _config(metrics)
+    cfg = metrics["run"]["config"]
     data_dir = data_dir or cfg["eval"]["data_dir"]
     key = pick_setting(metrics, setting)
     settings = metrics["settings_results"][key]["settings"]
@@ -318,7 +332,7 @@ def make_plots(log_dir: str, data_dir: str | None = None, out_dir: str | None = 
         return cache["arrays"]
 
     def te_ratio() -> Any:
-        series = te_ratio_series(metrics)
+        series = te_ratio_series(metrics, log_dir)
         plot_te_ratio(series, os.path.join(out_dir, PLOT_FILES["te_ratio"]), primary_w, note)
         return {"per_w": series, "primary_w": primary_w}
 

@@ -46,6 +46,12 @@ def test_files_and_numbers_match_metrics_json(tiny, tmp_path):
         for i, r in enumerate(("0.5", "1", "2")):
             assert s["mixed_dice"][i] == sr[f"w={w},t_e_ratio={r}"]["mixed"]["dice"]
             assert s["unhealthy_dice"][i] == sr[f"w={w},t_e_ratio={r}"]["unhealthy"]["dice"]
+    # share of slices whose t_e is the last of the 5 forward steps, from slices.csv
+    rows = list(csv.DictReader(open(out / "slices.csv")))
+    for i, r in enumerate(("0.5", "1", "2")):
+        te = [int(x["t_e"]) for x in rows if x["setting"] == f"w=1,t_e_ratio={r}"]
+        share = res["te_ratio"]["per_w"]["1"]["t_e_at_last_step"][i]
+        assert share == pytest.approx(np.mean(np.array(te) >= 4))
     # array plots default to the primary w at ratio 1; the dynamic Dice recomputed from arrays/ is the
     # evaluation's
     w0 = metrics["primary_setting"].split(",")[0]
