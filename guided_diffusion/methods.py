@@ -56,10 +56,11 @@ class _CountingModel:
 
 
 def median_filter_maps(maps: Tensor, size: int = 5) -> Tensor:
-    """``size`` x ``size`` median filter per slice (scipy, mode "reflect", as segmentation.py).
+    """``size`` x ``size`` median filter per slice, padded like upstream's torch F.pad(mode="reflect") (edge
+    pixel not repeated: scipy mode "mirror"), as segmentation.median_filter_5x5.
     [B, 1, H, W] -> same shape, dtype and device."""
     arr = maps.detach().float().cpu().numpy()
-    out = np.stack([_scipy_median(a, size=(1, size, size), mode="reflect") for a in arr])
+    out = np.stack([_scipy_median(a, size=(1, size, size), mode="mirror") for a in arr])
     return torch.from_numpy(out).to(device=maps.device, dtype=maps.dtype)
 
 

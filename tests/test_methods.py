@@ -293,3 +293,17 @@ def test_train_classifier_script(tmp_path, capsys):
     assert capsys.readouterr().out.count("loss") == 3
     assert run_cli(script.main, ["--log_dir", str(log)]) == 2
     assert "--data_dir" in capsys.readouterr().err
+
+
+def test_comparison_median_filter_pads_like_torch_reflect():
+    """The comparison maps are filtered as AnoFPDM's: torch reflect padding (edge not repeated), so the
+    outer 2 px agree with a direct torch reference and with segmentation.median_filter_5x5."""
+    from guided_diffusion.segmentation import median_filter_5x5
+
+    g = torch.Generator().manual_seed(3)
+    maps = torch.rand(2, 1, 12, 12, generator=g)
+    padded = torch.nn.functional.pad(maps, (2, 2, 2, 2), mode="reflect")
+    ref = padded.unfold(2, 5, 1).unfold(3, 5, 1).reshape(2, 1, 12, 12, 25).median(dim=-1).values
+    out = methods.median_filter_maps(maps)
+    assert torch.equal(out, ref)
+    assert torch.equal(out, median_filter_5x5(maps))
