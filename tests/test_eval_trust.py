@@ -212,3 +212,35 @@ def test_old_calibration_file_still_loads_with_one_warning(base, tmp_path):
     assert metrics["primary_setting"] == core(out)["primary_setting"]
     assert core(tmp_path / "o")["settings_results"] == core(out)["settings_results"]
     assert (tmp_path / "o" / "slices.csv").read_text() == (out / "slices.csv").read_text()
+
+
+def test_panels_say_why_a_predicted_unhealthy_mask_is_empty(base, tmp_path):
+    """index.html captions each panel; an empty mask of a slice predicted unhealthy names its cause: the
+    size filter (pixels above the threshold, all in small components) or no pixel above the threshold."""
+    import csv
+    import re
+
+    data, mdir, out = base
+    cal = json.loads((out / "calibration.json").read_text())
+    for entry in cal["calibrations"]:
+        entry["thr_01"] = 0.999999  # every slice's cosine is below: all predicted unhealthy
+    cal_path = tmp_path / "cal.json"
+    cal_path.write_text(json.dumps(cal))
+    log = tmp_path / "panels_run"
+    argv = run_argv(data, mdir, log, w=("1",), t_e_ratio=("1",))
+    argv[argv.index("--num_panels") + 1] = "7"
+    translation.main([*argv, "--calibration", str(cal_path), "--min_cc_size", "1000"])
+    rows = list(csv.DictReader((log / "slices.csv").open()))
+    html_text = (log / "panels" / "index.html").read_text()
+    captions = re.findall(r"<br>(patient [^<]*)<br>([^<]*)</p>", html_text)
+    assert len(captions) == len(rows) == 7
+    reasons = {title.split(" | label")[0]: reason for title, reason in captions}
+    for r in rows:
+        assert r["pred_label"] == "1" and r["n_pred"] == "0"  # nothing survives a 1000 px filter
+        reason = reasons[f"patient {r['patient']} | slice {r['slice']}"]
+        if int(r["n_pred_raw"]) > 0:
+            assert reason == ("empty mask: every component removed by the size filter "
+                              "(components &lt;= 1000 px are dropped)")
+        else:
+            assert reason == "empty mask: no pixel of the anomaly map reached the threshold"
+    assert any(int(r["n_pred_raw"]) > 0 for r in rows) and any(int(r["n_pred_raw"]) == 0 for r in rows)
