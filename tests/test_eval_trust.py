@@ -87,9 +87,25 @@ def test_calibration_checks_the_diffusion_settings(base, tmp_path):
     cal = str(out / "calibration.json")
     for extra, name in ((["--timestep_respacing", "20"], "timestep_respacing"),
                         (["--noise_schedule", "cosine"], "noise_schedule"),
-                        (["--modality", "0", "1"], "modality")):
-        with pytest.raises(ValueError, match=name):
+                        (["--modality", "0", "1"], "modality"),
+                        (["--diffusion_steps", "80"], "diffusion_steps"),
+                        (["--encoding", "ddpm"], "encoding"),
+                        (["--image_size", "32", "--attention_resolutions", "16"], "image_size")):
+        with pytest.raises(ValueError, match=f"{name}: calibration .* has") as err:
             translation.main([*run_argv(data, mdir, tmp_path / name), "--calibration", cal, *extra])
+        assert "\n" not in str(err.value)
+
+
+def test_resumed_calibration_from_another_validation_pass_is_refused(base, tmp_path):
+    """--num_slices_val or --seed changed on resume: the stored calibration (made from the old validation
+    pass) is not reused under the new settings' name."""
+    data, mdir, out = base
+    run = _copy_run(out, tmp_path / "r")
+    argv = run_argv(data, mdir, run, t_e_ratio=("1",))
+    for extra, name in ((["--num_slices_val", "4"], "num_slices_val"), (["--seed", "6"], "seed")):
+        with pytest.raises(ValueError, match=f"another validation pass .*{name}: calibration .* has") as err:
+            translation.main([*argv, "--resume", "True", *extra])
+        assert "--calibration" in str(err.value) and "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("key, value, shown", [
