@@ -19,9 +19,9 @@ from . import checkpoint, dist_util, logger
 # global batch_size too: the data order and the step size depend on it, while the number of processes may
 # change); max_steps/total_epochs (train longer), intervals, workers, previews and paths may change freely
 RUN_CHANGING_TRAIN_KEYS = (
-    "seed", "batch_size", "lr", "weight_decay", "lr_anneal_steps", "microbatch", "ema_rate", "precision", "grad_clip",
-    "threshold", "schedule_sampler", "mixed", "ret_lab", "n_unhealthy_patients", "n_healthy_patients",
-    "noise_type", "simplex_frequency",
+    "seed", "batch_size", "lr", "weight_decay", "lr_anneal_steps", "microbatch", "ema_rate", "precision",
+    "grad_clip", "threshold", "schedule_sampler", "mixed", "ret_lab", "n_unhealthy_patients",
+    "n_healthy_patients", "noise_type", "simplex_frequency",
 )
 
 

@@ -260,3 +260,32 @@ def test_panels_say_why_a_predicted_unhealthy_mask_is_empty(base, tmp_path):
         else:
             assert reason == "empty mask: no pixel of the anomaly map reached the threshold"
     assert any(int(r["n_pred_raw"]) > 0 for r in rows) and any(int(r["n_pred_raw"]) == 0 for r in rows)
+
+
+def test_translation_read_only_log_dir_and_broken_calibration_end_in_one_line(base, tmp_path, capsys,
+                                                                              monkeypatch):
+    """§5 through the entry point: a log dir that cannot be written (EROFS, simulated) names --log_dir; a
+    --calibration file that is not JSON names the file; one line each, exit 2."""
+    import errno
+    import os
+
+    data, mdir, _ = base
+    broken = tmp_path / "broken.json"
+    broken.write_text("{ not json")
+    status = run_cli(translation.main, [*run_argv(data, mdir, tmp_path / "c"), "--calibration", str(broken)])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1 and str(broken) in err and "JSON" in err, err
+
+    log = tmp_path / "ro"
+    real_open = os.open
+
+    def read_only(path, *a, **k):
+        if str(path).startswith(str(log)):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(os, "open", read_only)
+    status = run_cli(translation.main, run_argv(data, mdir, log))
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1, err
+    assert f"--log_dir {log} is not writable (Read-only file system)" in err, err
