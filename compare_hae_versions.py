@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from guided_diffusion.cli import ArgumentParser, run_cli
 from guided_diffusion.hae_blocks import HybridCNNTransformerBlockBase
 from guided_diffusion.script_util import create_model
 
@@ -127,7 +128,7 @@ def format_table(config: str, rows: dict[str, dict[str, Any]]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quality", action="store_true",
                    help="run the denoiser comparison (scripts/compare_denoisers.py) with the other flags")
     p.add_argument("--json", default=None, help="also write the measured figures to this JSON file")
@@ -173,7 +174,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def quality(argv: list[str]) -> int:
     """``--quality``: the denoiser comparison (guided_diffusion.denoiser_comparison) with the other flags."""
-    from guided_diffusion.cli import run_cli
     from guided_diffusion.denoiser_comparison import main as compare_main
 
     return run_cli(compare_main, [a for a in argv if a != "--quality"])
@@ -182,7 +182,4 @@ def quality(argv: list[str]) -> int:
 if __name__ == "__main__":
     if "--quality" in sys.argv[1:]:
         sys.exit(quality(sys.argv[1:]))
-    try:
-        main()
-    except ValueError as err:
-        sys.exit(f"compare_hae_versions.py: error: {err}")
+    sys.exit(run_cli(main))

@@ -22,7 +22,6 @@ primary setting of metrics.json.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
@@ -31,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from .cli import ArgumentParser
 from .io_util import atomic_write_json
 from .metrics import NAN, cc_filter, dice_per_sample
 from .plots import _pyplot, _save
@@ -389,7 +389,7 @@ def make_plots(log_dir: str, data_dir: str | None = None, out_dir: str | None = 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """CLI: ``plot_anofpdm.py LOG_DIR [--data_dir D] [--out DIR] [--setting KEY] [--n_thresholds N]``."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("log_dir", help="a finished translation_FPDM.py log dir")
     p.add_argument("--data_dir", default=None, help="the run's data (default: its --data_dir)")
     p.add_argument("--out", default=None, help="output folder (default LOG_DIR/plots)")

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .classifier import classifier_defaults, classifier_loss, create_classifier
+from .cli import ArgumentParser
 from .data.brats import get_train_loader
 from .io_util import atomic_torch_save, atomic_write_json
 from .script_util import add_dict_to_argparser, create_gaussian_diffusion
@@ -30,7 +31,7 @@ def train_classifier_defaults() -> dict[str, Any]:
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dict_to_argparser(parser, train_classifier_defaults())
     return parser

@@ -29,6 +29,18 @@ EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+class UsageError(ValueError):
+    """A command-line flag the parser rejected (unknown flag, bad value, missing argument)."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse parser whose errors are one line: ``error()`` raises ``UsageError`` (which ``run_cli``
+    prints as ``error: <prog>: <message>``, exit 2) instead of printing the whole usage block."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message} ({self.prog} --help lists the flags)")
+
+
 def debug_enabled(argv: list[str] | None = None) -> bool:
     """True when tracebacks were asked for (``--debug`` in argv or one of DEBUG_ENV set to non-empty)."""
     argv = sys.argv[1:] if argv is None else argv

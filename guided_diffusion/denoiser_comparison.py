@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from . import experiments as ex
+from .cli import ArgumentParser
 
 REPO = Path(__file__).resolve().parents[1]
 DENOISERS = ("v2", "hae", "hae_lite", "hae_v2")
@@ -72,7 +73,7 @@ COLUMNS = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo")
     p.add_argument("--out", default=None, help="output folder (default runs/compare_denoisers_<preset>)")
     p.add_argument("--data_dir", default=None, help="preprocessed data root (default: build the synthetic "

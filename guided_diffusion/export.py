@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from .cli import ArgumentParser
 from .io_util import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 FORMAT = "hae-fpdm-export"
@@ -268,7 +269,7 @@ def load_pretrained(export_dir: str, device: str | torch.device = "cpu") -> tupl
 
 # ------------------------------------------------------------------------------------------ command line
 def create_argparser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Export a training run as a shareable model folder.")
+    p = ArgumentParser(description="Export a training run as a shareable model folder.")
     p.add_argument("run_dir", help="training log dir (model*/ema_*/state*.pt, config.json)")
     p.add_argument("--out", required=True, help="export folder to write")
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA (default) or raw weights")

@@ -252,8 +252,9 @@ def panel_title(item: Mapping[str, Any]) -> str:
 
 
 def write_index_html(out_dir: str, metrics: Mapping[str, Any] | None, panel_files: Sequence[str],
-                     title: str = "AnoFPDM evaluation") -> str:
-    """index.html with a headline table (paper Table 1 columns), all scalar metrics, and the panels."""
+                     title: str = "AnoFPDM evaluation", captions: Sequence[str] | None = None) -> str:
+    """index.html with a headline table (paper Table 1 columns), all scalar metrics, and the panels (each
+    with its caption, e.g. the panel title with the empty-mask reason, when ``captions`` is given)."""
     flat = flatten_metrics(metrics or {})
     esc = html.escape
     lines = ["<!DOCTYPE html>", "<html><head><meta charset='utf-8'>", f"<title>{esc(title)}</title>",
@@ -273,9 +274,11 @@ def write_index_html(out_dir: str, metrics: Mapping[str, Any] | None, panel_file
         lines.append("</table>")
     if panel_files:
         lines.append("<h2>Examples</h2>")
-        for f in panel_files:
+        for k, f in enumerate(panel_files):
             name = esc(os.path.basename(f))
-            lines.append(f"<p><a href='{name}'><img src='{name}' alt='{name}'></a></p>")
+            caption = captions[k] if captions is not None and k < len(captions) else ""
+            text = f"<br>{esc(caption).replace(chr(10), '<br>')}" if caption else ""
+            lines.append(f"<p><a href='{name}'><img src='{name}' alt='{name}'></a>{text}</p>")
     lines.append("</body></html>")
     path = os.path.join(os.fspath(out_dir), "index.html")
     atomic_write_text("\n".join(lines) + "\n", path)
@@ -289,7 +292,8 @@ def save_panels(out_dir: str, items: Sequence[Mapping[str, Any]], modality_names
 
     Args:
         items: dicts with "source" [C,H,W] (in [-1, 1]), "gt", "anomaly_map", "pred_mask" [H,W], optional
-            "patient", "slice", "label", "pred_label", "dice", "name" (file stem).
+            "patient", "slice", "label", "pred_label", "dice", "name" (file stem), "pred_mask_raw" and
+            "min_cc_size" (for the empty-mask reason; see empty_mask_reason).
         modality_names: names of the source channels, e.g. ["FLAIR", "T1", "T1ce", "T2"].
         modalities: channel indices to show (the modalities used); default all channels.
         metrics: dataset metrics shown in index.html (e.g. SegmentationEvaluator.results()).
@@ -311,7 +315,8 @@ def save_panels(out_dir: str, items: Sequence[Mapping[str, Any]], modality_names
         path = os.path.join(out_dir, _safe_name(stem) + ".png")
         atomic_write_bytes(_panel_png(item, modality_names, mods), path)
         written.append(path)
-    written.append(write_index_html(out_dir, metrics, written, title))
+    captions = [panel_title(item) for item in items]
+    written.append(write_index_html(out_dir, metrics, written, title, captions))
     return written
 
 

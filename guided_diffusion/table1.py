@@ -28,6 +28,7 @@ from typing import Any
 
 from . import denoiser_comparison as dc
 from . import experiments as ex
+from .cli import ArgumentParser
 
 _MODEL_COMMON = dc._MODEL_COMMON
 PRESETS: dict[str, dict[str, Any]] = {
@@ -89,7 +90,7 @@ MODEL_USERS = {"fpdm": ("ddim_cfg", *ANOFPDM_ROWS), "anoddpm_gaussian": ("anoddp
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo")
     p.add_argument("--out", default=None, help="output folder (default runs/table1_<preset>)")
     p.add_argument("--data_dir", default=None, help="preprocessed data root (default: build the synthetic "

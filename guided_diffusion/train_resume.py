@@ -15,12 +15,13 @@ import blobfile as bf
 
 from . import checkpoint, dist_util, logger
 
-# keys of the saved "train" section that change the trained weights (a resume must match them);
-# max_steps/total_epochs (train longer), intervals, workers, previews and paths may change freely
+# keys of the saved "train" section that change the trained weights (a resume must match them; the
+# global batch_size too: the data order and the step size depend on it, while the number of processes may
+# change); max_steps/total_epochs (train longer), intervals, workers, previews and paths may change freely
 RUN_CHANGING_TRAIN_KEYS = (
-    "seed", "lr", "weight_decay", "lr_anneal_steps", "microbatch", "ema_rate", "precision", "grad_clip",
-    "threshold", "schedule_sampler", "mixed", "ret_lab", "n_unhealthy_patients", "n_healthy_patients",
-    "noise_type", "simplex_frequency",
+    "seed", "batch_size", "lr", "weight_decay", "lr_anneal_steps", "microbatch", "ema_rate", "precision",
+    "grad_clip", "threshold", "schedule_sampler", "mixed", "ret_lab", "n_unhealthy_patients",
+    "n_healthy_patients", "noise_type", "simplex_frequency",
 )
 
 

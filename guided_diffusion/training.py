@@ -188,6 +188,7 @@ def _train_in(log_dir: str, m: ModelConfig, d: DiffusionConfig, t: TrainConfig) 
         raise ValueError(f"the training data in {t.data_dir} has {first.shape[0]} channels but "
                          f"--in_channels is {m.in_channels}; pass --in_channels {first.shape[0]}")
     logger.log(f"{len(loader.dataset)} training slices, {len(loader)} batches per epoch per rank")
+    logger.log(f"data: {loader.dataset.data_summary()}")
 
     preview_shape = list(t.sample_shape) or None
     if preview_shape and dist_util.is_main_process():
@@ -197,6 +198,7 @@ def _train_in(log_dir: str, m: ModelConfig, d: DiffusionConfig, t: TrainConfig) 
     logger.log("training...")
     with training_extras(log_dir, t):
         _loop(TrainLoop, model, diffusion, data, log_dir, image_dir, preview_shape, m, d, t)
+    logger.log(f"data: {loader.dataset.data_summary()}")  # now with the all-zero reads of every worker
     logger.log("done")
 
 

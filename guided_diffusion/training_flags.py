@@ -9,6 +9,7 @@ import argparse
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .cli import ArgumentParser
 from .config_flags import add_compat_flags, add_config_flag, add_flags, from_args, resolve_compat
 from .configs import CompatFlag, DiffusionConfig, ModelConfig, load_run_config, str2bool
 from .training import TrainConfig
@@ -38,7 +39,7 @@ _PREFIX = "train_compat__"
 
 def build_arg_parser() -> argparse.ArgumentParser:
     """The training flags, generated from ModelConfig, DiffusionConfig and TrainConfig (+ --config)."""
-    parser = argparse.ArgumentParser(description=DESCRIPTION,
+    parser = ArgumentParser(description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flags(parser, ModelConfig, skip=MODEL_SKIP)
     add_flags(parser, DiffusionConfig)

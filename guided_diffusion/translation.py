@@ -248,12 +248,26 @@ def get_calibrations(run: EvalRun, model, diffusion, sha: str, log_dir: str) -> 
                              + hint)
         for w in run.forward.w:
             cals[float(w)].check_matches({**expect, "w": float(w)}, source=f"calibration {path}", hint=hint)
+            if not given:  # the log dir's own calibration: also made from this run's validation pass
+                _check_validation_pass(cals[float(w)], run, path, hint)
         logger.log(f"using calibration {path}")
         return {float(w): cals[float(w)] for w in run.forward.w}
     t0 = time.time()
     cals = calibrate_run(run, model, diffusion, sha, log_dir)
     logger.log(f"calibration on the validation split took {time.time() - t0:.1f}s")
     return cals
+
+
+def _check_validation_pass(cal: Calibration, run: EvalRun, path: str, hint: str) -> None:
+    """ValueError when a resumed run's stored calibration came from another validation pass (other
+    ``--num_slices_val`` or ``--seed``), so that config.json and metrics.json never name settings it did
+    not use. An explicit ``--calibration FILE`` may come from any pass (metrics.json keeps its record)."""
+    ours = {"num_slices_val": run.eval.num_slices_val, "seed": run.eval.seed}
+    diffs = [f"{k}: calibration {path} has {cal.extra[k]!r}, this run uses {v!r}"
+             for k, v in ours.items() if k in cal.extra and cal.extra[k] != v]
+    if diffs:
+        raise ValueError(f"calibration {path} was made from another validation pass ({'; '.join(diffs)}); "
+                         f"pass --calibration {path} to reuse it anyway, or {hint}")
 
 
 # ---------------------------------------------------------------------------------------------- test loop

@@ -9,6 +9,7 @@ import argparse
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .cli import ArgumentParser
 from .config_flags import add_compat_flags, add_config_flag, add_flags, parse_configs
 from .configs import COMPAT, DiffusionConfig, ModelConfig
 from .eval_configs import (
@@ -47,7 +48,7 @@ def add_calibration_flags(p: argparse.ArgumentParser, test_split: bool = False) 
 
 def create_argparser() -> argparse.ArgumentParser:
     """The flags of translation_FPDM.py (spec 5.1 with fixes)."""
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="AnoFPDM anomaly segmentation (forward process of a classifier-free-guided diffusion "
         "model)"
     )
@@ -56,7 +57,7 @@ def create_argparser() -> argparse.ArgumentParser:
 
 def create_selection_argparser() -> argparse.ArgumentParser:
     """The flags of select_guidance.py (validation split only)."""
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="Choose the AnoFPDM guidance strength w on the validation split (paper §4.2 rule)"
     )
     return add_calibration_flags(p, test_split=False)

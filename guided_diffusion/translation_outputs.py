@@ -201,6 +201,7 @@ def _write_panels(run: EvalRun, records, cache, filtered, key, results, log_dir)
     n_panels = run.eval.num_panels
     n_u = min(len(unhealthy), (n_panels + 1) // 2 if healthy else n_panels)
     pick = _spread(unhealthy, n_u) + _spread(healthy, n_panels - n_u)
+    min_cc = resolve_min_cc_size(run.segment.min_cc_size, run.model.image_size)
     items = []
     for i in sorted(pick):
         (x, gt, lab, *_), (pid, sl) = cache[i]
@@ -211,6 +212,8 @@ def _write_panels(run: EvalRun, records, cache, filtered, key, results, log_dir)
                 "gt": gt[0].numpy(),
                 "anomaly_map": out["map"],
                 "pred_mask": filtered[i],
+                "pred_mask_raw": out["mask"],  # before the size filter: says why a mask is empty
+                "min_cc_size": min_cc,
                 "patient": pid,
                 "slice": sl,
                 "label": int(lab),

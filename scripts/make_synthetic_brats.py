@@ -14,12 +14,12 @@ import json
 import sys
 import time
 
-from guided_diffusion.cli import run_cli
+from guided_diffusion.cli import ArgumentParser, run_cli
 from guided_diffusion.data.synthetic import STYLES, build_synthetic_dataset
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output root (gets data_splits/ and npy_{train,val,test}/)")
     p.add_argument("--subjects", type=int, default=20, help="number of subjects (>= 3)")
     p.add_argument("--seed", type=int, default=0, help="content seed (same seed -> identical files)")

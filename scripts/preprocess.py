@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from guided_diffusion.cli import run_cli
+from guided_diffusion.cli import ArgumentParser, run_cli
 from guided_diffusion.data.preprocess import (
     MASK_RESIZE_CHOICES,
     MOD_CHOICES,
@@ -22,7 +22,7 @@ from guided_diffusion.data.preprocess import (
 
 
 def main(argv=None) -> Path:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-s", "--source", required=True, help="folder with one sub-folder per subject")
     p.add_argument("--name", default="brats", choices=NAME_CHOICES, help="dataset (atlas needs -m t1)")
     p.add_argument("-m", "--mod", default="all", choices=MOD_CHOICES, help="modalities ('all' = 4 channels)")

@@ -23,11 +23,13 @@ import sys
 import time
 from pathlib import Path
 
+from guided_diffusion.cli import ArgumentParser, run_cli
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/quickstart", help="folder for data, checkpoints and the report")
     p.add_argument("--subjects", type=int, default=20, help="synthetic subjects (train/val/test 75/5/20)")
     p.add_argument("--image_size", type=int, default=32)
@@ -122,4 +124,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

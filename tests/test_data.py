@@ -223,3 +223,31 @@ def test_all_zero_slice_and_empty_patient_warn_once_with_count(tmp_path):
     summary = ds.data_summary()
     assert "4 slices, 1 patients" in summary and "2 empty patient folders skipped" in summary
     assert "3 all-zero slices" in summary
+
+
+def test_training_loader_workers_warn_once_and_count_all_zero_reads(tmp_path):
+    """With DataLoader workers each worker reads into its own dataset copy: still one all-zero warning per
+    run, and the main process's data summary counts every worker's reads (run in a fresh process so that
+    the workers print their warnings as in a real run)."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(1)
+    zero = np.zeros((1, 4, 16, 16), np.float32)
+    for k in range(8):
+        x = zero if k % 2 else rng.random((1, 4, 16, 16), dtype=np.float32)
+        _write_slice(tmp_path / "npy_train" / "patient_A" / f"slice_{k}.npz", x, np.zeros((1, 1, 16, 16)))
+    script = (
+        "import sys\n"
+        "from guided_diffusion.data.brats import get_train_loader\n"
+        "loader, sampler = get_train_loader(sys.argv[1], 2, seed=0, num_workers=2, world_size=1, rank=0)\n"
+        "for epoch in range(2):\n"
+        "    sampler.set_epoch(epoch)\n"
+        "    assert sum(len(x) for x, _ in loader) == 8\n"
+        "print(loader.dataset.data_summary())\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("is all zero") == 1, proc.stderr
+    assert "8 reads of all-zero slices so far" in proc.stdout

@@ -87,9 +87,25 @@ def test_calibration_checks_the_diffusion_settings(base, tmp_path):
     cal = str(out / "calibration.json")
     for extra, name in ((["--timestep_respacing", "20"], "timestep_respacing"),
                         (["--noise_schedule", "cosine"], "noise_schedule"),
-                        (["--modality", "0", "1"], "modality")):
-        with pytest.raises(ValueError, match=name):
+                        (["--modality", "0", "1"], "modality"),
+                        (["--diffusion_steps", "80"], "diffusion_steps"),
+                        (["--encoding", "ddpm"], "encoding"),
+                        (["--image_size", "32", "--attention_resolutions", "16"], "image_size")):
+        with pytest.raises(ValueError, match=f"{name}: calibration .* has") as err:
             translation.main([*run_argv(data, mdir, tmp_path / name), "--calibration", cal, *extra])
+        assert "\n" not in str(err.value)
+
+
+def test_resumed_calibration_from_another_validation_pass_is_refused(base, tmp_path):
+    """--num_slices_val or --seed changed on resume: the stored calibration (made from the old validation
+    pass) is not reused under the new settings' name."""
+    data, mdir, out = base
+    run = _copy_run(out, tmp_path / "r")
+    argv = run_argv(data, mdir, run, t_e_ratio=("1",))
+    for extra, name in ((["--num_slices_val", "4"], "num_slices_val"), (["--seed", "6"], "seed")):
+        with pytest.raises(ValueError, match=f"another validation pass .*{name}: calibration .* has") as err:
+            translation.main([*argv, "--resume", "True", *extra])
+        assert "--calibration" in str(err.value) and "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("key, value, shown", [
@@ -212,3 +228,64 @@ def test_old_calibration_file_still_loads_with_one_warning(base, tmp_path):
     assert metrics["primary_setting"] == core(out)["primary_setting"]
     assert core(tmp_path / "o")["settings_results"] == core(out)["settings_results"]
     assert (tmp_path / "o" / "slices.csv").read_text() == (out / "slices.csv").read_text()
+
+
+def test_panels_say_why_a_predicted_unhealthy_mask_is_empty(base, tmp_path):
+    """index.html captions each panel; an empty mask of a slice predicted unhealthy names its cause: the
+    size filter (pixels above the threshold, all in small components) or no pixel above the threshold."""
+    import csv
+    import re
+
+    data, mdir, out = base
+    cal = json.loads((out / "calibration.json").read_text())
+    for entry in cal["calibrations"]:
+        entry["thr_01"] = 0.999999  # every slice's cosine is below: all predicted unhealthy
+    cal_path = tmp_path / "cal.json"
+    cal_path.write_text(json.dumps(cal))
+    log = tmp_path / "panels_run"
+    argv = run_argv(data, mdir, log, w=("1",), t_e_ratio=("1",))
+    argv[argv.index("--num_panels") + 1] = "7"
+    translation.main([*argv, "--calibration", str(cal_path), "--min_cc_size", "1000"])
+    rows = list(csv.DictReader((log / "slices.csv").open()))
+    html_text = (log / "panels" / "index.html").read_text()
+    captions = re.findall(r"<br>(patient [^<]*)<br>([^<]*)</p>", html_text)
+    assert len(captions) == len(rows) == 7
+    reasons = {title.split(" | label")[0]: reason for title, reason in captions}
+    for r in rows:
+        assert r["pred_label"] == "1" and r["n_pred"] == "0"  # nothing survives a 1000 px filter
+        reason = reasons[f"patient {r['patient']} | slice {r['slice']}"]
+        if int(r["n_pred_raw"]) > 0:
+            assert reason == ("empty mask: every component removed by the size filter "
+                              "(components &lt;= 1000 px are dropped)")
+        else:
+            assert reason == "empty mask: no pixel of the anomaly map reached the threshold"
+    assert any(int(r["n_pred_raw"]) > 0 for r in rows) and any(int(r["n_pred_raw"]) == 0 for r in rows)
+
+
+def test_translation_read_only_log_dir_and_broken_calibration_end_in_one_line(base, tmp_path, capsys,
+                                                                              monkeypatch):
+    """§5 through the entry point: a log dir that cannot be written (EROFS, simulated) names --log_dir; a
+    --calibration file that is not JSON names the file; one line each, exit 2."""
+    import errno
+    import os
+
+    data, mdir, _ = base
+    broken = tmp_path / "broken.json"
+    broken.write_text("{ not json")
+    status = run_cli(translation.main, [*run_argv(data, mdir, tmp_path / "c"), "--calibration", str(broken)])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1 and str(broken) in err and "JSON" in err, err
+
+    log = tmp_path / "ro"
+    real_open = os.open
+
+    def read_only(path, *a, **k):
+        if str(path).startswith(str(log)):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(os, "open", read_only)
+    status = run_cli(translation.main, run_argv(data, mdir, log))
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1, err
+    assert f"--log_dir {log} is not writable (Read-only file system)" in err, err

@@ -165,6 +165,9 @@ def test_empty_predicted_mask_panel_says_why(tmp_path):
     assert R.empty_mask_reason({**item, "pred_mask": raw[0]}) is None  # mask not empty
     paths = R.save_panels(str(tmp_path / "panels"), [item, below], ["FLAIR", "T2"])
     assert len(paths) == 3 and all(os.path.getsize(p) > 0 for p in paths)
+    html_text = open(paths[-1]).read()  # index.html captions each panel with its title and reason
+    assert "every component removed by the size filter (components &lt;= 10 px are dropped)" in html_text
+    assert "no pixel of the anomaly map reached the threshold" in html_text
 
 
 def test_parameter_count_has_one_definition():

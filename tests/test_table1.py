@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from guided_diffusion import training, training_flags
+from guided_diffusion.cli import UsageError
 from guided_diffusion.simplex import simplex_noise_like
 from guided_diffusion.table1 import ANOFPDM_ROWS, DISPLAY, PIXEL_MARK, PRESETS, ROWS
 
@@ -127,7 +128,7 @@ def test_simplex_training_noise():
     _, _, t = training_flags.parse_configs_for_training(["--noise_type", "simplex",
                                                         "--simplex_frequency", "8"])
     assert (t.noise_type, t.simplex_frequency) == ("simplex", 8.0)
-    with pytest.raises(SystemExit):  # argparse choices: "invalid choice" and exit 2
+    with pytest.raises(UsageError, match="--noise_type: invalid choice: 'pink'"):  # one line, exit 2
         training_flags.parse_configs_for_training(["--noise_type", "pink"])
     with pytest.raises(ValueError, match="simplex_frequency"):
         training_flags.parse_configs_for_training(["--simplex_frequency", "0"])

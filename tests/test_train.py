@@ -428,7 +428,8 @@ def test_resume_never_refuses_existing_checkpoints(tmp_path, capsys):
 
 
 def test_resume_checks_the_seed_and_run_flags(tmp_path, capsys):
-    """§4: a resume with another --seed or --lr stops naming the setting; --max_steps may grow."""
+    """§4: a resume with another --seed, --lr or global --batch_size stops naming the setting; --max_steps
+    may grow."""
     data, log = write_fake_brats(tmp_path / "data"), tmp_path / "log"
     base = ["--data_dir", str(data), "--log_dir", str(log), *TINY_FLAGS]
     assert run_cli(training.main, [*base, "--max_steps", "2"]) == 0
@@ -436,6 +437,9 @@ def test_resume_checks_the_seed_and_run_flags(tmp_path, capsys):
     assert status == 2 and "train.seed: checkpoint 0, flags 1" in err, err
     status, err = _cli(capsys, training.main, [*base, "--max_steps", "4", "--lr", "0.01"])
     assert status == 2 and "train.lr" in err
+    batch = int(base[base.index("--batch_size") + 1])
+    status, err = _cli(capsys, training.main, [*base, "--max_steps", "4", "--batch_size", str(2 * batch)])
+    assert status == 2 and f"train.batch_size: checkpoint {batch}, flags {2 * batch}" in err, err
     assert checkpoint.list_checkpoints(log) == [2]
     assert run_cli(training.main, [*base, "--max_steps", "4"]) == 0
     assert checkpoint.list_checkpoints(log) == [2, 4]

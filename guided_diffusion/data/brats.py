@@ -181,6 +181,7 @@ class BrainDataset(Dataset):
         self.empty_patients = sorted(p.name for p in patients if not slices_of(p))
         self.zero_slices: set[str] = set()  # all-zero x among the slices read so far (see data_summary)
         self._zero_warned = False
+        self._shared_zero = None  # (warned flag, read count) shared with DataLoader workers, if any
         if self.empty_patients:
             warnings.warn(
                 f"{split_dir}: {len(self.empty_patients)} of {len(patients)} patient folders hold no "
@@ -249,22 +250,44 @@ class BrainDataset(Dataset):
         arrays = _read_npz(path)
         _check_slice(path, arrays["x"], arrays["y"], self.in_channels, self.image_size, self._size_from)
         if not arrays["x"].any():
-            self.zero_slices.add(str(path))
-            if not self._zero_warned:
-                self._zero_warned = True
-                warnings.warn(
-                    f"slice file {path} is all zero (a blank image after rescaling); further all-zero "
-                    "slices are counted in the data summary",
-                    stacklevel=2,
-                )
+            self._count_zero_slice(path)
         return process_slice(arrays["x"], arrays["y"])
+
+    def share_counters(self) -> None:
+        """Share the all-zero warning and its count between this process and its DataLoader workers (each
+        worker reads into its own copy of the dataset): one warning per run, and ``data_summary`` in the
+        main process counts the reads of every worker."""
+        import multiprocessing as mp
+
+        self._shared_zero = (mp.Value("b", 0), mp.Value("q", 0))
+
+    def _count_zero_slice(self, path: Path) -> None:
+        self.zero_slices.add(str(path))
+        if self._shared_zero is None:
+            first, self._zero_warned = not self._zero_warned, True
+        else:
+            flag, count = self._shared_zero
+            with count.get_lock():
+                count.value += 1
+            with flag.get_lock():
+                first, flag.value = not flag.value, 1
+        if first:
+            warnings.warn(
+                f"slice file {path} is all zero (a blank image after rescaling); further all-zero "
+                "slices are counted in the data summary",
+                stacklevel=3,
+            )
 
     def data_summary(self) -> str:
         """One line: slices, patients, empty patient folders skipped, all-zero slices among those read."""
         text = f"{self.split} split of {self.root}: {len(self.items)} slices, {len(self.patients)} patients"
         if self.empty_patients:
             text += f"; {len(self.empty_patients)} empty patient folders skipped"
-        if self.zero_slices:
+        if self._shared_zero is not None:
+            reads = self._shared_zero[1].value
+            if reads:
+                text += f"; warning: {reads} reads of all-zero slices so far (blank images)"
+        elif self.zero_slices:
             text += f"; warning: {len(self.zero_slices)} all-zero slices read (blank images)"
         return text
 
@@ -337,6 +360,8 @@ def get_train_loader(
         seed=seed,
         in_channels=in_channels,
     )
+    if num_workers > 0:
+        dataset.share_counters()
     sampler = DistributedSampler(
         dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
     )
