@@ -79,6 +79,9 @@ PIXEL_MARK = " †"
 COLUMNS = [
     *[ex.Column(f"{s}.{m}", f"{s[:3]}. {m.upper()} (%)", 100, 1)
       for s in ("mixed", "unhealthy") for m in ("dice", "iou", "auprc")],
+    ex.Column("volume.dice_3d_mean", "3-D DICE (%)", 100, 1),
+    ex.Column("volume.hd95_mm_mean", "HD95 (mm)", 1, 1),
+    ex.Column("volume.lesion_f1_mean", "lesion F1 (%)", 100, 1),
     ex.Column("nfe_per_slice", "net evals / slice", 1, 0, False),
     ex.Column("seconds_per_slice", "s / slice", 1, 3),
     ex.Column("pixel_labels", "pixel labels", 1, 0, False),

@@ -178,7 +178,8 @@ def evaluate_method(cfg: MethodConfig, models: Models, tuned: Mapping[str, Any],
     """Test-split metrics of the tuned method (same evaluator as AnoFPDM's metrics.json), streamed.
 
     Returns {"mixed": {dice, iou, auprc, dice_lesion}, "unhealthy": {...}, "image": {"accuracy"},
-    "nfe_per_slice", "seconds_per_slice", "tuned": {...}, "num_test_slices", "min_cc_size"}; with
+    "nfe_per_slice", "seconds_per_slice", "tuned": {...}, "num_test_slices", "min_cc_size", "volume":
+    {per-patient 3-D means, see volume_means}}; with
     ``work_dir`` and ``cfg.panel_slices`` > 0 also writes panel.npz (inputs, GT, maps and masks of the
     test slices with the largest lesions, in dataset order)."""
     from .evaluator import SegmentationEvaluator
@@ -187,6 +188,7 @@ def evaluate_method(cfg: MethodConfig, models: Models, tuned: Mapping[str, Any],
 
     ev, min_cc = None, 0
     n, nfe, secs, panel = 0, 0, 0.0, []
+    ids, pred_masks, gt_masks = [], [], []  # for the per-patient 3-D metrics
     for b in iter_maps(cfg, models, "test", int(tuned["level"]), float(tuned["scale"]), cfg.num_test):
         maps, gt = b["maps"][:, 0].numpy(), b["gt"][:, 0].numpy() > 0.5
         if ev is None:  # the paper's 40 px at 128 px scaled to the slice size, as AnoFPDM's evaluation
@@ -197,6 +199,9 @@ def evaluate_method(cfg: MethodConfig, models: Models, tuned: Mapping[str, Any],
         ev.add_batch(pred_mask_gated=masks, pred_mask_all=masks, anomaly_map=maps, gt=gt,
                      source=b["x"].numpy(), label=b["label"].numpy(), pred_label=pred_lab,
                      slice_ids=[tuple(b["dataset"].slice_info(int(i))) for i in b["idx"]])
+        ids += [tuple(b["dataset"].slice_info(int(i))) for i in b["idx"]]
+        pred_masks += list(masks)
+        gt_masks += list(gt)
         n, nfe, secs = n + len(maps), b["nfe"], secs + b["seconds"]
         if cfg.panel_slices > 0:  # keep the slices with the largest lesions so far
             for j in range(len(maps)):
@@ -206,6 +211,7 @@ def evaluate_method(cfg: MethodConfig, models: Models, tuned: Mapping[str, Any],
     if ev is None:
         raise ValueError(f"{cfg.method}: the test split of {cfg.data_dir} has no slices")
     res = ev.results()
+    volume = volume_means(ids, pred_masks, gt_masks, cfg.data_dir, cfg.method)
     if work_dir and panel:
         from .io_util import atomic_write_bytes
 
@@ -224,7 +230,19 @@ def evaluate_method(cfg: MethodConfig, models: Models, tuned: Mapping[str, Any],
         "tuned": {k: tuned[k] for k in ("level", "scale", "threshold", "val_dice")},
         "num_test_slices": n,
         "min_cc_size": min_cc,
+        "volume": volume,
     }
+
+
+def volume_means(slice_ids: Sequence[tuple[Any, Any]], pred_masks: Sequence[np.ndarray],
+                 gt_masks: Sequence[np.ndarray], data_dir: str, setting: str) -> dict[str, Any]:
+    """Per-patient 3-D metrics of a method's test masks ([H, W] each), as AnoFPDM's metrics.json "volume"
+    section: {VOLUME_METRICS key: value} (3-D Dice, HD95 in mm, lesion-wise F1, ...)."""
+    from .experiments import VOLUME_METRICS
+    from .volume_outputs import volume_section
+
+    section, _ = volume_section(slice_ids, pred_masks, gt_masks, data_dir, setting, split="test")
+    return {k: section.get(k) for k in VOLUME_METRICS}
 
 
 def _npz_bytes(**arrays: np.ndarray) -> bytes:

@@ -51,6 +51,10 @@ def test_smoke_preset_fills_every_row_and_resumes(tmp_path):
             assert row[key]["n"] == 3 and math.isfinite(row[key]["mean"]), (name, key)
         for key in METRICS:
             assert 0.0 <= row[key]["mean"] <= 1.0, (name, key)
+        # per-patient 3-D columns (issue 12) for every row, comparison methods included
+        for key in ("volume.dice_3d_mean", "volume.lesion_f1_mean"):
+            assert row[key]["n"] == 3 and 0.0 <= row[key]["mean"] <= 1.0, (name, key)
+        assert row["volume.hd95_mm_mean"]["mean"] >= 0.0, name
         assert row["pixel_labels"]["mean"] == (0.0 if name in ANOFPDM_ROWS else 1.0)
     nfe = {n: table["rows"][_label(n)]["nfe_per_slice"]["mean"] for n in ROWS}
     tuned = table["provenance"]["tuned"]
@@ -70,6 +74,7 @@ def test_smoke_preset_fills_every_row_and_resumes(tmp_path):
     assert [line.split(" | ")[0][2:] for line in md.splitlines() if line.startswith("| ")][1:] == [
         _label(n) for n in ROWS]  # the paper's row order, pixel-label rows marked
     assert "python scripts/run_table1.py --preset smoke" in md
+    assert "3-D DICE (%)" in md and "HD95 (mm)" in md and "lesion F1 (%)" in md
     assert os.path.getsize(os.path.join(out, "fig4_panel.png")) > 1000
     assert len(os.listdir(os.path.join(out, "models"))) == 5
     stored = _rows(out)
