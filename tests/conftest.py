@@ -45,3 +45,21 @@ def run_script():
         return res
 
     return run
+
+
+@pytest.fixture
+def make_read_only(monkeypatch):
+    """``make_read_only(folder)``: every ``os.open`` below ``folder`` fails with EROFS from now on (a
+    read-only file system, simulated: the tests may run as root, for whom chmod does not stop writes)."""
+    import errno
+
+    real_open = os.open
+    folders: list[str] = []
+
+    def read_only(path, *a, **k):
+        if any(str(path).startswith(f) for f in folders):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(os, "open", read_only)
+    return lambda folder: folders.append(str(folder))

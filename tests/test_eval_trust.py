@@ -263,12 +263,9 @@ def test_panels_say_why_a_predicted_unhealthy_mask_is_empty(base, tmp_path):
 
 
 def test_translation_read_only_log_dir_and_broken_calibration_end_in_one_line(base, tmp_path, capsys,
-                                                                              monkeypatch):
+                                                                              make_read_only):
     """§5 through the entry point: a log dir that cannot be written (EROFS, simulated) names --log_dir; a
     --calibration file that is not JSON names the file; one line each, exit 2."""
-    import errno
-    import os
-
     data, mdir, _ = base
     broken = tmp_path / "broken.json"
     broken.write_text("{ not json")
@@ -277,14 +274,7 @@ def test_translation_read_only_log_dir_and_broken_calibration_end_in_one_line(ba
     assert status == 2 and len(err.splitlines()) == 1 and str(broken) in err and "JSON" in err, err
 
     log = tmp_path / "ro"
-    real_open = os.open
-
-    def read_only(path, *a, **k):
-        if str(path).startswith(str(log)):
-            raise OSError(errno.EROFS, "Read-only file system", str(path))
-        return real_open(path, *a, **k)
-
-    monkeypatch.setattr(os, "open", read_only)
+    make_read_only(log)
     status = run_cli(translation.main, run_argv(data, mdir, log))
     err = capsys.readouterr().err.strip()
     assert status == 2 and len(err.splitlines()) == 1, err

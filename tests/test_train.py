@@ -462,20 +462,11 @@ def test_bad_training_values_name_the_flag(tmp_path, capsys, flags, expected):
     assert checkpoint.list_checkpoints(tmp_path / "log") == []
 
 
-def test_read_only_log_dir_names_the_flag(tmp_path, capsys, monkeypatch):
+def test_read_only_log_dir_names_the_flag(tmp_path, capsys, make_read_only):
     """§5: a log dir that cannot be written (EROFS, simulated: the tests may run as root) -> one line
     naming --log_dir."""
-    import errno
-
     data, log = write_fake_brats(tmp_path / "data"), tmp_path / "ro"
-    real_open = os.open
-
-    def read_only(path, *a, **k):
-        if str(path).startswith(str(log)):
-            raise OSError(errno.EROFS, "Read-only file system", str(path))
-        return real_open(path, *a, **k)
-
-    monkeypatch.setattr(os, "open", read_only)
+    make_read_only(log)
     status, err = _cli(capsys, training.main, ["--data_dir", str(data), "--log_dir", str(log), *TINY_FLAGS,
                                                "--max_steps", "1"])
     assert status == 2 and f"--log_dir {log} is not writable (Read-only file system)" in err, err
