@@ -196,10 +196,11 @@ def evaluate_method(cfg: MethodConfig, models: Models, tuned: Mapping[str, Any],
             ev = SegmentationEvaluator(min_cc_size=min_cc)
         masks = cc_filter(maps >= float(tuned["threshold"]), min_cc)
         pred_lab = masks.reshape(masks.shape[0], -1).any(axis=1).astype(np.int64)
+        batch_ids = [tuple(b["dataset"].slice_info(int(i))) for i in b["idx"]]
         ev.add_batch(pred_mask_gated=masks, pred_mask_all=masks, anomaly_map=maps, gt=gt,
                      source=b["x"].numpy(), label=b["label"].numpy(), pred_label=pred_lab,
-                     slice_ids=[tuple(b["dataset"].slice_info(int(i))) for i in b["idx"]])
-        ids += [tuple(b["dataset"].slice_info(int(i))) for i in b["idx"]]
+                     slice_ids=batch_ids)
+        ids += batch_ids
         pred_masks += list(masks)
         gt_masks += list(gt)
         n, nfe, secs = n + len(maps), b["nfe"], secs + b["seconds"]
