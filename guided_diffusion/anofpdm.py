@@ -68,13 +68,14 @@ def sample_noise(like: Tensor, generator: GeneratorLike) -> Tensor:
 
     generator: None (global RNG), one torch.Generator, or a sequence of B generators (one per sample; each
     sample's noise then depends only on its own generator, not on the batch composition). Noise is drawn on
-    the generator's device (CPU for per-sample generators) and moved to ``like.device``.
+    the generator's device (CPU for per-sample generators) and moved to ``like.device`` without waiting for
+    the device (a non-blocking copy; the host tensor is staged at once, so it may be freed after the call).
     """
     if generator is None:
         return torch.randn_like(like)
     if isinstance(generator, torch.Generator):
         return torch.randn(like.shape, generator=generator, device=generator.device, dtype=like.dtype).to(
-            like.device
+            like.device, non_blocking=True
         )
     if len(generator) != like.shape[0]:
         raise ValueError(
@@ -83,7 +84,7 @@ def sample_noise(like: Tensor, generator: GeneratorLike) -> Tensor:
         )
     return torch.stack(
         [torch.randn(like.shape[1:], generator=g, device=g.device, dtype=like.dtype) for g in generator]
-    ).to(like.device)
+    ).to(like.device, non_blocking=True)
 
 
 @dataclass

@@ -19,6 +19,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .guidance import cfg_model_outputs, guided_eps
+from .nn import checks_on_host
 
 
 def get_named_beta_schedule(name: str, num_diffusion_timesteps: int) -> np.ndarray:
@@ -120,12 +121,14 @@ class _TimestepMappedModel:
     """Calls the network with its training timesteps: ``timestep_map[t]`` (x 1000/T_orig if rescaled)."""
 
     def __init__(self, model: Callable[..., Tensor], timestep_map: Tensor, rescale: bool,
-                 original_steps: int):
+                 original_steps: int, map_on: Callable[[torch.device], Tensor] | None = None):
         self.model, self.timestep_map = model, timestep_map
         self.rescale, self.original_steps = rescale, original_steps
+        # map_on(device): the map on that device (the diffusion's cached copy, so no copy per call)
+        self.map_on = map_on or timestep_map.to
 
     def __call__(self, x: Tensor, t: Tensor, **kwargs) -> Tensor:
-        ts = self.timestep_map.to(t.device)[t]
+        ts = self.map_on(t.device)[t]
         if self.rescale:
             ts = ts.float() * (1000.0 / self.original_steps)
         return self.model(x, ts, **kwargs)
@@ -188,19 +191,32 @@ class GaussianDiffusion:
         if not isinstance(t, Tensor) or t.dtype != torch.long or t.shape != (x.shape[0],):
             raise ValueError(f"t must be a LongTensor of shape [B]=[{x.shape[0]}], got "
                              f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
-        t_cpu = t.detach().cpu()
-        if int(t_cpu.min()) < 0 or int(t_cpu.max()) >= self.num_timesteps:
+        if checks_on_host(t) and t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_timesteps):
             raise ValueError(f"timesteps t must lie in [0, {self.num_timesteps - 1}] (indices into the "
-                             f"respaced schedule), got range [{int(t_cpu.min())}, {int(t_cpu.max())}]")
-        vals = torch.from_numpy(arr)[t_cpu].to(device=x.device, dtype=x.dtype)
+                             f"respaced schedule), got range [{int(t.min())}, {int(t.max())}]")
+        vals = self._table(arr, x.device, x.dtype)[t.to(x.device)]
         return vals.reshape(-1, *([1] * (x.dim() - 1)))
+
+    def _table(self, arr: np.ndarray | Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """``arr`` as a tensor of ``dtype`` on ``device``, cached: the lookups of a step loop then neither
+        copy the schedule to the device nor wait for it. Same values as indexing in float64 and casting."""
+        cache = self.__dict__.setdefault("_tables", {})
+        key = (id(arr), str(device), dtype)
+        hit = cache.get(key)
+        if hit is None or hit[0] is not arr:
+            hit = cache[key] = (arr, torch.as_tensor(arr).to(device=device, dtype=dtype))
+        return hit[1]
+
+    def _timestep_map_on(self, device: torch.device) -> Tensor:
+        return self._table(self.timestep_map, device, torch.long)
 
     def _wrap_model(self, model: Callable[..., Tensor]) -> _TimestepMappedModel:
         if isinstance(model, _TimestepMappedModel):
             if model.timestep_map is self.timestep_map and model.rescale == self.rescale_timesteps:
                 return model
             model = model.model  # wrapped by another diffusion: re-wrap the bare network with our map
-        return _TimestepMappedModel(model, self.timestep_map, self.rescale_timesteps, self.original_num_steps)
+        return _TimestepMappedModel(model, self.timestep_map, self.rescale_timesteps, self.original_num_steps,
+                                    map_on=self._timestep_map_on)
 
     def q_sample(self, x_start: Tensor, t: Tensor, noise: Tensor | None = None,
                  generator: torch.Generator | None = None) -> Tensor:

@@ -100,6 +100,13 @@ def checkpoint(func: Callable[..., Any], *args: Any, enabled: bool) -> Any:
     return func(*args)
 
 
+def checks_on_host(t: torch.Tensor) -> bool:
+    """True when ``t`` lives in host memory, where value checks (ranges, labels) cost no device
+    synchronisation. On an accelerator the code skips them and lets the device lookup fail instead, so a
+    step loop never waits for the device (issue 11)."""
+    return t.device.type == "cpu"
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters of ``model`` (every parameter, trainable or not; works on the meta device)."""
     return sum(p.numel() for p in model.parameters())

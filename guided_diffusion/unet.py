@@ -13,7 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nn import avg_pool_nd, checkpoint, conv_nd, linear, normalization, timestep_embedding, zero_module
+from .nn import (
+    avg_pool_nd,
+    checkpoint,
+    checks_on_host,
+    conv_nd,
+    linear,
+    normalization,
+    timestep_embedding,
+    zero_module,
+)
 
 
 class TimestepBlock(nn.Module):
@@ -422,7 +431,7 @@ class UNetModel(nn.Module):
             raise ValueError(
                 f"y must be an integer tensor of shape [{batch}]; got {y.dtype} {tuple(y.shape)}"
             )
-        if batch and y.device.type == "cpu" and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+        if batch and checks_on_host(y) and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
             raise ValueError(
                 f"y has labels in [{int(y.min())}, {int(y.max())}] but the model has "
                 f"num_classes={self.num_classes} (valid labels 0..{self.num_classes - 1})"

@@ -1,7 +1,8 @@
 """CUDA checks (``pytest -m cuda``; skipped cleanly without a CUDA device, see tests/conftest.py).
 
 * fp16 (autocast + GradScaler) and bf16 (autocast) training steps on CUDA for v2 and hae_v2;
-* AnoFPDM forward-process steps on CUDA (fp32 and bf16 autocast);
+* AnoFPDM forward-process steps on CUDA (fp32 and bf16 autocast), and without any host-device
+  synchronisation in the step loop (sync debug mode "error");
 * CPU vs CUDA agreement of the forward-process statistics and the anomaly map, fp32 with TF32 off.
   Tolerance: the two devices use different convolution / matmul kernels, so every network call differs
   by float32 rounding (~1e-6 relative); the DDIM inversion carries these differences through the steps.
@@ -100,6 +101,27 @@ def test_forward_process_on_cuda(precision):
     assert fr.mse_h.shape == (4, 2, 5, 2) and fr.mse_h.device.type == "cuda"
     for t in (fr.mse_h, fr.mse_null, fr.div):
         assert torch.isfinite(t).all()
+
+
+@pytest.mark.parametrize("ver", ["v2", "hae_v2"])
+def test_forward_process_steps_do_not_synchronise(ver):
+    """torch.cuda.set_sync_debug_mode("error") raises on any host-device synchronisation (``.item()``,
+    ``.cpu()``, a value-dependent Python branch): the step loop must run without one (issue 11)."""
+    from guided_diffusion.anofpdm import run_forward_process
+
+    model = build(ver).eval()
+    x, _ = batch()
+    diffusion = su.create_gaussian_diffusion(steps=1000, timestep_respacing="100")
+    gens = [torch.Generator().manual_seed(i) for i in range(4)]
+    kw = dict(ws=[1.0, 2.0], modality=[0, 3], forward_steps=4, generator=gens)
+    run_forward_process(model, diffusion, x, **kw)  # warm-up: lazy initialisation may synchronise
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fr = run_forward_process(model, diffusion, x, **kw)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(fr.div).all()
 
 
 @pytest.mark.parametrize("ver", ["v2", "hae_v2"])

@@ -168,3 +168,65 @@ def test_auto_batch_size_cpu_rule_and_cuda_search(monkeypatch):
 
     with pytest.raises(RuntimeError, match="illegal"):
         bs.auto_batch_size(broken, "cuda")
+
+
+# ------------------------------------------------------------------------------------------ no host sync
+@pytest.mark.parametrize("ver", ["v2", "hae", "hae_lite", "hae_v2"])
+@pytest.mark.parametrize("variant", [{}, {"legacy_indexing": True}, {"encoding": "ddpm"},
+                                     {"keep_sam_stack": True, "subset_interval": 2}])
+def test_forward_process_step_loop_never_reads_device_values(ver, variant):
+    """The whole forward process runs on the ``meta`` device, which holds no data: any host read of a
+    device value in the step loop (``.item()``, ``int(t.max())``, ``bool(mask.any())``, ``.cpu()``) would
+    raise there. On CUDA that same read is a host-device synchronisation per step (issue 11), and so is
+    a blocking host-to-device copy (a schedule or timestep map moved per call): those are recorded."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from guided_diffusion import script_util as su
+
+    aten = torch.ops.aten
+
+    class BlockingUploads(TorchDispatchMode):
+        """Records host-to-device copies that wait for the device (non_blocking False)."""
+
+        def __init__(self):
+            super().__init__()
+            self.seen: list[tuple[int, ...]] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is aten._to_copy.default and args[0].device.type == "cpu":
+                dev = kwargs.get("device")
+                if dev is not None and torch.device(dev).type != "cpu" and not kwargs.get("non_blocking"):
+                    self.seen.append(tuple(args[0].shape))
+            elif func is aten.copy_.default and args[1].device.type == "cpu" and args[0].device.type != "cpu":
+                if not (args[2] if len(args) > 2 else kwargs.get("non_blocking", False)):
+                    self.seen.append(tuple(args[1].shape))
+            return func(*args, **kwargs)
+
+    model, diffusion = su.create_model_and_diffusion(
+        unet_ver=ver, image_size=16, num_channels=16, channel_mult="1,2", attention_resolutions="8",
+        num_heads=1, num_res_blocks=1, class_cond=True, num_classes=2, in_channels=4, diffusion_steps=50,
+        timestep_respacing="25")
+    model.to("meta").eval()
+    x0 = torch.zeros(2, 4, 16, 16, device="meta")
+    kw = dict(ws=[1.0, 2.0], modality=[0, 3], forward_steps=6, **variant)
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    run_forward_process(model, diffusion, x0, generator=gens, **kw)  # first use: tables move to the device
+    with BlockingUploads() as uploads:
+        fr = run_forward_process(model, diffusion, x0, generator=gens, **kw)
+    assert fr.div.device.type == "meta" and fr.div.shape == (2, 2, 6, 2) and fr.calls == 6
+    assert uploads.seen == []
+
+
+def test_schedule_lookups_are_cached_per_device_and_keep_their_values():
+    """_extract reads a per-device copy of the schedule (built once) with the values of a float64 lookup."""
+    diffusion = make_diffusion()
+    t = torch.tensor([0, 7, 49])
+    x = torch.zeros(3, 2, 4, 4)
+    got = diffusion._extract(diffusion.sqrt_alphas_cumprod, t, x)
+    want = torch.from_numpy(diffusion.sqrt_alphas_cumprod)[t].float()
+    assert torch.equal(got.flatten(), want) and got.shape == (3, 1, 1, 1)
+    table = diffusion._table(diffusion.sqrt_alphas_cumprod, x.device, x.dtype)
+    assert diffusion._table(diffusion.sqrt_alphas_cumprod, x.device, x.dtype) is table
+    with pytest.raises(ValueError, match=r"timesteps t must lie in \[0, 49\].*\[0, 50\]"):
+        diffusion._extract(diffusion.sqrt_alphas_cumprod, torch.tensor([0, 50, 1]), x)
