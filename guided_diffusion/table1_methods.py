@@ -143,10 +143,11 @@ def iter_maps(cfg: MethodConfig, models: Models, split: str, level: int, scale: 
     """Batches of the first ``num`` slices of ``split``: {"maps" [B, 1, H, W] (CPU), "x", "gt", "label",
     "idx", "nfe" (per slice), "seconds" (map computation only), "dataset"}."""
     from .data.brats import get_eval_loader
+    from .data.read_ahead import read_ahead
 
     loader, dataset = get_eval_loader(cfg.data_dir, split, cfg.batch_size, num_slices=num,
                                       world_size=1, rank=0)
-    for x, gt, lab, idx in loader:
+    for x, gt, lab, idx in read_ahead(loader):  # the next batch is read while this one's maps are computed
         t0 = time.perf_counter()
         amap, nfe = method_map(cfg, models, x, level, scale, _generator(cfg.seed, split, int(idx[0])))
         yield {"maps": amap, "x": x.float(), "gt": gt.float(), "label": lab, "idx": idx, "nfe": nfe,

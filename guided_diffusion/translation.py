@@ -82,6 +82,15 @@ def _bar(iterable, **kw):
     return tqdm(iterable, disable=not show, leave=sys.stderr.isatty(), **kw)
 
 
+def _batches(loader, desc: str, enabled: bool):
+    """The loader's batches, the next one read (and pinned on CUDA) while this one is computed; with a
+    progress bar on rank 0."""
+    from .data.read_ahead import read_ahead
+
+    batches = read_ahead(loader, depth=1, pin=dist_util.dev().type == "cuda")
+    return _bar(batches, total=len(loader), desc=desc, enabled=enabled)
+
+
 # ---------------------------------------------------------------------------------------------- calibration
 def collect_statistics(
     model,
@@ -118,7 +127,7 @@ def collect_statistics(
             logger.log(f"reusing the statistics of {len(done)} {split} slices saved in {cache_dir}")
     dev = dist_util.dev()
     rows = []
-    for x, _gt, lab, idx in _bar(loader, desc=f"{split} batches", enabled=progress):
+    for x, _gt, lab, idx in _batches(loader, f"{split} batches", progress):
         ids = [int(i) for i in idx]
         if all(i in done for i in ids):
             recs = [done[i] for i in ids]
@@ -126,7 +135,7 @@ def collect_statistics(
             fr = run_forward_process(
                 model,
                 diffusion,
-                x.to(dev),
+                x.to(dev, non_blocking=True),
                 ws=list(ws),
                 generator=slice_generators(seed, split, ids),
                 progress=progress and dist_util.get_rank() == 0,
@@ -278,7 +287,7 @@ def process_batch(run: EvalRun, model, diffusion, cals: Mapping[float, Calibrati
     fr = run_forward_process(
         model,
         diffusion,
-        x.to(dist_util.dev()),
+        x.to(dist_util.dev(), non_blocking=True),
         ws=list(run.forward.w),
         generator=slice_generators(run.eval.seed, "test", idx),
         subset_interval=seg_cfg.subset_interval,
@@ -360,7 +369,7 @@ def run_test(
     )
     mine: dict[int, dict] = {}
     n_new, t0, steps = 0, time.time(), []
-    for x, _gt, _lab, idx in _bar(loader, desc="test batches", enabled=run.eval.progress):
+    for x, _gt, _lab, idx in _batches(loader, "test batches", run.eval.progress):
         ids = [int(i) for i in idx]
         if all(i in done for i in ids):
             mine.update({i: done[i] for i in ids})
