@@ -11,10 +11,14 @@ Modes (same model, same inputs, same noise; anofpdm.run_forward_process):
                    per step on 3B samples (this step's two predictions + the next step's inversion).
   upstream_legacy  (optional) the upstream pattern with legacy indexing (upstream's exact schedule).
   bf16, fp16       (optional) faithful with the network under autocast (statistics stay fp32).
-  compile          (optional) faithful with the network wrapped by torch.compile (eager fallback logged).
+  compile          (optional) faithful with the network wrapped by torch.compile (eager fallback logged), in
+                   the mode translation uses (precision.compile_mode: CUDA graphs on CUDA).
+  bf16_compile     (optional) both: bf16 autocast and torch.compile (the fast evaluation setting).
   early_stop       (optional) faithful with early_stop_patience=--patience (changes results; see
                    run_forward_process). Every mode is compared with faithful (fp32 eager, full run):
-                   max |ΔM_t| and the fraction of identical end steps t_e are reported.
+                   max |ΔM_t|, the fraction of identical end steps t_e, and the fraction of identical
+                   mask pixels: segmentation.segment's ungated mask for w, with diff_max taken from the
+                   faithful run (max_t M_t per modality) as a stand-in calibration shared by every mode.
 
 Timing: the modes alternate within every repetition (rotated order), after one short warm-up per mode; the
 median wall time per slice (= run time / batch) is reported, with the speed-up relative to upstream.
@@ -55,8 +59,9 @@ import torch
 
 from guided_diffusion.anofpdm import run_forward_process
 from guided_diffusion.io_util import atomic_write_json
-from guided_diffusion.precision import maybe_compile
+from guided_diffusion.precision import compile_mode, maybe_compile
 from guided_diffusion.script_util import create_model_and_diffusion
+from guided_diffusion.segmentation import segment
 
 CONFIGS: dict[str, dict[str, Any]] = {
     # the paper's BraTS network (anofpdm_spec.md 2.1 / 6.2), 128 px, 1000 linear steps
@@ -115,6 +120,7 @@ MODES: dict[str, dict[str, Any]] = {
     "bf16": dict(call_pattern="batched", legacy_indexing=False, precision="bf16"),
     "fp16": dict(call_pattern="batched", legacy_indexing=False, precision="fp16"),
     "compile": dict(call_pattern="batched", legacy_indexing=False, compile=True),
+    "bf16_compile": dict(call_pattern="batched", legacy_indexing=False, precision="bf16", compile=True),
     "early_stop": dict(call_pattern="batched", legacy_indexing=False, early_stop=True),
 }
 REFERENCE = "faithful"
@@ -163,6 +169,13 @@ def run_mode(model, diffusion, x0: torch.Tensor, mode: str, steps: int, patience
     )
 
 
+def masks(fr, ref) -> torch.Tensor:
+    """Ungated AnoFPDM masks [B, 1, H, W] of ``fr`` for w = W, calibrated by the reference run ``ref``
+    (diff_max = its max_t M_t per modality; the same stand-in calibration for every mode)."""
+    diff_max = ref.div[:, 0].amax(dim=(0, 1)).float().cpu().clamp(min=1e-12)
+    return segment(fr, thr_01=1.0, diff_max=diff_max, w=W).mask_all
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -180,7 +193,9 @@ def _status_kib(field: str) -> int:
 def cpu_peak_child(args: argparse.Namespace) -> dict[str, Any]:
     """Inside a fresh process: peak RSS (MiB) of one forward process of ``args.child_mode``."""
     model, diffusion, x0 = build(args)
-    compiled = maybe_compile(model, args.child_mode == "compile", log=lambda m: print(m, file=sys.stderr))
+    wants_compile = bool(MODES[args.child_mode].get("compile"))
+    compiled = maybe_compile(model, wants_compile, mode=compile_mode(args.device),
+                             log=lambda m: print(m, file=sys.stderr))
     # warm-up: thread pools, lazy initialisation
     run_mode(model, diffusion, x0, args.child_mode, 1, args.patience, compiled)
     try:
@@ -227,7 +242,9 @@ def cpu_peak(args: argparse.Namespace, mode: str) -> float:
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """Time (alternating modes) and memory of every mode -> results dict (see module docstring)."""
     model, diffusion, x0 = build(args)
-    compiled = maybe_compile(model, "compile" in args.modes, log=lambda m: print(m, file=sys.stderr))
+    wants_compile = any(MODES[m].get("compile") for m in args.modes)
+    compiled = maybe_compile(model, wants_compile, mode=compile_mode(args.device),
+                             log=lambda m: print(m, file=sys.stderr))
     cuda = args.device.startswith("cuda")
     stats: dict[str, dict[str, Any]] = {}
     results = {}
@@ -269,9 +286,11 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             s["peak_mib"] = cpu_peak(args, mode)
     if REFERENCE in results:
         ref = results[REFERENCE]
+        ref_mask = masks(ref, ref)
         for mode, fr in results.items():
             stats[mode]["max_abs_div_diff_vs_faithful"] = float((fr.div - ref.div).abs().max())
             stats[mode]["same_end_step_fraction"] = float((fr.end_step == ref.end_step).float().mean())
+            stats[mode]["same_mask_pixel_fraction"] = float((masks(fr, ref) == ref_mask).float().mean())
             stats[mode]["speedup_vs_faithful"] = stats[REFERENCE]["s_per_slice"] / stats[mode]["s_per_slice"]
     out: dict[str, Any] = {
         "config": args.config,
@@ -308,7 +327,7 @@ def table(res: dict[str, Any]) -> str:
     head = (
         f"{'mode':<16}{'calls/step':>11}{'samples/step':>13}{'s/slice':>10}{'speed-up':>10}"
         f"{'peak MiB':>10}{'mem ratio':>10}{'state MiB':>11}"
-        f"{'x faithful':>11}{'max|dM_t|':>11}{'same t_e':>9}"
+        f"{'x faithful':>11}{'max|dM_t|':>11}{'same t_e':>9}{'same mask':>10}"
     )
     lines = [head, "-" * len(head)]
     for mode, s in res["modes"].items():
@@ -319,6 +338,7 @@ def table(res: dict[str, Any]) -> str:
             f"{s.get('speedup_vs_faithful', math.nan):>10.2f}x"
             f"{s.get('max_abs_div_diff_vs_faithful', math.nan):>11.2e}"
             f"{s.get('same_end_step_fraction', math.nan):>9.3f}"
+            f"{s.get('same_mask_pixel_fraction', math.nan):>10.4f}"
         )
     return "\n".join(lines)
 

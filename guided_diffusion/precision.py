@@ -59,6 +59,12 @@ def maybe_compile(
         return model
 
 
+def compile_mode(device: torch.device | str) -> str | None:
+    """The torch.compile mode for the network on ``device``: "reduce-overhead" (CUDA graphs, which fit the
+    forward process's one static shape per batch) on CUDA, the default elsewhere."""
+    return "reduce-overhead" if torch.device(device).type == "cuda" else None
+
+
 def to_channels_last(model: nn.Module) -> nn.Module:
     """Convert ``model`` (in place) to the channels_last memory format; returns it."""
     return model.to(memory_format=torch.channels_last)

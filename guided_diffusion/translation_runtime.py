@@ -28,7 +28,7 @@ from .batch_size import auto_batch_size
 from .calibration import file_sha256
 from .configs import DiffusionConfig, ModelConfig, save_run_config
 from .eval_configs import CheckpointConfig, EvalRun
-from .precision import check_precision, maybe_compile
+from .precision import check_precision, compile_mode, maybe_compile
 from .script_util import create_from_configs, model_config
 
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
@@ -168,8 +168,7 @@ def maybe_compile_model(run: EvalRun, model, diffusion):
     model (with one logged line) where compilation fails."""
     if not run.eval.compile:
         return model
-    # on CUDA, "reduce-overhead" captures CUDA graphs: the forward process repeats one static shape per batch
-    mode = "reduce-overhead" if dist_util.dev().type == "cuda" else None
+    mode = compile_mode(dist_util.dev())
     compiled = maybe_compile(model, True, mode=mode, log=logger.log)
     if compiled is model:
         return model

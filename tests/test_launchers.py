@@ -162,6 +162,9 @@ def test_bench_inference_precision_and_early_stop_modes(tmp_path, run_script):
     assert modes["bf16"]["precision"] == "bf16" and modes["bf16"]["max_abs_div_diff_vs_faithful"] > 0.0
     assert 0.0 <= modes["early_stop"]["same_end_step_fraction"] <= 1.0
     assert 1 <= modes["early_stop"]["steps_run"] <= 6 and "speedup_vs_faithful" in modes["bf16"]
+    # the masks of segmentation.segment, same stand-in calibration for every mode: faithful agrees with itself
+    assert modes["faithful"]["same_mask_pixel_fraction"] == 1.0
+    assert all(0.5 <= m["same_mask_pixel_fraction"] <= 1.0 for m in modes.values())
 
 
 @pytest.mark.parametrize("dataset", ["brats", "atlas"])
