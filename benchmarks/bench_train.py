@@ -1,15 +1,19 @@
 #!/usr/bin/env python
 """Training step rate (images/s) per mode side by side, and the training loader's own rate (issue 11).
 
-Modes: fp32 eager, bf16 autocast, channels_last, compile (torch.compile; eager fallback with one line).
-Each mode builds the same seeded network and runs ``--warmup`` then ``--steps`` timed optimiser steps
-(AdamW on the diffusion training loss); the ratio column is images/s over fp32 eager. With ``--data_dir``
-the training DataLoader (``get_train_loader``) is iterated without the model for ``--loader_batches``
-batches and its images/s is printed beside the step rates, so one sees whether the loader keeps up.
+Modes: fp32 eager, bf16 autocast, channels_last, compile (torch.compile; eager fallback with one line),
+or any of them joined by "+". For every network of ``--models`` (unet_ver), each mode builds the same
+seeded network and runs ``--warmup`` then ``--steps`` timed optimiser steps (AdamW on the diffusion training
+loss); "x base" is images/s over the first mode of the list for the same network ("ratio_to_fp32" is also
+given where fp32 is in the list). With ``--data_dir`` the training DataLoader (``get_train_loader``) is
+iterated without the model for ``--loader_batches`` batches first, and its images/s is printed beside the
+step rates, so one sees whether the loader keeps up. The JSON is rewritten after every row, so a run
+stopped by a time limit keeps the rows it finished.
 
 Usage:
     python benchmarks/bench_train.py --config small --data_dir DATA --json out.json
-    python benchmarks/bench_train.py --config brats --device cuda --modes fp32,bf16,bf16+channels_last
+    python benchmarks/bench_train.py --config brats --device cuda --batch 14 --models v2,hae_v2 \
+        --modes bf16,bf16+channels_last,bf16+channels_last+compile
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from guided_diffusion.io_util import atomic_write_json
 from guided_diffusion.precision import autocast, maybe_compile, to_channels_last
 
 CONFIGS: dict[str, dict[str, Any]] = {
-    "tiny": dict(image_size=16, num_channels=16, in_channels=2, channel_mult="1,2", attention_resolutions="8",
+    "tiny": dict(image_size=16, num_channels=16, in_channels=4, channel_mult="1,2", attention_resolutions="8",
                  num_heads=1, num_res_blocks=1, diffusion_steps=40),
     "small": dict(image_size=64, num_channels=32, in_channels=4, channel_mult="1,2,4,8",
                   attention_resolutions="16,8", num_heads=4, num_res_blocks=2, diffusion_steps=1000),
@@ -50,10 +54,12 @@ def parse_mode(mode: str) -> dict[str, Any]:
     return out
 
 
-def step_rate(config: str, mode: str, batch: int, steps: int, warmup: int, device: str) -> dict[str, Any]:
-    """images/s of ``steps`` timed training steps in ``mode`` (after ``warmup`` steps)."""
+def step_rate(config: str, mode: str, batch: int, steps: int, warmup: int, device: str,
+              unet_ver: str = "v2") -> dict[str, Any]:
+    """images/s of ``steps`` timed training steps of network ``unet_ver`` in ``mode`` (after ``warmup``)."""
     opts = parse_mode(mode)
-    flags = {**su.model_and_diffusion_defaults(), **CONFIGS[config], "class_cond": True, "num_classes": 2}
+    flags = {**su.model_and_diffusion_defaults(), **CONFIGS[config], "class_cond": True, "num_classes": 2,
+             "unet_ver": unet_ver}
     torch.manual_seed(0)
     model, diffusion = su.create_model_and_diffusion(**flags)
     model.to(device).train()
@@ -77,17 +83,21 @@ def step_rate(config: str, mode: str, batch: int, steps: int, warmup: int, devic
         opt.step()
         return loss.detach()
 
+    cuda = torch.device(device).type == "cuda"
     for _ in range(warmup):
         one()
-    if device == "cuda":
+    if cuda:
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(steps):
         last = one()
-    if device == "cuda":
+    if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    return {"mode": mode, **opts, "images_per_s": batch * steps / seconds, "final_loss": float(last)}
+    return {"model": unet_ver, "mode": mode, **opts, "images_per_s": batch * steps / seconds,
+            "step_s": seconds / steps, "final_loss": float(last),
+            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
 
 
 def loader_rate(data_dir: str, batch: int, n_batches: int, num_workers: int,
@@ -109,6 +119,16 @@ def loader_rate(data_dir: str, batch: int, n_batches: int, num_workers: int,
             "images_per_s": n_images / max(seconds, 1e-9)}
 
 
+def add_ratios(rows: list[dict[str, Any]], base_mode: str) -> None:
+    """Set each row's ratio_to_base / ratio_to_fp32: images/s over the same network's ``base_mode`` / fp32
+    row (None while that row is missing)."""
+    rate = {(r["model"], r["mode"]): r["images_per_s"] for r in rows}
+    for r in rows:
+        for key, mode in (("ratio_to_base", base_mode), ("ratio_to_fp32", "fp32")):
+            ref = rate.get((r["model"], mode))
+            r[key] = r["images_per_s"] / ref if ref else None
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", choices=sorted(CONFIGS), default="small")
@@ -116,7 +136,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--modes", default=",".join(MODES), help="comma-separated, e.g. fp32,bf16+channels_last")
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated, e.g. fp32,bf16+channels_last; "
+                   "the first is the base of the 'x base' ratio")
+    p.add_argument("--models", default="v2", help="comma-separated unet_ver values, e.g. v2,hae_v2")
     p.add_argument("--data_dir", default="", help="preprocessed data root for the loader-only rate")
     p.add_argument("--loader_batches", type=int, default=20)
     p.add_argument("--num_workers", type=int, default=2)
@@ -128,25 +150,36 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for m in modes:
         parse_mode(m)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not models:
+        p.error("--models needs at least one unet_ver")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    rows = [step_rate(args.config, m, args.batch, args.steps, args.warmup, args.device) for m in modes]
-    base = next((r["images_per_s"] for r in rows if r["mode"] == "fp32"), None)
-    for r in rows:
-        r["ratio_to_fp32"] = r["images_per_s"] / base if base else None
+    rows: list[dict[str, Any]] = []
     out: dict[str, Any] = {"config": args.config, "device": args.device, "batch": args.batch,
-                           "steps": args.steps, "torch": torch.__version__, "train": rows, "loader": None}
+                           "steps": args.steps, "torch": torch.__version__, "base_mode": modes[0],
+                           "train": rows, "loader": None}
+
+    def save() -> None:
+        if args.json:
+            atomic_write_json(out, args.json)
+
     if args.data_dir:
         out["loader"] = loader_rate(args.data_dir, args.batch, args.loader_batches, args.num_workers,
                                     CONFIGS[args.config]["in_channels"])
-    print(f"{'mode':<28}{'images/s':>12}{'x fp32':>9}")
+        save()
+    for ver in models:
+        for m in modes:
+            rows.append(step_rate(args.config, m, args.batch, args.steps, args.warmup, args.device, ver))
+            add_ratios(rows, modes[0])
+            print(f"{ver} {m}: {rows[-1]['images_per_s']:.2f} images/s", file=sys.stderr, flush=True)
+            save()
+    print(f"{'model':<9}{'mode':<28}{'images/s':>12}{'x base':>9}{'x fp32':>9}")
     for r in rows:
-        ratio = f"{r['ratio_to_fp32']:.2f}" if r["ratio_to_fp32"] is not None else "-"
-        print(f"{r['mode']:<28}{r['images_per_s']:>12.2f}{ratio:>9}")
+        base, fp32 = (f"{r[k]:.2f}" if r[k] is not None else "-" for k in ("ratio_to_base", "ratio_to_fp32"))
+        print(f"{r['model']:<9}{r['mode']:<28}{r['images_per_s']:>12.2f}{base:>9}{fp32:>9}")
     if out["loader"]:
-        print(f"{'loader only':<28}{out['loader']['images_per_s']:>12.2f}{'':>9}")
-    if args.json:
-        atomic_write_json(out, args.json)
+        print(f"{'':<9}{'loader only':<28}{out['loader']['images_per_s']:>12.2f}")
     return out
 
 

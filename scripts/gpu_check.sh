@@ -1,21 +1,28 @@
 #!/usr/bin/env bash
-# One-command GPU check (< 10 min on one H100/H200, no network):
-#   1. env           torch / CUDA / device, and which optional imports are missing (the rest continues)
-#   2. pytest_cuda   pytest -m cuda tests/test_cuda.py (fp16/bf16 steps, forward process, CPU-vs-CUDA
-#                    anomaly maps, NCCL single rank)
-#   3. bench_models  benchmarks/bench_models.py --config brats --batch 14 --precision bf16 (v2, hae_v2)
-#   4. train_step    full training step (fwd+bwd+AdamW, bf16 autocast) at the BraTS config, batch 14:
-#                    step time, images/s, peak memory (v2, hae_v2)
-#   5. translation   AnoFPDM forward process, random-weight BraTS-config model, random inputs (batch 16):
-#                    a few steps timed, slices/s extrapolated to 600 forward steps (v2, hae_v2)
-#   6. inference_modes  benchmarks/bench_inference.py, BraTS config, batch 16: fp32 eager vs bf16, fp16,
-#                    torch.compile and early stop side by side (speed-up, max |dM_t|, identical t_e)
-# Writes ONE JSON: ${OUT:-gpu_check_out}/gpu_check.json (every stage's status, time and results; a failed
-# stage is recorded and the others still run) and prints a summary table. Exit status: 0 all stages ok,
-# 1 some stage failed (details in the JSON), 2 the summary itself failed.
+# One-command GPU check for issue 11 (one H100/H200, no network; the stage limits add up to 8 minutes):
+#   1. env              torch / CUDA / device, and which optional imports are missing (the rest continues)
+#   2. pytest_cuda      pytest -m cuda tests/test_cuda.py (fp16/bf16 steps, forward process without host
+#                       synchronisation, CPU-vs-CUDA anomaly maps, NCCL single rank)
+#   3. inference_v2     benchmarks/bench_inference.py, BraTS-config FPDM UNet, batch INFER_BATCH (64):
+#                       fp32 eager, bf16, fp16, bf16 + torch.compile (CUDA graphs) and early stop side by
+#                       side: speed-up over fp32, max |dM_t|, identical t_e, identical mask pixels
+#   4. inference_hae_v2 the same for HAE V2 (fp32 eager and bf16 + compile): its cost relative to v2
+#   5. train            benchmarks/bench_train.py, BraTS config, batch 14, v2 and hae_v2: bf16 eager (the
+#                       issue's baseline), + channels_last, + compile; and the training loader's own
+#                       images/s on a synthetic 128 px dataset made in the stage
+#   6. translation      the issue's baseline figure: AnoFPDM forward process, fp32 eager, batch 16
+#   7. bench_models     benchmarks/bench_models.py --config brats --batch 14 --precision bf16 (v2, hae_v2)
+# Timed forward steps: TIMED_STEPS (default 10); slices/s are extrapolated to the paper's 600 steps.
+# Writes ONE JSON: ${OUT:-gpu_check_out}/gpu_check.json: every stage's status, time and results (a failed
+# stage is recorded and the others still run) and "targets": the issue's targets, each with its measured
+# value and whether it is met (>= 4 slices/s at 600 steps with >= 99 % identical mask pixels, HAE V2 within
+# 1.3x of v2, training >= 2x the bf16 baseline for both networks, a loader faster than the training step).
+# Prints a summary table. Exit status: 0 all stages ran, 1 some stage failed (details in the JSON), 2 the
+# summary itself failed. A target that is missed is a result, not a failure.
 #
-# GPU_CHECK_DRY_RUN=1: tiny configs on CPU (checks the script itself in a few seconds; used by CI).
-# PYTHON=...: interpreter (default: python3). TRANSLATION_STEPS=N: timed forward steps (default 20).
+# GPU_CHECK_DRY_RUN=1: tiny configs on CPU, no compile (checks the script itself in about a minute; used by
+# the tests). PYTHON=...: interpreter (default: python3). FAST_MODE: the bench_inference mode the targets
+# judge (default bf16_compile; bf16 in the dry run).
 set -u
 
 cd "$(dirname "$0")/.." || exit 1
@@ -53,7 +60,7 @@ run_stage() {
 }
 
 # ------------------------------------------------------------------------------------------- 1. env
-run_stage env 120 "$PY" - <<'PY'
+run_stage env 20 "$PY" - <<'PY'
 import importlib, json, os, platform, sys
 out = {"python": sys.version.split()[0], "platform": platform.platform(), "missing_imports": []}
 for name in ("torch", "numpy", "scipy", "blobfile", "nibabel", "nilearn", "skimage", "sklearn", "matplotlib",
@@ -78,83 +85,52 @@ PY
 
 # ------------------------------------------------------------------------------------------- 2. pytest -m cuda
 if [ "$DRY" = 1 ]; then
-    run_stage pytest_cuda 300 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py \
+    run_stage pytest_cuda 80 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py \
         --junitxml="$STAGES/pytest_cuda.xml"
 else
-    run_stage pytest_cuda 300 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py -rs \
+    run_stage pytest_cuda 80 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py -rs \
         --junitxml="$STAGES/pytest_cuda.xml"
 fi
 
-# ------------------------------------------------------------------------------------------- 3. bench_models
+# ------------------------------------------------------------------------------------------- 3./4. inference
+STEPS="${TIMED_STEPS:-10}"
 if [ "$DRY" = 1 ]; then
-    run_stage bench_models 300 "$PY" benchmarks/bench_models.py --config small --device cpu --batch 1 \
-        --reps 1 --warmup 0 --threads 1 --models v2 --skip_memory --mstb_sides \
-        --json "$STAGES/bench_models.json"
+    FAST="${FAST_MODE:-bf16}"
+    run_stage inference_v2 120 "$PY" benchmarks/bench_inference.py --config tiny --device cpu \
+        --forward_steps 4 --repeats 1 --threads 1 --skip_memory --patience 2 \
+        --modes faithful bf16 fp16 early_stop --json "$STAGES/inference_v2.json"
+    run_stage inference_hae_v2 70 "$PY" benchmarks/bench_inference.py --config tiny --device cpu \
+        --unet_ver hae_v2 --forward_steps 4 --repeats 1 --threads 1 --skip_memory \
+        --modes faithful "$FAST" --json "$STAGES/inference_hae_v2.json"
 else
-    run_stage bench_models 300 "$PY" benchmarks/bench_models.py --config brats --device cuda --precision bf16 \
-        --batch 14 --reps 10 --warmup 3 --models v2 hae_v2 --mstb_sides --json "$STAGES/bench_models.json"
+    FAST="${FAST_MODE:-bf16_compile}"
+    run_stage inference_v2 120 "$PY" benchmarks/bench_inference.py --config brats --device cuda \
+        --batch "${INFER_BATCH:-64}" --forward_steps "$STEPS" --repeats 2 --patience 3 \
+        --modes faithful bf16 fp16 "$FAST" early_stop --json "$STAGES/inference_v2.json"
+    run_stage inference_hae_v2 70 "$PY" benchmarks/bench_inference.py --config brats --device cuda \
+        --unet_ver hae_v2 --batch "${INFER_BATCH:-64}" --forward_steps "$STEPS" --repeats 2 \
+        --modes faithful "$FAST" --json "$STAGES/inference_hae_v2.json"
+fi
+export FAST
+
+# ------------------------------------------------------------------------------------------- 5. train
+SYNTH="$OUT_DIR/synth_data"
+if [ "$DRY" = 1 ]; then
+    run_stage train 130 bash -c "'$PY' scripts/make_synthetic_brats.py --out '$SYNTH' --subjects 3 \
+        --image_size 32 --no_baseline --overwrite --quiet >/dev/null && '$PY' benchmarks/bench_train.py \
+        --config tiny --device cpu --batch 2 --steps 1 --warmup 0 --threads 1 --models v2,hae_v2 \
+        --modes bf16,bf16+channels_last --data_dir '$SYNTH' --loader_batches 3 --num_workers 0 \
+        --json '$STAGES/train.json'"
+else
+    run_stage train 130 bash -c "'$PY' scripts/make_synthetic_brats.py --out '$SYNTH' --subjects 3 \
+        --image_size 128 --no_baseline --overwrite --quiet >/dev/null && '$PY' benchmarks/bench_train.py \
+        --config brats --device cuda --batch 14 --steps 10 --warmup 3 --models v2,hae_v2 \
+        --modes bf16,bf16+channels_last,bf16+channels_last+compile --data_dir '$SYNTH' \
+        --loader_batches 40 --num_workers 4 --json '$STAGES/train.json'"
 fi
 
-# ------------------------------------------------------------------------------------------- 4. training step
-run_stage train_step 300 "$PY" - <<'PY'
-"""Full training step at the BraTS config: fwd + bwd + AdamW, bf16 autocast, batch 14."""
-import json, os, time
-import torch
-from guided_diffusion import script_util as su
-
-dry = os.environ["GPU_CHECK_DRY_RUN"] == "1"
-dev = torch.device("cpu" if dry or not torch.cuda.is_available() else "cuda")
-if dev.type == "cpu" and not dry:
-    raise SystemExit("no CUDA device: the training-step benchmark needs one (GPU_CHECK_DRY_RUN=1 for CPU)")
-flags = (dict(image_size=32, num_channels=16, channel_mult="1,2", attention_resolutions="16", num_heads=1)
-         if dry else dict(image_size=128, num_channels=128, channel_mult="1,1,2,3,4",
-                          attention_resolutions="32,16,8", num_heads=4))
-batch, warmup, reps = (1, 0, 1) if dry else (14, 3, 10)
-blocks = 1 if dry else 2
-res = {"device": str(dev), "batch": batch, "precision": "bf16", "flags": flags, "models": {}}
-for ver in ("v2", "hae_v2"):
-    torch.manual_seed(0)
-    model, diffusion = su.create_model_and_diffusion(
-        unet_ver=ver, num_res_blocks=blocks, use_scale_shift_norm=True, dropout=0.1, class_cond=True,
-        num_classes=2, in_channels=4, diffusion_steps=1000, **flags)
-    model.to(dev).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randn(batch, 4, flags["image_size"], flags["image_size"], device=dev)
-    y = torch.arange(batch, device=dev) % 2
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        t = torch.randint(0, 1000, (batch,), device=dev)
-        with torch.autocast(dev.type, dtype=torch.bfloat16):
-            loss = diffusion.training_losses(model, x, t, model_kwargs={"y": y, "threshold": 0.1})["loss"].mean()
-        loss.backward()
-        opt.step()
-        return float(loss.detach())
-
-    for _ in range(warmup):
-        step()
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    losses = [step() for _ in range(reps)]
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    sec = (time.perf_counter() - t0) / reps
-    res["models"][ver] = {
-        "step_s": sec, "images_per_s": batch / sec, "final_loss": losses[-1],
-        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None,
-    }
-    print(ver, res["models"][ver])
-    del model, opt
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-json.dump(res, open(os.path.join(os.environ["GPU_CHECK_STAGES"], "train_step.json"), "w"), indent=1)
-PY
-
-# ------------------------------------------------------------------------------------------- 5. translation
-run_stage translation 300 "$PY" - <<'PY'
+# ------------------------------------------------------------------------------------------- 6. translation
+run_stage translation 30 "$PY" - <<'PY'
 """AnoFPDM forward process at the BraTS config (fp32, as in evaluation): slices/s at 600 forward steps."""
 import json, os, time
 import torch
@@ -169,7 +145,7 @@ flags = (dict(image_size=32, num_channels=16, channel_mult="1,2", attention_reso
          if dry else dict(image_size=128, num_channels=128, channel_mult="1,1,2,3,4",
                           attention_resolutions="32,16,8", num_heads=4))
 batch = 1 if dry else 16
-steps = 2 if dry else int(os.environ.get("TRANSLATION_STEPS", "20"))
+steps = 2 if dry else int(os.environ.get("TIMED_STEPS", "10"))
 blocks = 1 if dry else 2
 target = 600
 res = {"device": str(dev), "batch": batch, "timed_steps": steps, "extrapolated_to": target, "models": {}}
@@ -209,24 +185,26 @@ for ver in ("v2", "hae_v2"):
 json.dump(res, open(os.path.join(os.environ["GPU_CHECK_STAGES"], "translation.json"), "w"), indent=1)
 PY
 
-# ------------------------------------------------------------------------------------------- 6. inference_modes
+# ------------------------------------------------------------------------------------------- 7. bench_models
 if [ "$DRY" = 1 ]; then
-    run_stage inference_modes 300 "$PY" benchmarks/bench_inference.py --config tiny --device cpu \
-        --forward_steps 4 --repeats 1 --threads 1 --skip_memory --patience 2 \
-        --modes faithful bf16 fp16 early_stop --json "$STAGES/inference_modes.json"
+    run_stage bench_models 60 "$PY" benchmarks/bench_models.py --config small --device cpu --batch 1 \
+        --reps 1 --warmup 0 --threads 1 --models v2 --skip_memory --mstb_sides \
+        --json "$STAGES/bench_models.json"
 else
-    run_stage inference_modes 420 "$PY" benchmarks/bench_inference.py --config brats --device cuda \
-        --batch 16 --forward_steps "${TRANSLATION_STEPS:-20}" --repeats 2 --patience 5 \
-        --modes faithful bf16 fp16 compile early_stop --json "$STAGES/inference_modes.json"
+    run_stage bench_models 30 "$PY" benchmarks/bench_models.py --config brats --device cuda --precision bf16 \
+        --batch 14 --reps 5 --warmup 2 --models v2 hae_v2 --json "$STAGES/bench_models.json"
 fi
 
 # ------------------------------------------------------------------------------------------- merge + summary
 "$PY" - "$OUT_DIR" <<'PY'
-import json, os, sys
+import json, math, os, sys
+
+STAGE_NAMES = ("env", "pytest_cuda", "inference_v2", "inference_hae_v2", "train", "translation", "bench_models")
 out_dir = sys.argv[1]
 stages_dir = os.path.join(out_dir, "stages")
-report = {"dry_run": os.environ["GPU_CHECK_DRY_RUN"] == "1", "stages": {}}
-for name in ("env", "pytest_cuda", "bench_models", "train_step", "translation", "inference_modes"):
+fast = os.environ.get("FAST", "bf16_compile")
+report = {"dry_run": os.environ["GPU_CHECK_DRY_RUN"] == "1", "fast_mode": fast, "stages": {}}
+for name in STAGE_NAMES:
     entry = {"rc": None, "seconds": None, "ok": False}
     status = os.path.join(stages_dir, f"{name}.status")
     if os.path.exists(status):
@@ -247,13 +225,63 @@ for name in ("env", "pytest_cuda", "bench_models", "train_step", "translation", 
             entry["summary"] = lines[-1].strip("= ") if lines else None
     report["stages"][name] = entry
 report["ok"] = all(e["ok"] for e in report["stages"].values())
+
+
+def result(name):
+    return report["stages"][name].get("result") or {}
+
+
+def at_600(res, mode):
+    """slices/s of ``mode`` extrapolated to 600 forward steps (None when it was not measured)."""
+    m = res.get("modes", {}).get(mode)
+    return 1.0 / (m["s_per_slice"] * 600 / res["forward_steps"]) if m else None
+
+
+def target(value, goal, higher=True):
+    ok = None if value is None else (value >= goal if higher else value <= goal)
+    return {"value": value, "target": (">= " if higher else "<= ") + str(goal), "met": ok}
+
+
+v2, hae = result("inference_v2"), result("inference_hae_v2")
+fast_v2 = v2.get("modes", {}).get(fast, {})
+hae_fast, v2_fast = hae.get("modes", {}).get(fast), fast_v2 or None
+train = result("train")
+best = {}
+for row in train.get("train", []):
+    if row.get("ratio_to_base") is not None and row["ratio_to_base"] >= best.get(row["model"], {}).get("ratio_to_base", -1):
+        best[row["model"]] = row
+loader = (train.get("loader") or {}).get("images_per_s")
+fastest_train = max((r["images_per_s"] for r in train.get("train", [])), default=None)
+base = result("translation").get("models", {}).get("v2", {}).get("slices_per_s_at_600")
+report["targets"] = {
+    "v2_fast_slices_per_s_at_600": target(at_600(v2, fast), 4.0),
+    "v2_fast_same_mask_pixel_fraction": target(fast_v2.get("same_mask_pixel_fraction"), 0.99),
+    "hae_v2_over_v2_time_fast": target(
+        hae_fast["s_per_slice"] / v2_fast["s_per_slice"] if hae_fast and v2_fast else None, 1.3, higher=False),
+    "train_speedup_v2": target(best.get("v2", {}).get("ratio_to_base"), 2.0),
+    "train_speedup_hae_v2": target(best.get("hae_v2", {}).get("ratio_to_base"), 2.0),
+    "loader_over_fastest_train_step": target(loader / fastest_train if loader and fastest_train else None, 1.0),
+}
+report["figures"] = {
+    "baseline_fp32_batch16_slices_per_s_at_600": base,
+    "fast_over_baseline": at_600(v2, fast) / base if base and at_600(v2, fast) else None,
+    "fast_batch": v2.get("batch"),
+    "train_best_mode": {k: v["mode"] for k, v in best.items()},
+    "train_images_per_s": {f"{r['model']} {r['mode']}": r["images_per_s"] for r in train.get("train", [])},
+    "loader_images_per_s": loader,
+}
 path = os.path.join(out_dir, "gpu_check.json")
 tmp = path + ".tmp"
 json.dump(report, open(tmp, "w"), indent=1, default=str)
 os.replace(tmp, path)
 
-print(f"\n{'stage':<14} {'rc':>4} {'seconds':>8}  result")
-print("-" * 100)
+
+def num(v, fmt=".3g"):
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+
+print(f"\n{'stage':<17} {'rc':>4} {'seconds':>8}  result")
+print("-" * 110)
 for name, e in report["stages"].items():
     r = e.get("result") or {}
     if name == "env":
@@ -261,23 +289,23 @@ for name, e in report["stages"].items():
                f"{', '.join(m.split(' ')[0] for m in r.get('missing_imports', [])) or 'none'}"
     elif name == "pytest_cuda":
         info = e.get("summary") or ""
+    elif name.startswith("inference"):
+        info = "; ".join(f"{m} x{num(v.get('speedup_vs_faithful'))} mask {num(v.get('same_mask_pixel_fraction'), '.4f')}"
+                         f" {num(at_600(r, m))}/s@600" for m, v in r.get("modes", {}).items())
+    elif name == "train":
+        info = "; ".join(f"{x['model']} {x['mode']} {x['images_per_s']:.1f} img/s" for x in r.get("train", []))
+        info += f"; loader {num(loader, '.1f')} img/s"
     elif name == "bench_models":
         t = r.get("time_s", {})
         info = "; ".join(f"{m} fwd {1e3 * v['fwd']:.1f} ms, fwd+bwd {1e3 * v['fwd_bwd']:.1f} ms" for m, v in t.items())
-    elif name == "train_step":
-        info = "; ".join(f"{m} {v['step_s'] * 1e3:.1f} ms/step {v['images_per_s']:.1f} img/s "
-                         f"peak {v['peak_mem_gib'] if v['peak_mem_gib'] is None else round(v['peak_mem_gib'], 2)} GiB"
-                         for m, v in r.get("models", {}).items())
-    elif name == "inference_modes":
-        info = "; ".join(f"{m} x{v.get('speedup_vs_faithful', float('nan')):.2f} "
-                         f"dM {v.get('max_abs_div_diff_vs_faithful', float('nan')):.1e} "
-                         f"t_e {v.get('same_end_step_fraction', float('nan')):.2f}"
-                         for m, v in r.get("modes", {}).items())
     else:
         info = "; ".join(f"{m} {v['slices_per_s_at_600']:.3f} slices/s @600 ({v['seconds_per_step'] * 1e3:.1f} ms/step)"
                          for m, v in r.get("models", {}).items())
     seconds = "-" if e["seconds"] is None else f"{e['seconds']:.1f}"
-    print(f"{name:<14} {str(e['rc']):>4} {seconds:>8}  {info}")
+    print(f"{name:<17} {str(e['rc']):>4} {seconds:>8}  {info}")
+print(f"\ntargets ({fast}):")
+for name, t in report["targets"].items():
+    print(f"  {name:<36} {num(t['value'], '.4g'):>10}  {t['target']:<8} {({True: 'met', False: 'MISSED'}).get(t['met'], 'not measured')}")
 print(f"\nwrote {path} (all stages ok: {report['ok']})")
 sys.exit(0 if report["ok"] else 3)
 PY

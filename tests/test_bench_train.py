@@ -31,7 +31,7 @@ def test_bench_train_tiny_table_and_json(tmp_path, capsys, monkeypatch):
         raise RuntimeError("no compiler in this test")
 
     monkeypatch.setattr(torch, "compile", no_compiler)
-    data = write_fake_brats(tmp_path / "data")
+    data = write_fake_brats(tmp_path / "data", channels=4)
     out_json = tmp_path / "bench.json"
     out = bench.main(["--config", "tiny", "--batch", "2", "--steps", "2", "--warmup", "0", "--threads", "1",
                       "--modes", "fp32,bf16,channels_last,compile", "--data_dir", str(data),
@@ -44,6 +44,7 @@ def test_bench_train_tiny_table_and_json(tmp_path, capsys, monkeypatch):
         assert r["images_per_s"] > 0 and r["final_loss"] == r["final_loss"]  # finite, not NaN
         assert abs(r["ratio_to_fp32"] - r["images_per_s"] / out["train"][0]["images_per_s"]) < 1e-9
     assert out["train"][2]["channels_last"] and out["train"][3]["compile"]
+    assert out["base_mode"] == "fp32" and all(r["ratio_to_base"] == r["ratio_to_fp32"] for r in out["train"])
     assert out["loader"]["batches"] == 3 and out["loader"]["images_per_s"] > 0
     assert "loader only" in text.out and "channels_last" in text.out
     assert json.loads(out_json.read_text()) == json.loads(json.dumps(out))
@@ -52,3 +53,17 @@ def test_bench_train_tiny_table_and_json(tmp_path, capsys, monkeypatch):
 def test_bench_train_bad_mode_names_the_flag():
     with pytest.raises(ValueError, match="--modes"):
         _bench().parse_mode("fp32+fast")
+
+
+def test_bench_train_models_and_base_mode(tmp_path):
+    """Rows per (network, mode); ratios are taken within one network, fp32 found wherever it is listed."""
+    out_json = tmp_path / "bench.json"
+    argv = ["--config", "tiny", "--batch", "2", "--steps", "1", "--warmup", "0", "--threads", "1"]
+    out = _bench().main([*argv, "--modes", "bf16,fp32", "--models", "v2,hae_v2", "--json", str(out_json)])
+    assert [(r["model"], r["mode"]) for r in out["train"]] == [("v2", "bf16"), ("v2", "fp32"),
+                                                                 ("hae_v2", "bf16"), ("hae_v2", "fp32")]
+    rate = {(r["model"], r["mode"]): r["images_per_s"] for r in out["train"]}
+    for r in out["train"]:
+        assert r["ratio_to_base"] == pytest.approx(r["images_per_s"] / rate[(r["model"], "bf16")])
+        assert r["ratio_to_fp32"] == pytest.approx(r["images_per_s"] / rate[(r["model"], "fp32")])
+    assert out["base_mode"] == "bf16" and json.loads(out_json.read_text())["train"] == out["train"]

@@ -13,7 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
-STAGES = ("env", "pytest_cuda", "bench_models", "train_step", "translation", "inference_modes")
+STAGES = ("env", "pytest_cuda", "inference_v2", "inference_hae_v2", "train", "translation", "bench_models")
 
 
 def _env(out: Path, **extra: str) -> dict:
@@ -48,11 +48,29 @@ def test_dry_run_writes_one_json(tmp_path):
     assert list(report["stages"]) == list(STAGES)
     assert all(report["stages"][s]["rc"] == 0 for s in STAGES)
     assert isinstance(report["stages"]["env"]["result"]["missing_imports"], list)
-    for stage, key in (("train_step", "images_per_s"), ("translation", "slices_per_s_at_600")):
-        models = report["stages"][stage]["result"]["models"]
-        assert set(models) == {"v2", "hae_v2"} and all(m[key] > 0 for m in models.values()), stage
-    assert "v2" in report["stages"]["bench_models"]["result"]["time_s"]
-    modes = report["stages"]["inference_modes"]["result"]["modes"]
+    stages = {name: report["stages"][name]["result"] for name in STAGES if name != "pytest_cuda"}
+    assert set(stages["translation"]["models"]) == {"v2", "hae_v2"}
+    assert all(m["slices_per_s_at_600"] > 0 for m in stages["translation"]["models"].values())
+    assert "v2" in stages["bench_models"]["time_s"]
+    modes = stages["inference_v2"]["modes"]
     assert set(modes) == {"faithful", "bf16", "fp16", "early_stop"}
     assert modes["faithful"]["same_end_step_fraction"] == 1.0 and modes["bf16"]["speedup_vs_faithful"] > 0
-    assert "stage" in res.stdout and "gpu_check.json" in res.stdout  # the summary table was printed
+    assert set(stages["inference_hae_v2"]["modes"]) == {"faithful", "bf16"}
+    rows = stages["train"]["train"]
+    assert [(r["model"], r["mode"]) for r in rows] == [(m, x) for m in ("v2", "hae_v2")
+                                                       for x in ("bf16", "bf16+channels_last")]
+    assert stages["train"]["loader"]["images_per_s"] > 0
+    # every target is computed from the stages (the dry run judges bf16 on tiny CPU configs)
+    assert report["fast_mode"] == "bf16"
+    targets = report["targets"]
+    assert set(targets) == {"v2_fast_slices_per_s_at_600", "v2_fast_same_mask_pixel_fraction",
+                            "hae_v2_over_v2_time_fast", "train_speedup_v2", "train_speedup_hae_v2",
+                            "loader_over_fastest_train_step"}
+    for name, t in targets.items():
+        assert t["value"] is not None and t["value"] > 0 and t["met"] in (True, False), name
+    s = modes["bf16"]["s_per_slice"]
+    want = 1 / (s * 600 / stages["inference_v2"]["forward_steps"])
+    assert abs(targets["v2_fast_slices_per_s_at_600"]["value"] - want) < 1e-9 * want
+    assert targets["v2_fast_same_mask_pixel_fraction"]["value"] == modes["bf16"]["same_mask_pixel_fraction"]
+    assert targets["train_speedup_v2"]["value"] >= 1.0  # the best mode includes the base itself
+    assert "stage" in res.stdout and "targets (bf16)" in res.stdout and "gpu_check.json" in res.stdout
