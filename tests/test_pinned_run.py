@@ -1,5 +1,6 @@
 """No behaviour change: a tiny seeded translation run reproduces the metrics and slices.csv stored in
-tests/data/pinned_translation.json (computed with the code before the typed-config refactor).
+tests/data/pinned_translation.json (computed with the code before the typed-config refactor; floats
+within rounding across CPU types).
 
 Regenerate only on an intended change of results: ``python tests/test_pinned_run.py OUT.json``.
 """
@@ -10,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from near_golden import assert_near, csv_rows
 from tiny_eval import make_run, run_argv
 
 PINNED = Path(__file__).resolve().parent / "data" / "pinned_translation.json"
@@ -31,12 +33,15 @@ def test_tiny_run_matches_the_pinned_results(tmp_path):
     translation.main(run_argv(data, mdir, tmp_path / "out"))
     got = json.loads(json.dumps(pinned_view(tmp_path / "out")))
     want = json.loads(PINNED.read_text())
-    assert got["slices_csv"] == want["slices_csv"]
-    assert got["calibration"] == want["calibration"]
+    # bit-identical on one machine; across CPU types floats agree to rounding (tests/near_golden.py),
+    # while labels, counts, chosen w and the CSV layout must match exactly
+    assert_near(csv_rows(got["slices_csv"]), csv_rows(want["slices_csv"]), "slices.csv")
+    assert list(csv_rows(got["slices_csv"])[0]) == list(csv_rows(want["slices_csv"])[0])
+    assert_near(got["calibration"], want["calibration"], "calibration")
     # keys added after the pinning (the per-patient 3-D "volume" section) are compared on their own
-    # tests; every pinned key must be reproduced exactly
+    # tests; every pinned key must be reproduced
     assert set(got["metrics"]) - set(want["metrics"]) == {"volume"}
-    assert {k: got["metrics"][k] for k in want["metrics"]} == want["metrics"]
+    assert_near({k: got["metrics"][k] for k in want["metrics"]}, want["metrics"], "metrics.json")
 
 
 if __name__ == "__main__":
