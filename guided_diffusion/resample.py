@@ -34,12 +34,16 @@ class ScheduleSampler(ABC):
         Returns:
             t: LongTensor [batch_size] on ``device``; weights: float32 [batch_size] = 1 / (T * p(t)).
         """
-        w = self.weights()
-        probs = torch.from_numpy(w / np.sum(w))
         gen_device = generator.device if generator is not None else torch.device("cpu")
-        indices = torch.multinomial(probs.to(gen_device), batch_size, replacement=True, generator=generator)
-        weights = 1.0 / (len(probs) * probs.to(gen_device)[indices])
+        probs = self.probs_on(gen_device)
+        indices = torch.multinomial(probs, batch_size, replacement=True, generator=generator)
+        weights = 1.0 / (len(probs) * probs[indices])
         return indices.to(device=device, dtype=torch.long), weights.to(device=device, dtype=torch.float32)
+
+    def probs_on(self, device: torch.device) -> torch.Tensor:
+        """The normalised weights [T] (float64) on ``device``, computed afresh (the weights may change)."""
+        w = self.weights()
+        return torch.from_numpy(w / np.sum(w)).to(device)
 
 
 class UniformSampler(ScheduleSampler):
@@ -47,9 +51,17 @@ class UniformSampler(ScheduleSampler):
 
     def __init__(self, diffusion: GaussianDiffusion):
         self._weights = np.ones(diffusion.num_timesteps, dtype=np.float64)
+        self._probs: dict[torch.device, torch.Tensor] = {}
 
     def weights(self) -> np.ndarray:
         return self._weights
+
+    def probs_on(self, device: torch.device) -> torch.Tensor:
+        """Cached per device: the weights never change, so a training step uploads nothing (issue 11)."""
+        device = torch.device(device)
+        if device not in self._probs:
+            self._probs[device] = super().probs_on(device)
+        return self._probs[device]
 
 
 class LossSecondMomentResampler(ScheduleSampler):

@@ -106,9 +106,9 @@ def train_worker(out: str) -> None:
     grads, batches = [], []
     optimize, run_step = loop._optimize, loop.run_step
 
-    def spy_optimize() -> None:
+    def spy_optimize(*args) -> None:
         grads.append([p.grad.detach().clone() for p in loop.params])
-        optimize()
+        optimize(*args)
 
     def spy_step(batch) -> None:
         batches.append(dist_util.all_gather_object(sorted(batch[0][:, 0, 0, 0].round().long().tolist())))
