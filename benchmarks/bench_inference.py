@@ -59,6 +59,7 @@ import torch
 
 from guided_diffusion.anofpdm import run_forward_process
 from guided_diffusion.io_util import atomic_write_json
+from guided_diffusion.measure import device_description
 from guided_diffusion.precision import compile_mode, maybe_compile
 from guided_diffusion.script_util import create_model_and_diffusion
 from guided_diffusion.segmentation import segment
@@ -296,7 +297,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "config": args.config,
         "model_flags": {**CONFIGS[args.config], "unet_ver": args.unet_ver},
         "device": args.device,
-        "device_name": torch.cuda.get_device_name() if cuda else "cpu",
+        "device_name": device_description(args.device),
         "threads": args.threads,
         "patience": args.patience,
         "batch": args.batch,

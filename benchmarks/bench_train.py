@@ -27,6 +27,7 @@ import torch
 
 from guided_diffusion import script_util as su
 from guided_diffusion.io_util import atomic_write_json
+from guided_diffusion.measure import device_description
 from guided_diffusion.precision import autocast, maybe_compile, to_channels_last
 
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -157,7 +158,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     rows: list[dict[str, Any]] = []
     out: dict[str, Any] = {"config": args.config, "device": args.device, "batch": args.batch,
-                           "steps": args.steps, "torch": torch.__version__, "base_mode": modes[0],
+                           "steps": args.steps, "torch": torch.__version__,
+                           "device_name": device_description(args.device), "base_mode": modes[0],
                            "train": rows, "loader": None}
 
     def save() -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 import re
 import statistics
 import sys
@@ -25,6 +26,21 @@ from typing import Any
 import torch
 
 CPU_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+def device_description(device: str | torch.device) -> str:
+    """What ran a benchmark: the GPU's name, or the CPU's model name and the SIMD level torch's kernels use
+    (float results differ in the last bits between e.g. AVX-512 and AVX2 kernels)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or "unknown CPU"
+    try:
+        match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
+        model = match.group(1).strip() if match else model
+    except OSError:
+        pass
+    return f"{model} ({torch.backends.cpu.get_cpu_capability()})"
 
 
 def _status_kib(name: str) -> int:

@@ -103,8 +103,8 @@ def checkpoint(func: Callable[..., Any], *args: Any, enabled: bool) -> Any:
 def checks_on_host(t: torch.Tensor) -> bool:
     """True when ``t`` lives in host memory, where value checks (ranges, labels) cost no device
     synchronisation. On an accelerator the code skips them and lets the device lookup fail instead, so a
-    step loop never waits for the device (issue 11)."""
-    return t.device.type == "cpu"
+    step loop never waits for the device (issue 11); inside torch.compile too (no graph break)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def count_parameters(model: nn.Module) -> int:

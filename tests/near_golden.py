@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -21,6 +22,18 @@ ABS = 1e-6
 CHECKPOINT_REL = 1e-3  # checkpoints: relative to each file's scale (see checkpoint_mismatches)
 
 
+def state_leaves(obj: Any, key: str = "") -> Iterator[tuple[str, Any]]:
+    """(key path, leaf) for every tensor and plain value of a nested state dict, dict keys sorted."""
+    if isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            yield from state_leaves(obj[k], f"{key}/{k}")
+    elif isinstance(obj, list | tuple):
+        for i, v in enumerate(obj):
+            yield from state_leaves(v, f"{key}/{i}")
+    else:
+        yield key, obj
+
+
 def tensor_fingerprint(obj: Any) -> dict[str, Any]:
     """{key path: summary} over every tensor and plain value of a nested state dict.
 
@@ -28,28 +41,19 @@ def tensor_fingerprint(obj: Any) -> dict[str, Any]:
     and plain values are kept exactly (as lists or repr).
     """
     out: dict[str, Any] = {}
-
-    def walk(o: Any, key: str) -> None:
-        if isinstance(o, torch.Tensor):
-            t = o.detach().cpu()
-            if t.is_floating_point() and t.numel() > 1:
-                v = t.double().flatten()
-                out[key] = {"shape": list(t.shape), "rms": float(v.square().mean().sqrt()),
-                            "mean": float(v.mean()), "first": float(v[0]), "middle": float(v[v.numel() // 2]),
-                            "last": float(v[-1])}
-            else:
-                out[key] = {"shape": list(t.shape), "values": t.double().flatten().tolist()
-                            if t.is_floating_point() else t.flatten().tolist()}
-        elif isinstance(o, dict):
-            for k in sorted(o, key=str):
-                walk(o[k], f"{key}/{k}")
-        elif isinstance(o, list | tuple):
-            for i, v in enumerate(o):
-                walk(v, f"{key}/{i}")
-        else:
+    for key, o in state_leaves(obj):
+        if not isinstance(o, torch.Tensor):
             out[key] = repr(o)
-
-    walk(obj, "")
+            continue
+        t = o.detach().cpu()
+        if t.is_floating_point() and t.numel() > 1:
+            v = t.double().flatten()
+            out[key] = {"shape": list(t.shape), "rms": float(v.square().mean().sqrt()),
+                        "mean": float(v.mean()), "first": float(v[0]), "middle": float(v[v.numel() // 2]),
+                        "last": float(v[-1])}
+        else:
+            out[key] = {"shape": list(t.shape), "values": t.double().flatten().tolist()
+                        if t.is_floating_point() else t.flatten().tolist()}
     return out
 
 

@@ -48,6 +48,8 @@ def test_bench_train_tiny_table_and_json(tmp_path, capsys, monkeypatch):
     assert out["loader"]["batches"] == 3 and out["loader"]["images_per_s"] > 0
     assert "loader only" in text.out and "channels_last" in text.out
     assert json.loads(out_json.read_text()) == json.loads(json.dumps(out))
+    # the JSON names the CPU and the SIMD level of torch's kernels (float results depend on them)
+    assert out["device_name"].endswith(f"({torch.backends.cpu.get_cpu_capability()})")
 
 
 def test_bench_train_bad_mode_names_the_flag():

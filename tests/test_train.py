@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from fake_data import write_fake_brats
-from near_golden import assert_near, tensor_fingerprint
+from near_golden import assert_near, state_leaves, tensor_fingerprint
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from guided_diffusion import checkpoint, dist_util, logger, training, training_flags
@@ -324,21 +324,12 @@ GOLDEN = REPO / "tests" / "data" / "train_golden_fingerprint.json"
 def tree_digest(obj) -> str:
     """sha256 over every tensor (name, bytes) and plain value of a nested state dict, in sorted key order."""
     h = hashlib.sha256()
-
-    def walk(o, key=""):
+    for key, o in state_leaves(obj):
         if isinstance(o, torch.Tensor):
             h.update(key.encode())
             h.update(o.detach().cpu().contiguous().numpy().tobytes())
-        elif isinstance(o, dict):
-            for k in sorted(o, key=str):
-                walk(o[k], f"{key}/{k}")
-        elif isinstance(o, list | tuple):
-            for i, v in enumerate(o):
-                walk(v, f"{key}/{i}")
         else:
             h.update(f"{key}={o!r}".encode())
-
-    walk(obj)
     return h.hexdigest()
 
 
