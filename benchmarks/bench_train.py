@@ -1,26 +1,29 @@
 #!/usr/bin/env python
 """Training step rate (images/s) per mode side by side, and the training loader's own rate (issue 11).
 
-Modes: fp32 eager, bf16 autocast, channels_last, compile (torch.compile; eager fallback with one line),
-or any of them joined by "+". For every network of ``--models`` (unet_ver), each mode builds the same
-seeded network and runs ``--warmup`` then ``--steps`` timed optimiser steps (AdamW on the diffusion training
-loss); "x base" is images/s over the first mode of the list for the same network ("ratio_to_fp32" is also
-given where fp32 is in the list). With ``--data_dir`` the training DataLoader (``get_train_loader``) is
-iterated without the model for ``--loader_batches`` batches first, and its images/s is printed beside the
-step rates, so one sees whether the loader keeps up. The JSON is rewritten after every row, so a run
-stopped by a time limit keeps the rows it finished.
+Modes: fp32 eager, bf16 autocast, channels_last, compile (torch.compile; eager fallback with one line), or
+any of them joined by "+"; "+loop" times the training library's own step (TrainLoop.run_step: label dropout,
+EMA, logging, host batch uploaded each step) instead of the bare loss/backward/AdamW step. For every network
+of ``--models`` (unet_ver), each mode builds the same seeded network and runs ``--warmup`` then ``--steps``
+timed optimiser steps (AdamW on the diffusion training loss); "x base" is images/s over the first mode of
+the list for the same network ("ratio_to_fp32" is also given where fp32 is in the list). With ``--data_dir``
+the training DataLoader (``get_train_loader``) is iterated without the model for ``--loader_batches``
+batches first, and its images/s is printed beside the step rates, so one sees whether the loader keeps up.
+The JSON is rewritten after every row, so a run stopped by a time limit keeps the rows it finished.
 
 Usage:
     python benchmarks/bench_train.py --config small --data_dir DATA --json out.json
     python benchmarks/bench_train.py --config brats --device cuda --batch 14 --models v2,hae_v2 \
-        --modes bf16,bf16+channels_last,bf16+channels_last+compile
+        --modes bf16,bf16+channels_last,bf16+channels_last+compile+loop
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -43,16 +46,38 @@ MODES = ("fp32", "bf16", "channels_last", "compile")
 
 def parse_mode(mode: str) -> dict[str, Any]:
     """'bf16+channels_last+compile' -> {precision, channels_last, compile}; ValueError on unknown parts."""
-    out: dict[str, Any] = {"precision": "fp32", "channels_last": False, "compile": False}
+    out: dict[str, Any] = {"precision": "fp32", "channels_last": False, "compile": False, "loop": False}
     for part in mode.split("+"):
         if part in ("fp32", "bf16", "fp16"):
             out["precision"] = part
-        elif part in ("channels_last", "compile"):
+        elif part in ("channels_last", "compile", "loop"):
             out[part] = True
         else:
             raise ValueError(f"--modes: unknown part {part!r} in {mode!r}; use fp32|bf16|fp16, "
-                             "channels_last, compile joined by +")
+                             "channels_last, compile, loop joined by +")
     return out
+
+
+def train_loop_step(model: torch.nn.Module, diffusion: Any, x: torch.Tensor, y: torch.Tensor,
+                    opts: dict[str, Any], log_dir: str) -> Callable[[], torch.Tensor]:
+    """One step of the training library itself (TrainLoop.run_step: label dropout 0.1, EMA 0.9999,
+    logging), on the host batch ``x`` [B,C,H,W], ``y`` [B] (pinned on CUDA, as the loader gives it)."""
+    from guided_diffusion import logger
+    from guided_diffusion.train_util import TrainLoop
+
+    logger.configure(log_dir, [])
+    loop = TrainLoop(model=model, diffusion=diffusion, data=[], batch_size=x.shape[0], lr=1e-4,
+                     ema_rate="0.9999", label_dropout=0.1, precision=opts["precision"], resume="never",
+                     max_steps=10**9, log_dir=log_dir, compile=opts["compile"],
+                     channels_last=opts["channels_last"])
+    if x.device.type == "cpu" and torch.cuda.is_available():
+        x, y = x.pin_memory(), y.pin_memory()
+
+    def one() -> torch.Tensor:
+        loop.run_step((x, {"y": y}))
+        return torch.tensor(logger.dumpkvs()["loss"])  # no outputs configured: returns and clears
+
+    return one
 
 
 def step_rate(config: str, mode: str, batch: int, steps: int, warmup: int, device: str,
@@ -64,17 +89,22 @@ def step_rate(config: str, mode: str, batch: int, steps: int, warmup: int, devic
     torch.manual_seed(0)
     model, diffusion = su.create_model_and_diffusion(**flags)
     model.to(device).train()
+    size, ch = flags["image_size"], flags["in_channels"]
+    if opts["loop"]:
+        with tempfile.TemporaryDirectory() as log_dir:
+            one = train_loop_step(model, diffusion, torch.randn(batch, ch, size, size),
+                                  torch.randint(0, 2, (batch,)), opts, log_dir)
+            return _timed(one, unet_ver, mode, opts, batch, steps, warmup, device)
     if opts["channels_last"]:
         to_channels_last(model)
     net = maybe_compile(model, opts["compile"], log=lambda line: print(line, file=sys.stderr))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     fmt = torch.channels_last if opts["channels_last"] else torch.preserve_format
-    size, ch = flags["image_size"], flags["in_channels"]
     x = torch.randn(batch, ch, size, size, device=device).to(memory_format=fmt)
     y = torch.randint(0, 2, (batch,), device=device)
     gen = torch.Generator(device=device).manual_seed(0)
 
-    def one() -> float:
+    def one() -> torch.Tensor:
         t = torch.randint(0, diffusion.num_timesteps, (batch,), device=device, generator=gen)
         opt.zero_grad(set_to_none=True)
         with autocast(device, opts["precision"]):
@@ -84,6 +114,11 @@ def step_rate(config: str, mode: str, batch: int, steps: int, warmup: int, devic
         opt.step()
         return loss.detach()
 
+    return _timed(one, unet_ver, mode, opts, batch, steps, warmup, device)
+
+
+def _timed(one: Callable[[], torch.Tensor], unet_ver: str, mode: str, opts: dict[str, Any], batch: int,
+           steps: int, warmup: int, device: str) -> dict[str, Any]:
     cuda = torch.device(device).type == "cuda"
     for _ in range(warmup):
         one()

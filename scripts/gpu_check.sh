@@ -8,8 +8,9 @@
 #                       side: speed-up over fp32, max |dM_t|, identical t_e, identical mask pixels
 #   4. inference_hae_v2 the same for HAE V2 (fp32 eager and bf16 + compile): its cost relative to v2
 #   5. train            benchmarks/bench_train.py, BraTS config, batch 14, v2 and hae_v2: bf16 eager (the
-#                       issue's baseline), + channels_last, + compile; and the training loader's own
-#                       images/s on a synthetic 128 px dataset made in the stage
+#                       issue's baseline), + channels_last, and the training library's own step
+#                       (TrainLoop: EMA, label dropout, logging) with bf16 + channels_last + compile; and
+#                       the training loader's own images/s on a synthetic 128 px dataset made in the stage
 #   6. translation      the issue's baseline figure: AnoFPDM forward process, fp32 eager, batch 16
 #   7. bench_models     benchmarks/bench_models.py --config brats --batch 14 --precision bf16 (v2, hae_v2)
 # Timed forward steps: TIMED_STEPS (default 10); slices/s are extrapolated to the paper's 600 steps.
@@ -119,13 +120,14 @@ if [ "$DRY" = 1 ]; then
     run_stage train 130 bash -c "'$PY' scripts/make_synthetic_brats.py --out '$SYNTH' --subjects 3 \
         --image_size 32 --no_baseline --overwrite --quiet >/dev/null && '$PY' benchmarks/bench_train.py \
         --config tiny --device cpu --batch 2 --steps 1 --warmup 0 --threads 1 --models v2,hae_v2 \
-        --modes bf16,bf16+channels_last --data_dir '$SYNTH' --loader_batches 3 --num_workers 0 \
+        --modes bf16,bf16+channels_last,bf16+channels_last+loop --data_dir '$SYNTH' --loader_batches 3 \
+        --num_workers 0 \
         --json '$STAGES/train.json'"
 else
     run_stage train 130 bash -c "'$PY' scripts/make_synthetic_brats.py --out '$SYNTH' --subjects 3 \
         --image_size 128 --no_baseline --overwrite --quiet >/dev/null && '$PY' benchmarks/bench_train.py \
         --config brats --device cuda --batch 14 --steps 10 --warmup 3 --models v2,hae_v2 \
-        --modes bf16,bf16+channels_last,bf16+channels_last+compile --data_dir '$SYNTH' \
+        --modes bf16,bf16+channels_last,bf16+channels_last+compile+loop --data_dir '$SYNTH' \
         --loader_batches 40 --num_workers 4 --json '$STAGES/train.json'"
 fi
 

@@ -69,3 +69,20 @@ def test_bench_train_models_and_base_mode(tmp_path):
         assert r["ratio_to_base"] == pytest.approx(r["images_per_s"] / rate[(r["model"], "bf16")])
         assert r["ratio_to_fp32"] == pytest.approx(r["images_per_s"] / rate[(r["model"], "fp32")])
     assert out["base_mode"] == "bf16" and json.loads(out_json.read_text())["train"] == out["train"]
+
+
+def test_bench_train_loop_mode_runs_the_training_library(monkeypatch):
+    """"+loop" goes through TrainLoop.run_step (EMA, label dropout, logging) on the same seeded network;
+    the bare step does not."""
+    from guided_diffusion import train_util
+
+    calls = []
+    run_step = train_util.TrainLoop.run_step
+    monkeypatch.setattr(train_util.TrainLoop, "run_step", lambda self, b: (calls.append(b[0].shape),
+                                                                          run_step(self, b)))
+    argv = ["--config", "tiny", "--batch", "2", "--steps", "2", "--warmup", "1", "--threads", "1"]
+    out = _bench().main([*argv, "--modes", "fp32,fp32+loop"])
+    bare, loop = out["train"]
+    assert not bare["loop"] and loop["loop"] and loop["mode"] == "fp32+loop"
+    assert calls == [torch.Size([2, 4, 16, 16])] * 3  # 1 warm-up + 2 timed steps, only in the loop mode
+    assert loop["images_per_s"] > 0 and 0 < loop["final_loss"] < 10

@@ -58,7 +58,8 @@ def test_dry_run_writes_one_json(tmp_path):
     assert set(stages["inference_hae_v2"]["modes"]) == {"faithful", "bf16"}
     rows = stages["train"]["train"]
     assert [(r["model"], r["mode"]) for r in rows] == [(m, x) for m in ("v2", "hae_v2")
-                                                       for x in ("bf16", "bf16+channels_last")]
+                                                       for x in ("bf16", "bf16+channels_last",
+                                                                 "bf16+channels_last+loop")]
     assert stages["train"]["loader"]["images_per_s"] > 0
     # every target is computed from the stages (the dry run judges bf16 on tiny CPU configs)
     assert report["fast_mode"] == "bf16"
