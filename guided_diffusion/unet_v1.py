@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nn import conv_nd, linear, normalization, timestep_embedding, zero_module
+from .nn import checks_on_host, conv_nd, linear, normalization, timestep_embedding, zero_module
 from .registry import register_model
 from .unet import (
     AttentionBlock,
@@ -187,7 +187,9 @@ class UNetV1(UNetModel):
         ``null`` / ``threshold`` / ``generator`` exist for the shared training and sampling code: v1 has
         no null condition, so any null row or a label-dropout threshold > 0 is a ValueError.
         """
-        if bool(torch.as_tensor(null).any()) or threshold > 0:
+        null_rows = null if isinstance(null, bool) else (checks_on_host(torch.as_tensor(null))
+                                                          and bool(torch.as_tensor(null).any()))
+        if null_rows or threshold > 0:  # a null tensor on an accelerator is not read (issue 11)
             raise ValueError("--unet_ver v1 has no classifier-free null condition (null=True or label "
                              "dropout --threshold > 0); use a classifier-free model (e.g. --unet_ver v2)")
         timesteps = self._check_input(x, timesteps)
@@ -201,7 +203,7 @@ class UNetV1(UNetModel):
             if y.shape != (x.shape[0],) or y.dtype.is_floating_point:
                 raise ValueError(f"y must be an integer tensor of shape [{x.shape[0]}]; got {y.dtype} "
                                  f"{tuple(y.shape)}")
-            if x.shape[0] and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+            if x.shape[0] and checks_on_host(y) and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
                 raise ValueError(f"y has labels in [{int(y.min())}, {int(y.max())}] but the model has "
                                  f"num_classes={self.num_classes} (valid labels 0..{self.num_classes - 1})")
             emb = emb + self.label_emb(y.long())

@@ -108,3 +108,14 @@ def test_new_attention_order_same_keys_differs_only_with_several_heads():
         new = AttentionBlockV1(8, num_heads=heads, new_order=True)
         new.load_state_dict(legacy.state_dict(), strict=True)
         assert torch.allclose(legacy(x), new(x), atol=1e-5) == same
+
+
+def test_forward_reads_no_device_values():
+    """On an accelerator the label and null checks are not read back (issue 11): the whole call runs on
+    the data-less ``meta`` device, where any host read of a value raises. On the host they still run
+    (test_forward_shapes_and_conditioning)."""
+    model = _tiny(num_classes=2).to("meta")
+    x, t = torch.zeros(3, 2, 16, 16, device="meta"), torch.zeros(3, dtype=torch.long, device="meta")
+    y, null = torch.zeros(3, dtype=torch.long, device="meta"), torch.zeros(3, dtype=torch.bool, device="meta")
+    out = model(x, t, y=y, null=null)
+    assert out.device.type == "meta" and out.shape == (3, 2, 16, 16)
