@@ -20,8 +20,10 @@ Modes (same model, same inputs, same noise; anofpdm.run_forward_process):
                    mask pixels: segmentation.segment's ungated mask for w, with diff_max taken from the
                    faithful run (max_t M_t per modality) as a stand-in calibration shared by every mode.
 
-Timing: the modes alternate within every repetition (rotated order), after one short warm-up per mode; the
-median wall time per slice (= run time / batch) is reported, with the speed-up relative to upstream.
+Timing: the modes alternate within every repetition (rotated order), after one short warm-up per mode
+(its seconds, compilation included, are "warmup_s"); the median wall time per slice (= run time / batch) is
+reported, with the speed-up relative to upstream. With --json the file is rewritten after every repetition
+("complete": false, "repeats_done"), so a run stopped by a time limit keeps what it measured.
 
 Peak memory above what is allocated before the forward process (the model weights and the input):
   * CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus memory_allocated before, in
@@ -52,6 +54,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -240,8 +243,12 @@ def cpu_peak(args: argparse.Namespace, mode: str) -> float:
 
 
 # ----------------------------------------------------------------------------------------------- benchmark
-def benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    """Time (alternating modes) and memory of every mode -> results dict (see module docstring)."""
+def benchmark(args: argparse.Namespace,
+              on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Time (alternating modes) and memory of every mode -> results dict (see module docstring).
+
+    ``on_progress`` gets the results so far after every repetition ("complete": False; CPU memory is
+    measured only at the end), so a run stopped by a time limit keeps what it measured."""
     model, diffusion, x0 = build(args)
     wants_compile = any(MODES[m].get("compile") for m in args.modes)
     compiled = maybe_compile(model, wants_compile, mode=compile_mode(args.device),
@@ -250,8 +257,10 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     stats: dict[str, dict[str, Any]] = {}
     results = {}
     for mode in args.modes:  # warm-up: thread pools, lazy initialisation (and compilation)
+        t0 = time.perf_counter()
         run_mode(model, diffusion, x0, mode, min(2, args.forward_steps), args.patience, compiled)
-        stats[mode] = {**MODES[mode], "times_s": [], "peaks_mib": []}
+        sync(args.device)
+        stats[mode] = {**MODES[mode], "times_s": [], "peaks_mib": [], "warmup_s": time.perf_counter() - t0}
     for rep in range(args.repeats):
         order = args.modes[rep % len(args.modes) :] + args.modes[: rep % len(args.modes)]
         for mode in order:
@@ -276,12 +285,22 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                     steps_run=fr.steps_run,
                 )
             del fr
+        if on_progress is not None and rep + 1 < args.repeats:
+            on_progress(summarise(args, stats, results, rep + 1, final=False))
+    return summarise(args, stats, results, args.repeats, final=True)
+
+
+def summarise(args: argparse.Namespace, stats: dict[str, dict[str, Any]], results: dict[str, Any],
+              repeats_done: int, final: bool) -> dict[str, Any]:
+    """The results dict from the timings of the first ``repeats_done`` repetitions (``stats`` is
+    completed in place); CPU memory subprocesses run only when ``final``."""
+    cuda = args.device.startswith("cuda")
     for mode in args.modes:
         s = stats[mode]
         s["s_per_slice"] = statistics.median(s["times_s"]) / args.batch
         if cuda:
             s["peak_mib"] = max(s["peaks_mib"])
-        elif args.skip_memory:
+        elif args.skip_memory or not final:
             s["peak_mib"] = math.nan
         else:
             s["peak_mib"] = cpu_peak(args, mode)
@@ -304,6 +323,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "forward_steps": args.forward_steps,
         "memory_steps": args.forward_steps if cuda else args.memory_steps,
         "repeats": args.repeats,
+        "repeats_done": repeats_done,
+        "complete": final,
         "w": W,
         "modality": MODALITY,
         "torch": torch.__version__,
@@ -384,7 +405,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if args.child_mode is not None:
         print(json.dumps(cpu_peak_child(args)))
         return None
-    res = benchmark(args)
+    res = benchmark(args, on_progress=(lambda r: atomic_write_json(r, args.json)) if args.json else None)
     print(
         f"AnoFPDM forward process: config {res['config']} ({res['device_name']}, {args.threads} threads), "
         f"batch {args.batch}, {args.forward_steps} steps, {args.repeats} repeats, unet {args.unet_ver}"

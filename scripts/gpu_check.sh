@@ -268,6 +268,8 @@ report["figures"] = {
     "baseline_fp32_batch16_slices_per_s_at_600": base,
     "fast_over_baseline": at_600(v2, fast) / base if base and at_600(v2, fast) else None,
     "fast_batch": v2.get("batch"),
+    "inference_v2_complete": v2.get("complete"),
+    "inference_v2_warmup_s": {m: r.get("warmup_s") for m, r in v2.get("modes", {}).items()},
     "train_best_mode": {k: v["mode"] for k, v in best.items()},
     "train_images_per_s": {f"{r['model']} {r['mode']}": r["images_per_s"] for r in train.get("train", [])},
     "loader_images_per_s": loader,

@@ -74,4 +74,8 @@ def test_dry_run_writes_one_json(tmp_path):
     assert abs(targets["v2_fast_slices_per_s_at_600"]["value"] - want) < 1e-9 * want
     assert targets["v2_fast_same_mask_pixel_fraction"]["value"] == modes["bf16"]["same_mask_pixel_fraction"]
     assert targets["train_speedup_v2"]["value"] >= 1.0  # the best mode includes the base itself
+    figures = report["figures"]
+    assert figures["inference_v2_complete"] is True
+    assert set(figures["inference_v2_warmup_s"]) == set(modes) and all(
+        v > 0 for v in figures["inference_v2_warmup_s"].values())
     assert "stage" in res.stdout and "targets (bf16)" in res.stdout and "gpu_check.json" in res.stdout

@@ -167,6 +167,26 @@ def test_bench_inference_precision_and_early_stop_modes(tmp_path, run_script):
     assert all(0.5 <= m["same_mask_pixel_fraction"] <= 1.0 for m in modes.values())
 
 
+def test_bench_inference_reports_progress_after_every_repetition():
+    """With a time limit in mind (gpu_check): the results so far after each repetition but the last,
+    marked incomplete; the final ones complete; warm-up (compilation) seconds per mode."""
+    import importlib.util
+
+    path = REPO / "benchmarks" / "bench_inference.py"
+    spec = importlib.util.spec_from_file_location("bench_inference", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = bench.parse_args(["--config", "tiny", "--forward_steps", "2", "--repeats", "3", "--threads", "1",
+                             "--skip_memory", "--modes", "faithful", "legacy"])
+    seen = []
+    final = bench.benchmark(args, on_progress=lambda r: seen.append(json.loads(json.dumps(r))))
+    assert [(r["complete"], r["repeats_done"]) for r in seen] == [(False, 1), (False, 2)]
+    assert [len(r["modes"]["faithful"]["times_s"]) for r in seen] == [1, 2]
+    assert all(r["modes"]["legacy"]["s_per_slice"] > 0 for r in seen)
+    assert final["complete"] and final["repeats_done"] == 3 and len(final["modes"]["legacy"]["times_s"]) == 3
+    assert all(m["warmup_s"] > 0 for m in final["modes"].values())
+
+
 @pytest.mark.parametrize("dataset", ["brats", "atlas"])
 def test_table1_launchers(dataset, tmp_path):
     """config/run_table1_{brats,atlas}.sh: syntax, missing data -> exit 2, the paper-preset command line."""
