@@ -120,10 +120,13 @@ def step_rate(config: str, mode: str, batch: int, steps: int, warmup: int, devic
 def _timed(one: Callable[[], torch.Tensor], unet_ver: str, mode: str, opts: dict[str, Any], batch: int,
            steps: int, warmup: int, device: str) -> dict[str, Any]:
     cuda = torch.device(device).type == "cuda"
+    t_warm = time.perf_counter()
     for _ in range(warmup):
         one()
     if cuda:
         torch.cuda.synchronize()
+    warmup_s = time.perf_counter() - t_warm  # compilation included
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -132,7 +135,7 @@ def _timed(one: Callable[[], torch.Tensor], unet_ver: str, mode: str, opts: dict
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     return {"model": unet_ver, "mode": mode, **opts, "images_per_s": batch * steps / seconds,
-            "step_s": seconds / steps, "final_loss": float(last),
+            "step_s": seconds / steps, "warmup_s": warmup_s, "final_loss": float(last),
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
 
 

@@ -272,6 +272,7 @@ report["figures"] = {
     "inference_v2_warmup_s": {m: r.get("warmup_s") for m, r in v2.get("modes", {}).items()},
     "train_best_mode": {k: v["mode"] for k, v in best.items()},
     "train_images_per_s": {f"{r['model']} {r['mode']}": r["images_per_s"] for r in train.get("train", [])},
+    "train_warmup_s": {f"{r['model']} {r['mode']}": r.get("warmup_s") for r in train.get("train", [])},
     "loader_images_per_s": loader,
 }
 path = os.path.join(out_dir, "gpu_check.json")

@@ -86,3 +86,5 @@ def test_bench_train_loop_mode_runs_the_training_library(monkeypatch):
     assert not bare["loop"] and loop["loop"] and loop["mode"] == "fp32+loop"
     assert calls == [torch.Size([2, 4, 16, 16])] * 3  # 1 warm-up + 2 timed steps, only in the loop mode
     assert loop["images_per_s"] > 0 and 0 < loop["final_loss"] < 10
+    # the warm-up step (where compilation happens) is timed apart: at least one real step long
+    assert bare["warmup_s"] > 0.5 * bare["step_s"] and loop["warmup_s"] > 0.5 * loop["step_s"]
