@@ -94,7 +94,7 @@ def step_rate(config: str, mode: str, batch: int, steps: int, warmup: int, devic
         with tempfile.TemporaryDirectory() as log_dir:
             one = train_loop_step(model, diffusion, torch.randn(batch, ch, size, size),
                                   torch.randint(0, 2, (batch,)), opts, log_dir)
-            return _timed(one, unet_ver, mode, opts, batch, steps, warmup, device)
+            return {"model": unet_ver, "mode": mode, **opts, **_timed(one, batch, steps, warmup, device)}
     if opts["channels_last"]:
         to_channels_last(model)
     net = maybe_compile(model, opts["compile"], log=lambda line: print(line, file=sys.stderr))
@@ -114,27 +114,27 @@ def step_rate(config: str, mode: str, batch: int, steps: int, warmup: int, devic
         opt.step()
         return loss.detach()
 
-    return _timed(one, unet_ver, mode, opts, batch, steps, warmup, device)
+    return {"model": unet_ver, "mode": mode, **opts, **_timed(one, batch, steps, warmup, device)}
 
 
-def _timed(one: Callable[[], torch.Tensor], unet_ver: str, mode: str, opts: dict[str, Any], batch: int,
-           steps: int, warmup: int, device: str) -> dict[str, Any]:
+def _timed(one: Callable[[], torch.Tensor], batch: int, steps: int, warmup: int,
+           device: str) -> dict[str, Any]:
+    """Timings of ``steps`` calls of ``one`` (a training step returning its loss) after ``warmup`` calls."""
     cuda = torch.device(device).type == "cuda"
     t_warm = time.perf_counter()
     for _ in range(warmup):
         one()
     if cuda:
         torch.cuda.synchronize()
-    warmup_s = time.perf_counter() - t_warm  # compilation included
-    if cuda:
         torch.cuda.reset_peak_memory_stats()
+    warmup_s = time.perf_counter() - t_warm  # compilation included
     t0 = time.perf_counter()
     for _ in range(steps):
         last = one()
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    return {"model": unet_ver, "mode": mode, **opts, "images_per_s": batch * steps / seconds,
+    return {"images_per_s": batch * steps / seconds,
             "step_s": seconds / steps, "warmup_s": warmup_s, "final_loss": float(last),
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
 
@@ -188,7 +188,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         p.error("--batch and --steps must be >= 1 and --warmup >= 0")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for m in modes:
-        parse_mode(m)
+        try:
+            parse_mode(m)
+        except ValueError as err:
+            p.error(str(err))
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not models:
         p.error("--models needs at least one unet_ver")

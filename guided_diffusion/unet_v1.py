@@ -187,9 +187,10 @@ class UNetV1(UNetModel):
         ``null`` / ``threshold`` / ``generator`` exist for the shared training and sampling code: v1 has
         no null condition, so any null row or a label-dropout threshold > 0 is a ValueError.
         """
-        null_rows = null if isinstance(null, bool) else (checks_on_host(torch.as_tensor(null))
-                                                          and bool(torch.as_tensor(null).any()))
-        if null_rows or threshold > 0:  # a null tensor on an accelerator is not read (issue 11)
+        if not isinstance(null, bool):  # a null tensor on an accelerator is not read (issue 11)
+            null = torch.as_tensor(null)
+            null = checks_on_host(null) and bool(null.any())
+        if null or threshold > 0:
             raise ValueError("--unet_ver v1 has no classifier-free null condition (null=True or label "
                              "dropout --threshold > 0); use a classifier-free model (e.g. --unet_ver v2)")
         timesteps = self._check_input(x, timesteps)

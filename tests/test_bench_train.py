@@ -52,9 +52,13 @@ def test_bench_train_tiny_table_and_json(tmp_path, capsys, monkeypatch):
     assert out["device_name"].endswith(f"({torch.backends.cpu.get_cpu_capability()})")
 
 
-def test_bench_train_bad_mode_names_the_flag():
+def test_bench_train_bad_mode_names_the_flag(capsys):
     with pytest.raises(ValueError, match="--modes"):
         _bench().parse_mode("fp32+fast")
+    with pytest.raises(SystemExit) as stop:  # on the command line: one usage line, exit 2, no traceback
+        _bench().main(["--config", "tiny", "--modes", "fp32,fp32+fast"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "unknown part 'fast'" in err and "Traceback" not in err
 
 
 def test_bench_train_models_and_base_mode(tmp_path):
