@@ -18,6 +18,10 @@ slice (test loop, metrics.json) and speed-up vs the fp32 row; fractions of slice
 modalities) and identical final masks (gated, CC-filtered), of identical final / ungated mask pixels and of
 identical image labels; max |Δ anomaly map| and max |Δ M_t| (all S stored steps: an early stop's held tail
 counts); Dice / IoU / AUPRC (mixed, unhealthy), image accuracy and their Δ; CUDA peak memory (CPU: NaN).
+The reference's full M_t curves also give ``reference.early_stop_outlook``: where each slice's curves peak
+(the share peaking at the last step, which no early stop can cut) and the steps an early stop with each K
+runs per slice alone and in the test loop's batches (``predicted_steps_run_mean`` of the early_stop rows,
+equal to their measured ``steps_run_mean``).
 
 Translation runs on CUDA whenever CUDA is visible: ``--device`` only checks that device (benchmark the CPU
 of a GPU machine with CUDA_VISIBLE_DEVICES=). Every flag not listed below goes to translation unchanged
@@ -161,6 +165,65 @@ def compare(ref: dict[str, np.ndarray], arr: dict[str, np.ndarray]) -> dict[str,
     }
 
 
+def running_end_steps(div: np.ndarray) -> np.ndarray:
+    """End step at every step: [N, nW, S, M] M_t -> [N, nW * M, S] int, the step of each curve's running
+    maximum up to t (the forward process's rule: a step is a new maximum when strictly above all before)."""
+    n, _, steps, _ = div.shape
+    curves = np.moveaxis(div, 2, -1).reshape(n, -1, steps)
+    start = np.full(curves.shape[:-1] + (1,), -np.inf, curves.dtype)
+    best_before = np.concatenate([start, np.maximum.accumulate(curves, axis=-1)[..., :-1]], axis=-1)
+    new = curves > best_before
+    return np.maximum.accumulate(np.where(new, np.arange(steps), 0), axis=-1)
+
+
+def _steps_until_settled(settled: np.ndarray, k: int) -> np.ndarray:
+    """[..., S] bool (every curve K steps past its running maximum) -> steps run: 1 + the first step t
+    with (t + 1) % K == 0 at which it holds, else S."""
+    steps = settled.shape[-1]
+    hit = settled & ((np.arange(steps) + 1) % k == 0)
+    return np.where(hit.any(axis=-1), hit.argmax(axis=-1) + 1, steps)
+
+
+def early_stop_outlook(index: np.ndarray, div: np.ndarray, patience: list[int], batch_size: int,
+                       world_size: int = 1) -> dict[str, Any]:
+    """Where the reference's full M_t curves peak, and the steps ``--early_stop_patience K`` runs on them.
+
+    Args:
+        index: [N] test-slice indices of the arrays (rank r of W evaluated indices r, r + W, ... in order,
+            in batches of ``batch_size``: the eval loader's order).
+        div: [N, nW, S, M] M_t of every w of the pass and modality over all S steps (fp32, no early stop).
+        patience: the K values; batch_size / world_size: the test loop's.
+    Returns: forward_steps S; ``peak_at_last_step``: fraction of slices whose latest t_e (over w and
+    modality) is step S - 1 (no early stop can end such a slice before S without changing its t_e);
+    ``latest_t_e`` min / median / max; per K, the mean steps a slice runs alone (``solo_steps_mean``) and in
+    its batch (``batched_steps_mean``: a batch stops at the first check, every K steps, at which every
+    curve of every slice has been below its running maximum for K steps: possibly before a later, higher
+    peak). The second is the run's ``steps_run_mean`` when the early-stopped run's curves are the
+    reference's (fp32 on the same slices).
+    """
+    n, _, steps, _ = div.shape
+    peak = div.argmax(axis=2).reshape(n, -1).max(axis=1)
+    out: dict[str, Any] = {
+        "forward_steps": int(steps),
+        "peak_at_last_step": float(np.mean(peak == steps - 1)),
+        "latest_t_e": {"min": int(peak.min()), "median": float(np.median(peak)), "max": int(peak.max())},
+        "patience": {},
+    }
+    ends = running_end_steps(div)
+    order = np.argsort(index, kind="stable")
+    for k in patience:
+        settled = (np.arange(steps) - ends >= k).all(axis=1)  # [N, S]
+        batched = np.empty(n, dtype=np.int64)
+        for rank in range(world_size):
+            mine = order[index[order] % world_size == rank]
+            for start in range(0, len(mine), batch_size):
+                chunk = mine[start : start + batch_size]
+                batched[chunk] = _steps_until_settled(settled[chunk].all(axis=0), k)
+        out["patience"][str(k)] = {"solo_steps_mean": float(_steps_until_settled(settled, k).mean()),
+                                   "batched_steps_mean": float(batched.mean())}
+    return out
+
+
 def metric_values(metrics: dict) -> dict[str, float]:
     """The segmentation metrics compared across modes, e.g. {"unhealthy_dice": ...} (NaN when absent)."""
     out = {}
@@ -217,6 +280,14 @@ def benchmark(argv: list[str], modes: list[str], out: str, repeats: int = 1) -> 
             runs[mode].append(metrics)
     rows = {m: ({"mode": m, "skipped": skipped[m]} if m in skipped else mode_row(m, runs[m], ref, ref_arrays))
             for m in modes}
+    ks = sorted({int(m.rsplit("_", 1)[1]) for m in modes if m.startswith("early_stop_")})
+    timing = ref["run"]["timing"]
+    outlook = early_stop_outlook(ref_arrays["index"], ref_arrays["div"], ks, int(timing["batch_size"]),
+                                 len(timing["per_rank"]))
+    for k in ks:
+        row = rows[f"early_stop_{k}"]
+        if "skipped" not in row:
+            row["predicted_steps_run_mean"] = outlook["patience"][str(k)]["batched_steps_mean"]
     base = rows["fp32"]["s_per_slice"]
     for row in rows.values():
         if "skipped" not in row:
@@ -226,7 +297,7 @@ def benchmark(argv: list[str], modes: list[str], out: str, repeats: int = 1) -> 
         "argv": argv, "out": out, "repeats": repeats, "mode_order": modes,
         "primary_setting": ref["primary_setting"],
         "reference": {"s_per_slice": seconds_per_slice(ref), "n_test": len(ref_arrays["index"]),
-                      **metric_values(ref), "calibration": ref["calibration"]},
+                      **metric_values(ref), "calibration": ref["calibration"], "early_stop_outlook": outlook},
         "settings": ref["run"]["config"],
         **{k: ref["run"].get(k) for k in ("checkpoint", "checkpoint_step", "checkpoint_sha256")},
         "torch": torch.__version__,
@@ -249,6 +320,17 @@ def table(res: dict[str, Any]) -> str:
         cells = [mode, steps, *(format(r[key], fmt) for _, key, fmt in COLUMNS)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def outlook_line(outlook: dict[str, Any]) -> str:
+    """One line on where the reference's M_t curves peak and the steps an early stop would run."""
+    te = outlook["latest_t_e"]
+    per_k = "; ".join(f"K={k}: {v['solo_steps_mean']:.1f} alone, {v['batched_steps_mean']:.1f} batched"
+                      for k, v in outlook["patience"].items())
+    return (f"reference M_t peaks (latest t_e per slice of {outlook['forward_steps']} steps): "
+            f"min {te['min']}, median {te['median']:g}, max {te['max']}, "
+            f"at the last step {outlook['peak_at_last_step']:.1%}"
+            + (f"; steps an early stop runs: {per_k}" if per_k else ""))
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -288,7 +370,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res = benchmark(translation_argv, modes, out, args.repeats)
     print(f"\nEvaluation modes ({res['device_name']}, {res['threads']} threads, torch {res['torch']}), "
           f"{res['reference']['n_test']} test slices, {res['primary_setting']}; Δ vs the fp32 reference run")
-    print(table(res) + f"\nruns: {out}")
+    print(table(res))
+    print(outlook_line(res["reference"]["early_stop_outlook"]))
+    print(f"runs: {out}")
     if args.json:
         atomic_write_json(res, args.json)
         print(f"wrote {args.json}")

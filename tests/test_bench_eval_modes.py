@@ -10,6 +10,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tiny_eval import MODEL_FLAGS, make_run
@@ -95,6 +96,48 @@ def test_patience_one_stops_early_and_the_difference_is_measured(result):
     assert row["steps_run_mean"] < STEPS
     assert row["max_abs_div_diff"] > 0  # the held tail after the stop differs from the full curves
     assert row["same_t_e"] < 1.0  # this seeded run has later, higher peaks than the first local one
+
+
+def test_early_stop_outlook_predicts_the_steps_each_early_stop_ran(result):
+    res = result[0]
+    outlook = res["reference"]["early_stop_outlook"]
+    assert outlook["forward_steps"] == STEPS and set(outlook["patience"]) == {"1", str(STEPS)}
+    assert 0.0 <= outlook["peak_at_last_step"] <= 1.0
+    assert outlook["latest_t_e"]["min"] <= outlook["latest_t_e"]["median"] <= outlook["latest_t_e"]["max"]
+    for k in (1, STEPS):
+        row, pred = res["modes"][f"early_stop_{k}"], outlook["patience"][str(k)]
+        assert row["predicted_steps_run_mean"] == row["steps_run_mean"], k
+        assert pred["solo_steps_mean"] <= pred["batched_steps_mean"]
+    assert outlook["patience"][str(STEPS)]["solo_steps_mean"] == STEPS
+
+
+def test_early_stop_outlook_on_known_curves():
+    steps, peaks = 10, np.array([0, 9, 0, 0, 3])  # slice i's M_t rises to step peaks[i], then falls
+    t = np.arange(steps)
+    div = np.zeros((5, 1, steps, 2), dtype=np.float32)
+    div[:, 0, :, 0] = -t  # modality 0 peaks at step 0
+    div[:, 0, :, 1] = -np.abs(t[None] - peaks[:, None])
+    perm = np.array([3, 0, 4, 1, 2])  # the arrays' row order does not matter, only their index
+    outlook = _bench().early_stop_outlook
+    out = outlook(perm, div[perm], [2], batch_size=3, world_size=1)
+    assert out["forward_steps"] == steps and out["peak_at_last_step"] == 0.2
+    assert out["latest_t_e"] == {"min": 0, "median": 0.0, "max": 9}
+    # K = 2: a slice peaking at p stops after the first check t >= p + 2 with (t + 1) even: 4, 10, 4, 4, 6
+    assert out["patience"]["2"]["solo_steps_mean"] == 5.6
+    assert out["patience"]["2"]["batched_steps_mean"] == (3 * 10 + 2 * 6) / 5  # batches {0, 1, 2}, {3, 4}
+    two = outlook(perm, div[perm], [2], batch_size=3, world_size=2)  # ranks: {0, 2, 4} and {1, 3}
+    assert two["patience"]["2"]["batched_steps_mean"] == (3 * 6 + 2 * 10) / 5
+
+
+def test_early_stop_outlook_stops_at_a_plateau_before_a_later_peak():
+    curve = np.array([1.0, 0.5, 0.5, 0.5, 2.0, 0.0, 0.0, 0.0], dtype=np.float32)  # peak 4, plateau before
+    div = curve[None, None, :, None]
+    ends = _bench().running_end_steps(div)
+    assert ends.tolist() == [[[0, 0, 0, 0, 4, 4, 4, 4]]]
+    out = _bench().early_stop_outlook(np.array([0]), div, [2, 5], batch_size=1)
+    assert out["latest_t_e"]["max"] == 4 and out["peak_at_last_step"] == 0.0
+    assert out["patience"]["2"]["solo_steps_mean"] == 4  # settled at t = 3 (3 steps past t = 0): t_e lost
+    assert out["patience"]["5"]["solo_steps_mean"] == 8  # the check at t = 4 sees the new peak
 
 
 def test_bf16_runs_in_bf16_with_the_reference_calibration(result):
