@@ -48,6 +48,7 @@ import torch
 
 from guided_diffusion import dist_util, translation
 from guided_diffusion.calibration import load_calibrations, save_calibrations
+from guided_diffusion.data.brats import ShardSampler
 from guided_diffusion.io_util import atomic_write_json
 
 MODE_FLAGS: dict[str, dict[str, str]] = {
@@ -189,8 +190,8 @@ def early_stop_outlook(index: np.ndarray, div: np.ndarray, patience: list[int], 
     """Where the reference's full M_t curves peak, and the steps ``--early_stop_patience K`` runs on them.
 
     Args:
-        index: [N] test-slice indices of the arrays (rank r of W evaluated indices r, r + W, ... in order,
-            in batches of ``batch_size``: the eval loader's order).
+        index: [N] test-slice indices 0 .. N-1 of the arrays' rows, in any order (each rank evaluated its
+            ShardSampler's indices in batches of ``batch_size``: the eval loader's order).
         div: [N, nW, S, M] M_t of every w of the pass and modality over all S steps (fp32, no early stop).
         patience: the K values; batch_size / world_size: the test loop's.
     Returns: forward_steps S; ``peak_at_last_step``: fraction of slices whose latest t_e (over w and
@@ -202,20 +203,22 @@ def early_stop_outlook(index: np.ndarray, div: np.ndarray, patience: list[int], 
     reference's (fp32 on the same slices).
     """
     n, _, steps, _ = div.shape
-    peak = div.argmax(axis=2).reshape(n, -1).max(axis=1)
+    ends = running_end_steps(div)
+    peak = ends[..., -1].max(axis=1)  # the full curves' t_e, latest over w and modality
     out: dict[str, Any] = {
         "forward_steps": int(steps),
         "peak_at_last_step": float(np.mean(peak == steps - 1)),
         "latest_t_e": {"min": int(peak.min()), "median": float(np.median(peak)), "max": int(peak.max())},
         "patience": {},
     }
-    ends = running_end_steps(div)
-    order = np.argsort(index, kind="stable")
+    row_of = {int(i): r for r, i in enumerate(index)}
+    if sorted(row_of) != list(range(n)):
+        raise ValueError(f"index must hold each test slice 0 .. {n - 1} once (the arrays' rows), got {index}")
+    shards = [[row_of[i] for i in ShardSampler(n, world_size, rank)] for rank in range(world_size)]
     for k in patience:
         settled = (np.arange(steps) - ends >= k).all(axis=1)  # [N, S]
         batched = np.empty(n, dtype=np.int64)
-        for rank in range(world_size):
-            mine = order[index[order] % world_size == rank]
+        for mine in shards:
             for start in range(0, len(mine), batch_size):
                 chunk = mine[start : start + batch_size]
                 batched[chunk] = _steps_until_settled(settled[chunk].all(axis=0), k)
@@ -280,7 +283,7 @@ def benchmark(argv: list[str], modes: list[str], out: str, repeats: int = 1) -> 
             runs[mode].append(metrics)
     rows = {m: ({"mode": m, "skipped": skipped[m]} if m in skipped else mode_row(m, runs[m], ref, ref_arrays))
             for m in modes}
-    ks = sorted({int(m.rsplit("_", 1)[1]) for m in modes if m.startswith("early_stop_")})
+    ks = sorted({int(mode_flags(m)["early_stop_patience"]) for m in modes} - {0})
     timing = ref["run"]["timing"]
     outlook = early_stop_outlook(ref_arrays["index"], ref_arrays["div"], ks, int(timing["batch_size"]),
                                  len(timing["per_rank"]))

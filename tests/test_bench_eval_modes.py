@@ -127,6 +127,8 @@ def test_early_stop_outlook_on_known_curves():
     assert out["patience"]["2"]["batched_steps_mean"] == (3 * 10 + 2 * 6) / 5  # batches {0, 1, 2}, {3, 4}
     two = outlook(perm, div[perm], [2], batch_size=3, world_size=2)  # ranks: {0, 2, 4} and {1, 3}
     assert two["patience"]["2"]["batched_steps_mean"] == (3 * 6 + 2 * 10) / 5
+    with pytest.raises(ValueError, match="each test slice"):
+        outlook(perm + 1, div[perm], [2], batch_size=3)
 
 
 def test_early_stop_outlook_stops_at_a_plateau_before_a_later_peak():
