@@ -39,6 +39,7 @@ import argparse
 import math
 import os
 import statistics
+import sys
 import tempfile
 import time
 from typing import Any
@@ -48,6 +49,7 @@ import torch
 
 from guided_diffusion import dist_util, translation
 from guided_diffusion.calibration import load_calibrations, save_calibrations
+from guided_diffusion.cli import run_cli
 from guided_diffusion.data.brats import ShardSampler
 from guided_diffusion.io_util import atomic_write_json
 
@@ -383,4 +385,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -61,6 +61,7 @@ from typing import Any
 import torch
 
 from guided_diffusion.anofpdm import run_forward_process
+from guided_diffusion.cli import run_cli
 from guided_diffusion.io_util import atomic_write_json
 from guided_diffusion.measure import device_description
 from guided_diffusion.precision import compile_mode, maybe_compile
@@ -421,4 +422,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

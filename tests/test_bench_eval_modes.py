@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -175,3 +177,12 @@ def test_bad_arguments_are_refused(tmp_path):
     (tmp_path / "x").write_text("")
     with pytest.raises(ValueError, match="not empty"):
         bench.main(["--model_dir", "m", "--data_dir", "d", "--out", str(tmp_path)])
+
+
+def test_bad_value_on_the_command_line_is_one_line_exit_2(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_eval_modes.py"), "--model_dir", str(tmp_path),
+           "--data_dir", str(tmp_path), "--patience", "0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2
+    assert "--patience must list integers >= 1" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

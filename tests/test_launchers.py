@@ -149,6 +149,10 @@ def test_bench_inference_tiny(tmp_path, run_script):
     assert math.isnan(peak) or peak >= 0
     bad = run_script("benchmarks/bench_inference.py", "--config", "huge", check=False)
     assert bad.returncode == 2 and "huge" in bad.stderr
+    zero = run_script("benchmarks/bench_inference.py", "--repeats", "0", check=False)
+    assert zero.returncode == 2 and "Traceback" not in zero.stderr
+    lines = zero.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--repeats, --batch and --forward_steps must be >= 1" in lines[0]
 
 
 def test_bench_inference_precision_and_early_stop_modes(tmp_path, run_script):
