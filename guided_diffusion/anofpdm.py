@@ -289,6 +289,16 @@ def forward_result_from_stacks(
     return acc.result([float(w) for w in ws], mods, 0, [])
 
 
+def select_channels(x: Tensor, channels: Sequence[int]) -> Tensor:
+    """x[:, channels] for x [B, C, ...] built from slices, with no index tensor.
+
+    Indexing with a Python list makes a host index tensor that CUDA must upload (a blocking copy, one
+    per call); narrow slices joined by one ``cat`` stay on the device. Same values as ``x[:, channels]``.
+    """
+    parts = [x.narrow(1, int(c), 1) for c in channels]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
 def _check_args(
     model: Callable,
     diffusion,
@@ -410,7 +420,7 @@ def run_forward_process(
         diffusion, forward_steps, ws, sam_mode=sam_mode, legacy_schedule=legacy_gradient_schedule
     )
     acc = _OnlineAccumulator(
-        x0[:, modality],
+        select_channels(x0, modality),
         len(ws),
         forward_steps,
         subset_interval,
@@ -465,9 +475,9 @@ def run_forward_process(
             eps_y, eps_n = eps[:b], eps[b : 2 * b]
             eps_next = eps[2 * b :] if nxt else None
             eps_u = eps_n if ugp == "null" else eps_y
-        xm, ey, en = x[:, modality], eps_y[:, modality], eps_n[:, modality]
+        xm, ey, en = (select_channels(v, modality) for v in (x, eps_y, eps_n))
         hgp = torch.stack([x0_pred(xm, tt, guided_eps(ey, en, w)) for w in ws], dim=1)
-        acc.update(t, hgp, x0_pred(xm, tt, eps_u[:, modality]))
+        acc.update(t, hgp, x0_pred(xm, tt, select_channels(eps_u, modality)))
         if early_stop_patience and (t + 1) % early_stop_patience == 0 and acc.settled(t, early_stop_patience):
             acc.hold_from(t + 1)
             break

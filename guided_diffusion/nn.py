@@ -92,6 +92,20 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     return emb
 
 
+def attention_channels_first(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(qᵀk / √d) v for q [B, heads, d, Tq], k and v [B, heads, d, Tk] -> [B, heads, Tq, d].
+
+    On an accelerator the tokens-first views are made contiguous first: the fused (flash, memory-efficient)
+    kernels need the last dimension contiguous, and the math kernel they otherwise fall back to computes
+    bf16 in fp32 (measured on an H200, [128, 4, 1024, 64]: 8.3 ms strided vs 0.36 ms contiguous in bf16;
+    see docs/speed.md). On the CPU the strided call is kept, so CPU results stay bit for bit as pinned.
+    """
+    q, k, v = (z.transpose(-1, -2) for z in (q, k, v))
+    if q.device.type != "cpu":
+        q, k, v = (z.contiguous() for z in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v)
+
+
 def checkpoint(func: Callable[..., Any], *args: Any, enabled: bool) -> Any:
     """Run ``func(*args)``, recomputing its activations in the backward pass when ``enabled`` and
     gradients are on (torch.utils.checkpoint, non-reentrant, RNG state preserved for dropout)."""

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .nn import (
+    attention_channels_first,
     avg_pool_nd,
     checkpoint,
     checks_on_host,
@@ -229,7 +230,7 @@ class AttentionBlock(nn.Module):
             k = torch.cat([ek, k], dim=-1)
             v = torch.cat([ev, v], dim=-1)
         # softmax(q^T k / sqrt(d)) v, on [B, heads, tokens, d]
-        a = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        a = attention_channels_first(q, k, v)
         a = a.transpose(-1, -2).reshape(b, c, -1)
         return (xf + self.proj_out(a)).reshape(b, c, *spatial)
 

@@ -17,7 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nn import checks_on_host, conv_nd, linear, normalization, timestep_embedding, zero_module
+from .nn import (
+    attention_channels_first,
+    checks_on_host,
+    conv_nd,
+    linear,
+    normalization,
+    timestep_embedding,
+    zero_module,
+)
 from .registry import register_model
 from .unet import (
     AttentionBlock,
@@ -46,7 +54,7 @@ class AttentionBlockV1(AttentionBlock):
         xf = x.reshape(b, c, -1)
         q, k, v = (z.reshape(b, self.num_heads, c // self.num_heads, -1)
                    for z in self.qkv(self.norm(xf)).chunk(3, dim=1))
-        a = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        a = attention_channels_first(q, k, v)
         a = a.transpose(-1, -2).reshape(b, c, -1)
         return (xf + self.proj_out(a)).reshape(b, c, *spatial)
 

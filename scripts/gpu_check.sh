@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-command GPU check for issue 11 (one H100/H200, no network; the stage limits add up to 8 minutes):
+# One-command GPU check for issue 11 (one H100/H200, no network; the stage limits add up to 11 minutes):
 #   1. env              torch / CUDA / device, and which optional imports are missing (the rest continues)
 #   2. pytest_cuda      pytest -m cuda tests/test_cuda.py (fp16/bf16 steps, forward process without host
 #                       synchronisation, CPU-vs-CUDA anomaly maps, NCCL single rank)
@@ -7,6 +7,9 @@
 #                       fp32 eager, bf16, fp16, bf16 + torch.compile (CUDA graphs) and early stop side by
 #                       side: speed-up over fp32, max |dM_t|, identical t_e, identical mask pixels
 #   4. inference_hae_v2 the same for HAE V2 (fp32 eager and bf16 + compile): its cost relative to v2
+#   4b. profile         benchmarks/profile_step.py: one forward step's network call (2 x INFER_BATCH samples)
+#                       for v2 and HAE V2 in fp32, bf16 and bf16 + channels_last: time, achieved TFLOP/s and
+#                       torch.profiler's top kernels grouped by kind (where the time goes)
 #   5. train            benchmarks/bench_train.py, BraTS config, batch 14, v2 and hae_v2: bf16 eager (the
 #                       issue's baseline), + channels_last, and the training library's own step
 #                       (TrainLoop: EMA, label dropout, logging) with bf16 + channels_last + compile; and
@@ -21,6 +24,8 @@
 # Prints a summary table. Exit status: 0 all stages ran, 1 some stage failed (details in the JSON), 2 the
 # summary itself failed. A target that is missed is a result, not a failure.
 #
+# GPU_CHECK_ONLY="pytest_cuda profile ...": run only the stages named (a rerun of what failed); the others are
+# recorded as skipped and do not count against "ok".
 # GPU_CHECK_DRY_RUN=1: tiny configs on CPU, no compile (checks the script itself in about a minute; used by
 # the tests). PYTHON=...: interpreter (default: python3). FAST_MODE: the bench_inference mode the targets
 # judge (default bf16_compile; bf16 in the dry run).
@@ -44,6 +49,10 @@ run_stage() {
     local name="$1" limit="$2"
     shift 2
     local t0 t1 rc
+    if [ -n "${GPU_CHECK_ONLY:-}" ] && [[ " $GPU_CHECK_ONLY " != *" $name "* ]]; then
+        echo "== $name (skipped: not in GPU_CHECK_ONLY)"
+        return 0
+    fi
     echo "== $name"
     t0=$(date +%s.%N)
     if [ "$have_timeout" = 1 ]; then
@@ -108,11 +117,20 @@ else
     run_stage inference_v2 120 "$PY" benchmarks/bench_inference.py --config brats --device cuda \
         --batch "${INFER_BATCH:-64}" --forward_steps "$STEPS" --repeats 2 --patience 3 \
         --modes faithful bf16 fp16 "$FAST" early_stop --json "$STAGES/inference_v2.json"
-    run_stage inference_hae_v2 70 "$PY" benchmarks/bench_inference.py --config brats --device cuda \
+    run_stage inference_hae_v2 150 "$PY" benchmarks/bench_inference.py --config brats --device cuda \
         --unet_ver hae_v2 --batch "${INFER_BATCH:-64}" --forward_steps "$STEPS" --repeats 2 \
         --modes faithful "$FAST" --json "$STAGES/inference_hae_v2.json"
 fi
 export FAST
+
+# ------------------------------------------------------------------------------------------- 4b. profile
+if [ "$DRY" = 1 ]; then
+    run_stage profile 60 "$PY" benchmarks/profile_step.py --config tiny --device cpu --batch 1 --reps 1 \
+        --warmup 0 --threads 1 --models v2 hae_v2 --json "$STAGES/profile.json"
+else
+    run_stage profile 90 "$PY" benchmarks/profile_step.py --config brats --device cuda \
+        --batch "${INFER_BATCH:-64}" --models v2 hae_v2 --attention_layouts --json "$STAGES/profile.json"
+fi
 
 # ------------------------------------------------------------------------------------------- 5. train
 SYNTH="$OUT_DIR/synth_data"
@@ -201,13 +219,18 @@ fi
 "$PY" - "$OUT_DIR" <<'PY'
 import json, math, os, sys
 
-STAGE_NAMES = ("env", "pytest_cuda", "inference_v2", "inference_hae_v2", "train", "translation", "bench_models")
+STAGE_NAMES = ("env", "pytest_cuda", "inference_v2", "inference_hae_v2", "profile", "train", "translation",
+               "bench_models")
 out_dir = sys.argv[1]
 stages_dir = os.path.join(out_dir, "stages")
 fast = os.environ.get("FAST", "bf16_compile")
 report = {"dry_run": os.environ["GPU_CHECK_DRY_RUN"] == "1", "fast_mode": fast, "stages": {}}
+only = os.environ.get("GPU_CHECK_ONLY", "").split()
+report["only"] = only or None
 for name in STAGE_NAMES:
     entry = {"rc": None, "seconds": None, "ok": False}
+    if only and name not in only:
+        entry["skipped"] = True
     status = os.path.join(stages_dir, f"{name}.status")
     if os.path.exists(status):
         entry.update(json.load(open(status)))
@@ -226,7 +249,7 @@ for name in STAGE_NAMES:
             lines = [ln for ln in text.splitlines() if " passed" in ln or " failed" in ln or " skipped" in ln]
             entry["summary"] = lines[-1].strip("= ") if lines else None
     report["stages"][name] = entry
-report["ok"] = all(e["ok"] for e in report["stages"].values())
+report["ok"] = all(e["ok"] for e in report["stages"].values() if not e.get("skipped"))
 
 
 def result(name):
@@ -300,6 +323,9 @@ for name, e in report["stages"].items():
     elif name == "train":
         info = "; ".join(f"{x['model']} {x['mode']} {x['images_per_s']:.1f} img/s" for x in r.get("train", []))
         info += f"; loader {num(loader, '.1f')} img/s"
+    elif name == "profile":
+        info = "; ".join(f"{x['model']} {x['variant']} {1e3 * x['seconds_per_call']:.0f} ms/call "
+                         f"{x['achieved_tflops']:.0f} TFLOP/s" for x in r.get("rows", []))
     elif name == "bench_models":
         t = r.get("time_s", {})
         info = "; ".join(f"{m} fwd {1e3 * v['fwd']:.1f} ms, fwd+bwd {1e3 * v['fwd_bwd']:.1f} ms" for m, v in t.items())

@@ -13,7 +13,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
-STAGES = ("env", "pytest_cuda", "inference_v2", "inference_hae_v2", "train", "translation", "bench_models")
+STAGES = ("env", "pytest_cuda", "inference_v2", "inference_hae_v2", "profile", "train", "translation",
+          "bench_models")
 
 
 def _env(out: Path, **extra: str) -> dict:
@@ -79,3 +80,21 @@ def test_dry_run_writes_one_json(tmp_path):
     assert set(figures["inference_v2_warmup_s"]) == set(modes) and all(
         v > 0 for v in figures["inference_v2_warmup_s"].values())
     assert "stage" in res.stdout and "targets (bf16)" in res.stdout and "gpu_check.json" in res.stdout
+    profile = stages["profile"]
+    assert [(r["model"], r["variant"]) for r in profile["rows"]] == [
+        (m, v) for m in ("v2", "hae_v2") for v in ("fp32", "bf16", "bf16_cl")]
+    for row in profile["rows"]:
+        assert row["seconds_per_call"] > 0 and row["gflops_per_image"] > 0 and row["top_kernels"]
+        assert abs(sum(row["share_by_kind"].values()) - 1.0) < 1e-3
+
+
+def test_only_reruns_the_named_stages(tmp_path):
+    """GPU_CHECK_ONLY runs the stages named; the others are recorded as skipped and do not fail "ok"."""
+    res = subprocess.run(["bash", str(SCRIPT)], env=_env(tmp_path, GPU_CHECK_ONLY="env"), capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["ok"] is True and report["only"] == ["env"]
+    assert report["stages"]["env"]["rc"] == 0 and "skipped" not in report["stages"]["env"]
+    assert all(report["stages"][s].get("skipped") and report["stages"][s]["rc"] is None
+               for s in STAGES if s != "env")

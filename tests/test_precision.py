@@ -179,6 +179,7 @@ def test_forward_process_step_loop_never_reads_device_values(ver, variant):
     device value in the step loop (``.item()``, ``int(t.max())``, ``bool(mask.any())``, ``.cpu()``) would
     raise there. On CUDA that same read is a host-device synchronisation per step (issue 11), and so is
     a blocking host-to-device copy (a schedule or timestep map moved per call): those are recorded."""
+    from torch.overrides import TorchFunctionMode
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from guided_diffusion import script_util as su
@@ -203,6 +204,21 @@ def test_forward_process_step_loop_never_reads_device_values(ver, variant):
                     self.seen.append(tuple(args[1].shape))
             return func(*args, **kwargs)
 
+    class ListIndexing(TorchFunctionMode):
+        """Records ``x[..., [0, 3]]`` on a device tensor: the list becomes an index tensor that is made
+        on the host and uploaded with a blocking copy, below what a dispatch mode sees."""
+
+        def __init__(self):
+            super().__init__()
+            self.seen: list[object] = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__) and args[0].device.type != "cpu":
+                index = args[1] if isinstance(args[1], tuple) else (args[1],)
+                self.seen += [i for i in index if isinstance(i, list)
+                              or (isinstance(i, torch.Tensor) and i.device.type == "cpu" and i.dim() > 0)]
+            return func(*args, **(kwargs or {}))
+
     model, diffusion = su.create_model_and_diffusion(
         unet_ver=ver, image_size=16, num_channels=16, channel_mult="1,2", attention_resolutions="8",
         num_heads=1, num_res_blocks=1, class_cond=True, num_classes=2, in_channels=4, diffusion_steps=50,
@@ -212,10 +228,11 @@ def test_forward_process_step_loop_never_reads_device_values(ver, variant):
     kw = dict(ws=[1.0, 2.0], modality=[0, 3], forward_steps=6, **variant)
     gens = [torch.Generator().manual_seed(i) for i in range(2)]
     run_forward_process(model, diffusion, x0, generator=gens, **kw)  # first use: tables move to the device
-    with BlockingUploads() as uploads:
+    with BlockingUploads() as uploads, ListIndexing() as list_indexing:
         fr = run_forward_process(model, diffusion, x0, generator=gens, **kw)
     assert fr.div.device.type == "meta" and fr.div.shape == (2, 2, 6, 2) and fr.calls == 6
     assert uploads.seen == []
+    assert list_indexing.seen == []
 
 
 def test_schedule_lookups_are_cached_per_device_and_keep_their_values():

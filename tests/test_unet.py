@@ -387,3 +387,29 @@ def test_timestep_embed_sequential_routing():
     seq = TimestepEmbedSequential(Marker(32), nn.Identity(), AttentionBlock(32, encoder_channels=128))
     out = seq(torch.zeros(1, 32, 2, 2), torch.zeros(1, 128), torch.zeros(1, 128))
     assert torch.allclose(out, torch.ones(1, 32, 2, 2))  # proj_out is zero-initialised
+
+
+def test_attention_channels_first_matches_sdpa_on_cpu_and_runs_contiguous_elsewhere():
+    """On the CPU: bit for bit the strided call the blocks made before (pinned results stay); on another
+    device (meta here) the inputs reach SDPA contiguous in [B, heads, T, d], the layout fused kernels take."""
+    import torch.nn.functional as F
+
+    from guided_diffusion.nn import attention_channels_first
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 8, 24, generator=g) for _ in range(3))  # [B, heads, d, T]
+    want = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+    assert torch.equal(attention_channels_first(q, k, v), want)
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append([a.is_contiguous() for a in args[:3]])
+        return real(*args, **kwargs)
+
+    F.scaled_dot_product_attention = spy
+    try:
+        out = attention_channels_first(*(z.to("meta") for z in (q, k, v)))
+    finally:
+        F.scaled_dot_product_attention = real
+    assert out.shape == (2, 4, 24, 8) and seen == [[True, True, True]]
