@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Parameter counts of the FPDM UNet and the three HAE variants, measured on the meta device.
 
-Prints one table per configuration (the compare config of ``hae_architecture.md`` §4 and the BraTS
+Prints one table per configuration (the compare config of docs/hae.md, 'Parameter counts', and the BraTS
 training config): total parameters, the split into encoder (input_blocks + time/label embeddings),
 middle block, decoder (output_blocks + output head, without the hybrid blocks) and hybrid blocks,
 and the change relative to the FPDM UNet and to HAE Lite.  The seed document's figures are shown

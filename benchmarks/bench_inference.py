@@ -69,7 +69,7 @@ from guided_diffusion.script_util import create_model_and_diffusion
 from guided_diffusion.segmentation import segment
 
 CONFIGS: dict[str, dict[str, Any]] = {
-    # the paper's BraTS network (anofpdm_spec.md 2.1 / 6.2), 128 px, 1000 linear steps
+    # the paper's BraTS network (docs/method.md, 'Paper configuration'), 128 px, 1000 linear steps
     "brats": dict(
         image_size=128,
         num_channels=128,

@@ -38,7 +38,7 @@ from guided_diffusion.script_util import create_model
 
 MODELS = ("v2", "hae", "hae_lite", "hae_v2")
 CONFIGS: dict[str, dict[str, Any]] = {
-    # the BraTS training network (anofpdm_spec.md §2.3), 128 px
+    # the BraTS training network (docs/method.md, 'Network'), 128 px
     "brats": dict(image_size=128, num_channels=128, num_res_blocks=2, channel_mult="1,1,2,3,4",
                   attention_resolutions="32,16,8", num_heads=4, use_scale_shift_norm=True, dropout=0.1,
                   class_cond=True, num_classes=2, in_channels=4, learn_sigma=False, use_hae=True),

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Preprocess BraTS21 (or ATLAS) NIfTI subjects into 2-D slices (spec 1.1).
+# Preprocess BraTS21 (or ATLAS) NIfTI subjects into 2-D slices (docs/method.md, 'Preprocessing').
 # Usage: SOURCE=/path/to/BraTS2021_Training_Data [NAME=brats] [MOD=all] bash config/run_preprocess.sh [extra flags]
 # Extra flags go to scripts/preprocess.py (e.g. --shape 128 --out DIR --mask_resize bilinear).
 set -euo pipefail

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train the classifier-free guided FPDM UNet (unet_ver v2) on preprocessed BraTS slices with the paper's
-# flags (anofpdm_spec.md 6.1). Runs on a laptop (one process, CPU or one GPU) and on a cluster (torchrun).
+# flags (docs/method.md, 'Paper configuration'). Runs on a laptop (one process, CPU or one GPU) and on a cluster (torchrun).
 #
 # Environment overrides:
 #   DATA_DIR     preprocessed data root                          (default ./data/preprocessed_data)

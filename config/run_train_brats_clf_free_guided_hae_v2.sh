@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train the classifier-free guided HAE UNet V2 (unet_ver hae_v2) on preprocessed BraTS slices:
-# config/run_train_brats_clf_free_guided.sh (the paper's flags, anofpdm_spec.md 6.1/6.3, and all its
+# config/run_train_brats_clf_free_guided.sh (the paper's flags, docs/method.md, 'Paper configuration', and all its
 # environment overrides) with --unet_ver hae_v2 --use_hae True --bottleneck_ratio, run through
 # scripts/train_hae_v2.py, with its own defaults:
 #   LOG_DIR           ./logs/clf_free_guided_hae_v2

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # AnoFPDM evaluation of a classifier-free guided FPDM UNet (unet_ver v2) on preprocessed BraTS slices with
-# the paper's flags (anofpdm_spec.md 6.2): calibrate on the validation split, segment the test split, write
-# metrics.json / slices.csv / patients.csv / panels to LOG_DIR. One process (CPU or one GPU) or torchrun.
+# the paper's flags (docs/method.md, 'Paper configuration'): calibrate on the validation split, segment the
+# test split, write metrics.json / slices.csv / patients.csv / panels to LOG_DIR. One process (CPU or one GPU) or torchrun.
 #
 # Environment overrides:
 #   DATA_DIR        preprocessed data root                        (default ./data/preprocessed_data)
@@ -10,7 +10,8 @@
 #   MODEL_NUM       checkpoint step; empty = newest               (default 210000)
 #   EMA / EMA_RATE  evaluate the EMA weights ema_<rate>_<step>.pt (default True / 0.9999)
 #   W               guidance strength(s); several, e.g. "1 2 3", are served by one forward pass and the
-#                   primary result is the w chosen by the paper's rule (spec 5.8)      (default 2)
+#                   primary result is the w chosen by the paper's rule                 (default 2)
+#                   (docs/method.md, 'Choosing the guidance strength')
 #   LOG_DIR         output dir, exported as OPENAI_LOGDIR
 #                   (default ./logs/translation_fpdm_<W>_<MODEL_NUM>_600)
 #   BATCH_SIZE / BATCH_SIZE_VAL   test / validation batch size    (default 50 / 50)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # AnoFPDM evaluation of a classifier-free guided HAE UNet V2 (unet_ver hae_v2) on preprocessed BraTS slices:
-# config/run_translation_brats_fpdm.sh (the paper's flags, anofpdm_spec.md 6.2/6.3, and all its
+# config/run_translation_brats_fpdm.sh (the paper's flags, docs/method.md, 'Paper configuration', and all its
 # environment overrides) with --unet_ver hae_v2 --use_hae True --bottleneck_ratio, run through
 # scripts/translation_FPDM_hae_v2.py, with its own defaults:
 #   MODEL_DIR         ./logs/clf_free_guided_hae_v2 (the output of config/run_train_brats_clf_free_guided_hae_v2.sh)

@@ -1,4 +1,4 @@
-"""AnoFPDM forward process (anofpdm_spec.md §3.3) with streaming statistics.
+"""AnoFPDM forward process (docs/method.md, 'Forward process') with streaming statistics.
 
 For every forward step t = 0 .. S-1 the latent x_t is fed to the classifier-free-guided network and
 two clean-image predictions are formed:
@@ -15,8 +15,8 @@ Nothing of size [B, S, M, H, W] is kept by default: per step we record the scala
 ``mse_h``/``mse_null``/``div`` and update the sub-anomaly-map aggregates online (running sum of
 SAM_t = (x̂h0,t - x0)², snapshotted whenever M_t = mean (x̂h0,t - x̂∅0,t)² reaches a new maximum), which is
 exact for t_e = argmax_t M_t. ``sam_mode`` "gradient" / "gradient_para" replaces SAM_t by the guidance
-term (x̂h0,t - x̂∅0,t)² (spec 5.5 step 1 ablation; see gradient_sam.py). Optional stacks: SAMs in float16
-(for t_e_ratio != 1) and float32 x̂ stacks
+term (x̂h0,t - x̂∅0,t)² (docs/method.md, 'Gradient-SAM ablation'; see gradient_sam.py). Optional stacks:
+SAMs in float16 (for t_e_ratio != 1) and float32 x̂ stacks
 (``call_pattern="upstream"`` / ``keep_xstarts``).
 """
 

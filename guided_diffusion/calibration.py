@@ -1,4 +1,5 @@
-"""Validation calibration of AnoFPDM (anofpdm_spec.md §5.3) and guidance selection (§5.8).
+"""Validation calibration of AnoFPDM (docs/method.md, 'Calibration') and guidance selection
+(docs/method.md, 'Choosing the guidance strength').
 
 Only validation images and image-level labels are used (no pixel masks):
 
@@ -316,7 +317,7 @@ def guidance_selection(cals: Mapping[float, Calibration], tolerance: float = 0.9
 
     Returns {"chosen_w", "tolerance", "rule", "table"}; table: one row per w ascending (w, accuracy, n_min,
     n_val, thr_01, diff_max, selected) from calibration.select_guidance (largest w whose validation
-    accuracy >= tolerance * best, spec 5.8).
+    accuracy >= tolerance * best; docs/method.md, 'Choosing the guidance strength').
     """
     chosen, table = select_guidance(cals, tolerance=tolerance)
     logger.log(f"guidance selection (largest w with val accuracy >= {tolerance:g} x best): w={chosen:g}")
@@ -328,7 +329,7 @@ def guidance_selection(cals: Mapping[float, Calibration], tolerance: float = 0.9
     return {
         "chosen_w": chosen,
         "tolerance": float(tolerance),
-        "rule": "largest w whose validation accuracy >= tolerance * best accuracy (anofpdm_spec 5.8)",
+        "rule": "largest w whose validation accuracy >= tolerance * best accuracy (paper §4.2)",
         "table": table,
     }
 

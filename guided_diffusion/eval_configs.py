@@ -47,7 +47,8 @@ class CheckpointConfig(Config):
 
 @dataclasses.dataclass(frozen=True)
 class ForwardConfig(Config):
-    """The forward process (anofpdm_spec.md §5.2): every field changes the calibration statistics."""
+    """The forward process (docs/method.md, 'Forward process'): every field changes the calibration
+    statistics."""
 
     SECTION: ClassVar[str] = "forward"
 
@@ -88,7 +89,7 @@ class ForwardConfig(Config):
 
 @dataclasses.dataclass(frozen=True)
 class SegmentConfig(Config):
-    """Segmentation of the forward statistics (spec §5.4-5.6) and the metrics options."""
+    """Segmentation of the forward statistics (docs/method.md, 'Segmentation') and the metrics options."""
 
     SECTION: ClassVar[str] = "segment"
 
@@ -98,8 +99,9 @@ class SegmentConfig(Config):
     subset_interval: int = setting(-1, "use every N-th step (-1: all)")
     legacy_segmentation: bool = setting(False, "upstream's quantile formula (with --use_gradient_sam also "
                                         "upstream's hard-coded linear schedule for B_t)")
-    use_gradient_sam: bool = setting(False, "ablation (spec 5.5 step 1): SAM_t from the guidance term "
-                                     "(x̂h0 - x̂∅0)² / (B_t² (1 + w)²) instead of (x̂h0 - x0)²")
+    use_gradient_sam: bool = setting(False, "ablation (docs/method.md, 'Gradient-SAM ablation'): SAM_t from "
+                                     "the guidance term (x̂h0 - x̂∅0)² / (B_t² (1 + w)²) instead of "
+                                     "(x̂h0 - x0)²")
     use_gradient_para_sam: bool = setting(False, "with --use_gradient_sam: the guidance term undivided")
     legacy_metrics: bool = setting(False, "also report upstream's running metrics", changes=())
     min_cc_size: int = setting(-1, "drop predicted components of <= this many px; -1: the paper's 40 px at "
@@ -153,7 +155,7 @@ class EvalConfig(Config):
     num_panels: int = setting(8, "PNG panels in panels/", changes=())
     progress: bool = setting(True, "progress bars", changes=())
     selection_tolerance: float = setting(0.99, "several --w: largest w whose validation accuracy >= this "
-                                         "* best (spec 5.8)", changes=())
+                                         "* best (paper §4.2)", changes=())
     compile: bool = setting(False, "torch.compile the network (eager fallback with one logged line where "
                             "unsupported); changes results by float rounding only, so a resume must match it "
                             "but a calibration made without it is reused", changes=(RESULT,))
@@ -239,7 +241,7 @@ def _any(name: str, why: str) -> CompatFlag:
 
 register_compat(
     CompatFlag("d_reverse", field="encoding", convert=_enc, note="True = --encoding ddim, False = ddpm"),
-    _any("null", "the DDIM inversion is always unconditional (spec 8.15)"),
+    _any("null", "the DDIM inversion is always unconditional"),
     _any("use_weighted_sampler", "evaluation reads slices in a fixed order"),
     _any("image_dir", "outputs go to the log dir"),
     _any("name", "the dataset is read from --data_dir"),

@@ -1,6 +1,7 @@
-"""Dataset-level evaluator of AnoFPDM segmentation and classification (spec 5.6, fixes of 8.7-8.9).
+"""Dataset-level evaluator of AnoFPDM segmentation and classification (docs/method.md, 'Metrics').
 
-Dataset-level accumulator (use one instance per t_e_ratio / setting; spec 8.23)
+Dataset-level accumulator (use one instance per t_e_ratio / setting;
+docs/method.md, 'Several end-step ratios')
     ev = SegmentationEvaluator(min_cc_size=40, cc_filter=True, cc_fill_holes=True, fg_threshold=-0.95,
                                score_dtype="float32")
     out = ev.add_batch(pred_mask_gated=..., pred_mask_all=..., anomaly_map=..., gt=..., source=...,
@@ -63,7 +64,7 @@ _SETTINGS_KEYS = ("min_cc_size", "cc_filter", "cc_fill_holes", "fg_threshold", "
 class SegmentationEvaluator:
     """Accumulate per-slice results over a whole split and report dataset-level metrics.
 
-    Setups (spec 5.6 / 7 notes), binary predictions CC-filtered when ``cc_filter``:
+    Setups (docs/method.md, 'Image-level classification'), binary predictions CC-filtered when ``cc_filter``:
       * "mixed": every slice, classification-gated masks ``pred_mask_gated``;
       * "unhealthy": GT-unhealthy slices only (image label == 1), ungated ``pred_mask_all``;
       * "patient": per-patient volume metrics from each patient's stacked (evaluated) slices with the gated

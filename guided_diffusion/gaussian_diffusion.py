@@ -64,7 +64,8 @@ class LossType(enum.Enum):
 
 
 def clamp_to_spatial_quantile(x: Tensor) -> Tensor:
-    """Dynamic clip (spec 3.2 (1)): per sample and channel ``s = max(q_0.99(|x|), 1)``; ``clip(x,-s,s)/s``.
+    """Dynamic clip (docs/method.md, 'Healthy-guided and unguided predictions'): per sample and channel
+    ``s = max(q_0.99(|x|), 1)``; ``clip(x,-s,s)/s``.
 
     x: [B, C, *spatial]; returns the same shape and dtype.
     """

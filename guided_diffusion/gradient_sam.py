@@ -1,4 +1,4 @@
-"""Gradient-SAM ablation of AnoFPDM (anofpdm_spec.md §5.5 step 1, §8.13).
+"""Gradient-SAM ablation of AnoFPDM (docs/method.md, 'Gradient-SAM ablation').
 
 With ``--use_gradient_sam`` the sub-anomaly map SAM_t = (x̂h0,t - x0)² is replaced by the guidance term
 (x̂h0,t - x̂∅0,t)² / (B_t² (1 + w)²), B_t = (1 - ᾱ_t) / sqrt(ᾱ_t) (a rescaled eps_y - eps_null "gradient");
@@ -39,8 +39,8 @@ def gradient_sam_scale(
 ) -> Tensor | None:
     """[S, nW] float32 factors multiplying (x̂h0,t - x̂∅0,t)² into the gradient SAM, or None (default SAMs).
 
-    "gradient": 1 / (B_t² (1 + w)²) with B_t = (1 - ᾱ_t) / sqrt(ᾱ_t) (spec 5.5 step 1), ᾱ_t from the
-    diffusion's own (possibly respaced) schedule at the forward-step indices t (spec 8.13 fix); with
+    "gradient": 1 / (B_t² (1 + w)²) with B_t = (1 - ᾱ_t) / sqrt(ᾱ_t), ᾱ_t from the diffusion's own
+    (possibly respaced) schedule at the forward-step indices t (docs/method.md, 'Gradient-SAM schedule'); with
     ``legacy_schedule`` from upstream's hard-coded linspace(1e-4, 0.02, diffusion_steps) (default: the
     diffusion's original step count), first S entries. "gradient_para": all ones (undivided).
     """

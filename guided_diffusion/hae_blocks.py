@@ -2,7 +2,7 @@
 
 One implementation of the Multi-scale Sparse Transformer Block (MSTB) and of the hybrid
 CNN-Transformer decoder block, parameterised by what differs between the three variants
-(see ``hae_architecture.md`` §2–3):
+(see docs/hae.md, 'Hybrid decoder block'; docs/hae.md, 'Multi-scale sparse attention'):
 
 * regional tokens: per-patch ``Linear(C·p² → C)`` projection (``hae``) or average pooling of the
   shared-1×1-projected map (``hae_lite``/``hae_v2``);
@@ -238,7 +238,7 @@ class MultiScaleSparseTransformerBlockBase(nn.Module):
 
 
 class HybridCNNTransformerBlockBase(TimestepBlock):
-    """Hybrid CNN-Transformer decoder block (``hae_architecture.md`` §2), a ``TimestepBlock``.
+    """Hybrid CNN-Transformer decoder block (docs/hae.md, 'Hybrid decoder block'), a ``TimestepBlock``.
 
     ``z = x + Linear(SiLU(emb))``; CNN branch ``GN→SiLU→conv3×3→GN→SiLU→conv3×3``; transformer
     branch ``MSTB(z)``; fusion (concat → 1×1 conv 2C→C, or average → 1×1 conv C→C, zero-initialised);

@@ -1,4 +1,4 @@
-"""Segmentation and classification metrics for AnoFPDM evaluation (spec 5.6, fixes of spec 8.7-8.9).
+"""Segmentation and classification metrics for AnoFPDM evaluation (docs/method.md, 'Metrics').
 
 Inputs may be numpy arrays or torch tensors (any device); masks may be ``[N, H, W]`` or ``[N, 1, H, W]``
 and are binarised with ``> 0.5`` unless already boolean.  Every function returns plain Python floats /
@@ -32,11 +32,11 @@ Per-sample / pooled building blocks
 
 The dataset-level evaluator is in ``evaluator.py``; the upstream formulas in ``metrics_legacy.py``.
 
-CC filtering: the default (cc_fill_holes=True) removes 8-connected components whose hole-filled area is
-<= min_size (skimage ``area_filled``), as the spec describes.  The upstream code labels each mask as a
-[1, H, W] volume with connectivity=3; in that layout scipy's hole filling never fills anything (every
-voxel touches the z-border), so upstream effectively thresholds the plain ``area``.  The legacy functions
-reproduce that exactly (``fill_holes=False``); the two differ only for ring-shaped components.
+CC filtering: the default (cc_fill_holes=True) removes 8-connected components whose hole-filled area is <=
+min_size (skimage ``area_filled``; docs/method.md, 'Component filter area'). The upstream code labels each
+mask as a [1, H, W] volume with connectivity=3; in that layout scipy's hole filling never fills anything
+(every voxel touches the z-border), so upstream effectively thresholds the plain ``area``. The legacy
+functions reproduce that exactly (``fill_holes=False``); the two differ only for ring-shaped components.
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ def _nan_stat(values: np.ndarray, fn: Callable[[np.ndarray], Any]) -> float:
 # building blocks
 # ----------------------------------------------------------------------------------------------------
 def cc_filter(masks: Any, min_size: int = DEFAULT_MIN_CC_SIZE, fill_holes: bool = True) -> np.ndarray:
-    """Connected-component post-processing (spec 5.6).
+    """Connected-component post-processing (docs/method.md, 'Metrics').
 
     Args:
         masks: binary masks [N, H, W] or [N, 1, H, W].

@@ -1,7 +1,8 @@
 """The upstream AnoFPDM evaluation formulas (scripts/evaluate.py), kept for comparison with the paper
 (``--legacy_metrics``); the correct definitions are in ``metrics.py`` and ``evaluator.py``.
 
-Legacy (upstream scripts/evaluate.py formulas, for comparison with the paper; spec 5.6)
+Legacy (upstream scripts/evaluate.py formulas, for comparison with the paper;
+docs/method.md, 'Per-batch running metrics')
     legacy_batch_metrics(real_mask, recon_mask, source, ano_map, label=None, cc_filter=True, cc_thr=40)
         -> {"dice", "iou", "precision", "recall", "AUC", "AUPRC", "n"}   upstream names: "precision" is
         really recall TP/(TP+FN+1e-6) and "recall" is really precision TP/(TP+FP+1e-6).
@@ -69,7 +70,8 @@ def _legacy_curves(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float
 
 def legacy_batch_metrics(real_mask: Any, recon_mask: Any, source: Any, ano_map: Any, label: Any = None,
                          cc_filter: bool = True, cc_thr: int = DEFAULT_MIN_CC_SIZE) -> dict[str, Any]:
-    """Upstream ``evaluate`` for one batch (spec 5.6), names as upstream.
+    """Upstream ``evaluate`` for one batch, names as upstream
+    (docs/method.md, 'Swapped precision and recall').
 
     Args: real_mask (GT) / recon_mask (prediction) [B,(1,)H,W]; source [B,C,H,W]; ano_map [B,(1,)H,W];
         label [B] or None (if given, only label == 1 samples: the "unhealthy" setup).
@@ -135,7 +137,8 @@ _LEGACY_KEYS = ("dice", "iou", "precision", "recall", "AUC", "AUPRC")
 
 
 class LegacyRunningMetrics:
-    """Upstream ``logging_metrics`` running values (spec 5.6); one instance per t_e_ratio.
+    """Upstream ``logging_metrics`` running values (docs/method.md, 'Per-batch running metrics'); one instance
+    per t_e_ratio.
 
     mixed running value = unweighted mean over batches of the per-batch values (NaN propagates as in
     np.mean); unhealthy running value = sum_b metric_b * n_ano_b / n_ano_total, where batches without

@@ -1,4 +1,5 @@
-"""Evaluation outputs: JSON / CSV / npz / PNG panels + index.html / NIfTI volumes (spec 5.7, 8.23).
+"""Evaluation outputs: JSON / CSV / npz / PNG panels + index.html / NIfTI volumes
+(docs/method.md, 'Evaluation run').
 
 Every file is written atomically through ``guided_diffusion.io_util`` (temp file beside the target, then
 rename); PNG, NIfTI and npz are rendered into memory first.  No pyplot state is used (figures are drawn
@@ -27,12 +28,12 @@ API
         ``{patient}_gt.nii.gz`` when gt is given); slices [S, H, W] placed at z = slice number.
     save_arrays(path, **arrays) -> str           (compressed .npz; ".npz" appended when missing)
 
-NIfTI geometry: the preprocessing (spec 1.1) takes axial slices ``vol[:, :, k]`` of an H0 x W0 x D0 volume
-and resizes each slice to H x W (bilinear, align_corners=False) without cropping.  The output volume has
-shape [H, W, D] with slice k at z index k (D = D0 from meta "shape", else max(slice)+1; slices that were
-not evaluated are 0).  Its affine is the original affine composed with the in-plane resampling:
-voxel i of the resized axis maps to original index (i + 0.5) * H0 / H - 0.5 (same for W), so the voxel
-size grows by H0/H, W0/W while z is unchanged.  Without meta (or without "shape") the affine is the
+NIfTI geometry: the preprocessing (docs/method.md, 'Preprocessing') takes axial slices ``vol[:, :, k]`` of an
+H0 x W0 x D0 volume and resizes each slice to H x W (bilinear, align_corners=False) without cropping. The
+output volume has shape [H, W, D] with slice k at z index k (D = D0 from meta "shape", else max(slice)+1;
+slices that were not evaluated are 0). Its affine is the original affine composed with the in-plane
+resampling: voxel i of the resized axis maps to original index (i + 0.5) * H0 / H - 0.5 (same for W), so the
+voxel size grows by H0/H, W0/W while z is unchanged. Without meta (or without "shape") the affine is the
 original one (or the identity when no affine is known) and is not rescaled.
 """
 

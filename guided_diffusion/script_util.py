@@ -21,7 +21,7 @@ from .registry import MODEL_REGISTRY, register_model
 # re-exported from registry / configs / cli (the guided-diffusion names)
 __all__ = ["MODEL_REGISTRY", "add_dict_to_argparser", "args_to_dict", "register_model", "str2bool"]
 
-# channel_mult chosen from the image size when --channel_mult is empty (anofpdm_spec.md §2.2)
+# channel_mult chosen from the image size when --channel_mult is empty (docs/method.md, 'Model flags')
 DEFAULT_CHANNEL_MULT: dict[int, tuple[float, ...]] = {
     512: (0.5, 1, 1, 2, 2, 4, 4),
     256: (1, 1, 2, 2, 4, 4),
@@ -36,7 +36,7 @@ def diffusion_defaults() -> dict[str, Any]:
 
 
 def model_and_diffusion_defaults() -> dict[str, Any]:
-    """Defaults of every model and diffusion flag (anofpdm_spec.md §2.1, plus the HAE flags)."""
+    """Defaults of every model and diffusion flag (docs/method.md, 'Model flags'; plus the HAE flags)."""
     res = ModelConfig().to_dict()
     # upstream flags still accepted by create_model (refused unless False; use_fp16 is a training flag)
     res.update(resblock_updown=False, use_fp16=False, use_new_attention_order=False)

@@ -1,4 +1,4 @@
-"""AnoFPDM segmentation (anofpdm_spec.md §5.5) from a ForwardResult.
+"""AnoFPDM segmentation (docs/method.md, 'Segmentation') from a ForwardResult.
 
 Per sample: cos = cosine similarity of the modality-averaged MSE sequences (HGP vs UGP); per modality
 t_e = argmax_t M_t, scaled divergence s = clamp(max_t M_t / diff_max, 0, 1), quantile Q[round(100 s)] with
@@ -56,7 +56,8 @@ def cosine_similarity(mse_h: Tensor, mse_null: Tensor) -> Tensor:
 
 def median_filter_5x5(amap: Tensor) -> Tensor:
     """5x5 median filter of [B, C, H, W] maps, padded like upstream's torch F.pad(mode="reflect"): the
-    edge pixel is not repeated (scipy mode="mirror"; spec 5.5 step 5). Same in default and legacy mode."""
+    edge pixel is not repeated (scipy mode="mirror"; docs/method.md, 'Segmentation'). Same in default and
+    legacy mode."""
     arr = amap.detach().cpu().numpy()
     return torch.from_numpy(np.stack([_median_filter(a, size=(1, 5, 5), mode="mirror") for a in arr]))
 
@@ -64,7 +65,8 @@ def median_filter_5x5(amap: Tensor) -> Tensor:
 def quantile_index(s: Tensor, legacy: bool = False) -> Tensor:
     """Index into QUANTILE_GRID for scaled divergences s in [0, 1]: round(100 s), or upstream's
     int(round(s, 2) * 100) when ``legacy``: rounding, product and truncation in float32 as upstream's
-    tensors are (0.53 -> 52, 0.59 -> 58; 0.29, 0.57, 0.58 stay exact; spec 5.5 step 4.2)."""
+    tensors are (0.53 -> 52, 0.59 -> 58; 0.29, 0.57, 0.58 stay exact;
+    docs/method.md, 'Quantile index rounding')."""
     if legacy:
         return (torch.round(s.float(), decimals=2) * 100).to(torch.int64)
     return torch.round(s.double() * 100).to(torch.int64)

@@ -36,7 +36,7 @@ NO_RUN_EFFECT: tuple[str, ...] = ()  # field metadata "changes" for settings tha
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig(Config):
-    """The training flags besides the model and diffusion ones (anofpdm_spec.md §4.1)."""
+    """The training flags besides the model and diffusion ones (docs/method.md, 'Training')."""
 
     SECTION: ClassVar[str] = "train"
 

@@ -1,4 +1,5 @@
-"""AnoFPDM evaluation pipeline behind ``scripts/translation_FPDM.py`` (anofpdm_spec.md §5.1, fixes of §8).
+"""AnoFPDM evaluation pipeline behind ``scripts/translation_FPDM.py`` (docs/method.md, 'Evaluation run';
+upstream differences: docs/method.md, 'Upstream deviations').
 
 Flow: setup_dist -> logger.configure -> model from the flags + checkpoint -> calibration on the validation
 split (or ``--calibration FILE``) -> test split (rank-sharded, deterministic order) -> forward process +
@@ -9,7 +10,8 @@ panels/ (PNG + index.html), nifti/ (``--save_nifti``), arrays/ (``--save_data``)
 
 Several ``--w``: one forward pass serves all of them; the primary setting (top-level metrics, panels, NIfTI)
 is the w chosen by the paper's rule (calibration.select_guidance: largest w whose validation accuracy is
-within ``--selection_tolerance`` (99 %) of the best, spec 5.8), and the selection table is stored in
+within ``--selection_tolerance`` (99 %) of the best; docs/method.md, 'Choosing the guidance strength'),
+and the selection table is stored in
 metrics.json under "guidance_selection". ``scripts/select_guidance.py`` runs the calibration part alone.
 
 Noise: each slice uses its own generator seeded from (seed, split, dataset index), so results do not

@@ -47,7 +47,7 @@ def add_calibration_flags(p: argparse.ArgumentParser, test_split: bool = False) 
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    """The flags of translation_FPDM.py (spec 5.1 with fixes)."""
+    """The flags of translation_FPDM.py (docs/method.md, 'Evaluation run')."""
     p = ArgumentParser(
         description="AnoFPDM anomaly segmentation (forward process of a classifier-free-guided diffusion "
         "model)"
@@ -71,7 +71,8 @@ def parse_run(
     """Parse the flags (and ``--config FILE``) into an EvalRun.
 
     ``overrides`` force model settings of a variant script (e.g. unet_ver=hae_v2); a contradicting value
-    given on the command line is refused. The network is always class-conditional (spec 5.1 step 2).
+    given on the command line is refused. The network is always class-conditional
+    (docs/method.md, 'Evaluation run').
     """
     parser = create_argparser() if test_split else create_selection_argparser()
     classes = [ModelConfig, DiffusionConfig, CheckpointConfig, ForwardConfig, EvalConfig]

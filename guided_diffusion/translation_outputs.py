@@ -34,7 +34,7 @@ from .run_summary import add_run_summary
 from .volume_outputs import merge_patient_rows, volume_section
 
 MODALITY_NAMES = {4: ["FLAIR", "T1", "T1ce", "T2"], 1: ["T1"]}
-PAPER_MIN_CC_SIZE = 40  # px at the paper's 128 x 128 slices (spec 5.6)
+PAPER_MIN_CC_SIZE = 40  # px at the paper's 128 x 128 slices (docs/method.md, 'Metrics')
 PAPER_IMAGE_SIZE = 128
 
 

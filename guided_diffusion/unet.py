@@ -2,7 +2,8 @@
 
 The FPDM network is ``UNetModel(..., resblock_activation=False)``: it reproduces the upstream AnoFPDM
 UNet, including its missing SiLU activations (ResBlock input branch and output head) and the
-classifier-free condition tokens fed to every attention block (anofpdm_spec.md §2.3-2.4).
+classifier-free condition tokens fed to every attention block (docs/method.md, 'Network';
+docs/method.md, 'Classifier-free conditioning').
 """
 
 from __future__ import annotations

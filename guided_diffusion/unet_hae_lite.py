@@ -1,6 +1,6 @@
 """HAE UNet Lite (``unet_ver="hae_lite"``).
 
-Relative to HAE (``hae_architecture.md`` §2–3): a shared 1×1 conv C→C gives the local map, the
+Relative to HAE (docs/hae.md, 'Multi-scale sparse attention'): a shared 1×1 conv C→C gives the local map, the
 regional tokens are its 4×4 and 8×8 average pools (no per-patch Linear), and the branches are fused
 by averaging followed by a 1×1 conv C→C.  The MSTB MLP is the standard ``C → 4C → C``.  Only these
 choices differ from HAE, so the classes below override HAE's class attributes and nothing else.

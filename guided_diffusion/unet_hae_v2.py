@@ -1,6 +1,6 @@
 """HAE UNet V2 (``unet_ver="hae_v2"``): HAE Lite with a bottleneck token MLP.
 
-Differences from HAE Lite (``hae_architecture.md`` §3): the MSTB's MLP is ``BottleneckMLP``
+Differences from HAE Lite (docs/hae.md, 'Bottleneck MLP of HAE V2'): the MSTB's MLP is ``BottleneckMLP``
 (``C → ⌊r·C⌋ → C``, ``bottleneck_ratio`` r ∈ (0, 1], default 0.25) instead of ``C → 4C → C``.
 Everything else (shared 1×1 local projection, average-pooled regional tokens at p = 4, 8, average
 fusion, zero-initialised fusion conv) is the Lite design, implemented once in ``hae_blocks``.

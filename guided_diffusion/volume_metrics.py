@@ -64,10 +64,10 @@ def grid_spacing(affine: Any, original_shape: Sequence[int], new_hw: Sequence[in
                  slice_step: int = 1) -> tuple[float, float, float]:
     """(z, y, x) spacing in mm of the resized slice grid of one patient.
 
-    ``affine`` maps original voxel (i, j, k) to mm with the axial slices along k (spec 1.1); the in-plane
-    axes i, j of size ``original_shape[:2]`` were resized to ``new_hw`` (H rows from i, W columns from j),
-    so their spacing grows by ``H0 / H`` and ``W0 / W``; the slice spacing is the k-column norm times
-    ``slice_step`` (every slice_step-th slice kept).
+    ``affine`` maps original voxel (i, j, k) to mm with the axial slices along k
+    (docs/method.md, 'Preprocessing'); the in-plane axes i, j of size ``original_shape[:2]`` were resized to
+    ``new_hw`` (H rows from i, W columns from j), so their spacing grows by ``H0 / H`` and ``W0 / W``; the
+    slice spacing is the k-column norm times ``slice_step`` (every slice_step-th slice kept).
     """
     a = np.asarray(affine, dtype=np.float64)
     if a.shape != (4, 4) or not np.all(np.isfinite(a)):

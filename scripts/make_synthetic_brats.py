@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Build a synthetic BraTS-like dataset (MNI152-based, offline, deterministic per seed) in the
-preprocessed layout of spec 1.1.
+preprocessed layout of docs/method.md, 'Preprocessing'.
 
 Example: python scripts/make_synthetic_brats.py --out data/synth64 --subjects 20 --seed 0 --image_size 64
-Split: spec rule (random.seed(10), 75/5/20) with at least one subject in val and test.
+Split: the preprocessing rule (random.seed(10), 75/5/20) with at least one subject in val and test.
 Prints (and writes to OUT/dataset_summary.json) the per-split counts and the FLAIR-threshold baseline
 (guided_diffusion/data/flair_baseline.py: best-threshold mean Dice on unhealthy slices, Dice at 0.75,
 pixel AUROC / AUPRC), the score a method must beat on this data.

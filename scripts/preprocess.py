@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Preprocess BraTS21 / ATLAS NIfTI subjects into 2-D slices (spec 1.1).
+"""Preprocess BraTS21 / ATLAS NIfTI subjects into 2-D slices (docs/method.md, 'Preprocessing').
 
 Writes OUT/data_splits/{train,val,test}/scans.csv and OUT/npy_{split}/patient_{id}/slice_{k}.npz
 (x [1, C, S, S] float32 -- upstream float64 --, y [1, 1, S, S] float32) plus meta.json per patient.
@@ -40,7 +40,7 @@ def main(argv=None) -> Path:
         choices=MASK_RESIZE_CHOICES,
         help="area (default): mask resized by area weighting, saved as the soft coverage fraction; "
         "bilinear: upstream behaviour (bilinear soft mask; tiny lesions can vanish at the loader's "
-        "0.5 threshold, spec 8.16)",
+        "0.5 threshold; docs/method.md, 'Lesion masks at low resolution')",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)

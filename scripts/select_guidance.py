@@ -1,6 +1,7 @@
-"""Guidance-strength selection (anofpdm_spec.md §5.8, automated): calibrate every ``--w`` on the validation
-split in ONE forward pass and pick the largest w whose validation accuracy (cosine-rule healthy/unhealthy
-classification) is within ``--selection_tolerance`` (99 %) of the best.
+"""Guidance-strength selection (docs/method.md, 'Choosing the guidance strength'; automated):
+calibrate every ``--w`` on the validation split in ONE forward pass and pick the largest w whose
+validation accuracy (cosine-rule healthy/unhealthy classification) is within ``--selection_tolerance``
+(99 %) of the best.
 
 Writes to the log dir (``--log_dir`` or $OPENAI_LOGDIR), atomically:
   guidance_selection.json  chosen w, the rule, one row per w (accuracy, n_min, n_val, thr_01, diff_max),

@@ -1,6 +1,7 @@
 """AnoFPDM evaluation of an HAE-v2 checkpoint: ``translation_FPDM.py`` with ``--unet_ver hae_v2`` and
-``--use_hae True`` forced (spec 6.3; the upstream fork's script of this name could not run); a
-contradicting ``--unet_ver`` / ``--use_hae`` is refused."""
+``--use_hae True`` forced (the fork's script of this name could not run;
+docs/method.md, 'Fork HAE scripts and attention'); a contradicting ``--unet_ver`` / ``--use_hae`` is
+refused."""
 
 import sys
 

@@ -4,7 +4,8 @@ from pathlib import Path
 
 
 def write_fake_brats(root: Path, channels: int = 2, size: int = 16, patients: int = 2, slices: int = 5):
-    """Minimal preprocessed layout (spec 1.1): npy_train/patient_*/slice_*.npz with x, y."""
+    """Minimal preprocessed layout (docs/method.md, 'Preprocessing'): npy_train/patient_*/slice_*.npz
+    with x, y."""
     import numpy as np
 
     rng = np.random.default_rng(0)

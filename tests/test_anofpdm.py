@@ -317,7 +317,8 @@ def _handmade(divs, h=16, seed=0):
 def test_quantile_index_fixed_vs_legacy():
     s = torch.tensor([0.0, 1.0, 0.29, 0.5])
     assert quantile_index(s).tolist() == [0, 100, 29, 50]
-    # upstream int(round(s, 2) * 100) on float32 tensors (spec 5.5 step 4.2): 0.53 -> 52, 0.59 -> 58,
+    # upstream int(round(s, 2) * 100) on float32 tensors (docs/method.md, 'Quantile index rounding'):
+    # 0.53 -> 52, 0.59 -> 58,
     # while 0.29, 0.57, 0.58 stay exact (a float64 computation would give 28, 56, 57 instead)
     named = torch.tensor([0.29, 0.53, 0.57, 0.58, 0.59])
     assert quantile_index(named, legacy=True).tolist() == [29, 52, 57, 58, 58]
@@ -526,7 +527,7 @@ def test_select_guidance_largest_w_within_one_percent():
     assert [r["selected"] for r in table] == [False, False, True, False]
 
 
-# ------------------------------------------------------ gradient-SAM ablation (spec 5.5 step 1, 8.13)
+# ------------------------------------------ gradient-SAM ablation (docs/method.md, 'Gradient-SAM ablation')
 
 
 def _bt(abar):

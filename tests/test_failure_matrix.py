@@ -108,7 +108,7 @@ def flat_params(model: torch.nn.Module) -> torch.Tensor:
 
 
 def write_slice(path: Path, x: np.ndarray, y: np.ndarray | None = None) -> Path:
-    """One preprocessed slice file (spec 1.1): x [1, C, H, W], y [1, 1, H, W]."""
+    """One preprocessed slice file (docs/method.md, 'Preprocessing'): x [1, C, H, W], y [1, 1, H, W]."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if y is None:
         y = np.zeros((1, 1, *x.shape[2:]), np.float32)

@@ -138,7 +138,8 @@ def test_final_save_exactly_once(tmp_path):
     original = loop.save
     loop.save = lambda: (saves.append(loop.step), original())[1]
     loop.run_loop()
-    assert saves == [3]  # ends on a save step: no duplicate (spec bug 20)
+    # ends on a save step: no duplicate (docs/method.md, 'Training previews and checkpoints')
+    assert saves == [3]
     loop = make_loop(tmp_path / "b", max_steps=4, save_interval=3)
     saves.clear()
     original = loop.save

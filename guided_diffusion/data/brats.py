@@ -1,9 +1,10 @@
-"""Slice dataset and loaders for the preprocessed layout of spec 1.1 (BraTS, ATLAS or synthetic).
+"""Slice dataset and loaders for the preprocessed layout of docs/method.md, 'Preprocessing' (BraTS, ATLAS
+or synthetic).
 
 ``ROOT/npy_{split}/patient_{id}/slice_{k}.npz`` with ``x`` [1, C, H, W] and ``y`` [1, 1, H, W].
-Per slice (spec 1.2): ``gt = (y > 0.5)``, ``lab = any(gt)``, every channel of ``x`` min-max rescaled to
-[-1, 1] on its own. Subjects are sorted, then shuffled with ``random.Random(seed)``; slices of a subject
-are sorted by their number.
+Per slice (docs/method.md, 'Loading and labels'): ``gt = (y > 0.5)``, ``lab = any(gt)``, every channel
+of ``x`` min-max rescaled to [-1, 1] on its own. Subjects are sorted, then shuffled with
+``random.Random(seed)``; slices of a subject are sorted by their number.
 """
 
 from __future__ import annotations
@@ -132,12 +133,13 @@ class BrainDataset(Dataset):
     Args:
         data_dir: preprocessed root; split: "train", "val" or "test".
         mixed: True = every slice of the first ``num_mix`` subjects (default all); False = healthy-only
-            selection of spec 1.2 (needs ``n_unhealthy_patients`` or ``n_healthy_patients`` != -1).
+            selection of docs/method.md, 'Loading and labels' (needs ``n_unhealthy_patients`` or
+            ``n_healthy_patients`` != -1).
         ret_lab: train split only: return ``(x, {"y": lab})`` instead of ``(x, {})``.
         n_unhealthy_patients / n_healthy_patients: subject counts for mixed=False (-1 = all / all remaining).
         num_mix: number of subjects for mixed=True (None = all); seed: subject shuffle seed.
         in_channels: expected channel count (checked on every read; None = not checked).
-        skip_healthy_s_in_unhealthy / skip_unhealthy_s_in_healthy: spec 1.2 filters for mixed=False.
+        skip_healthy_s_in_unhealthy / skip_unhealthy_s_in_healthy: the mixed=False filters (same section).
     Items: train ``(x, {"y": lab})`` / ``(x, {})``; val, test ``(x, gt, lab)`` with x float32 [C, H, W] in
     [-1, 1], gt float32 [1, H, W], lab int.
     """
@@ -164,8 +166,8 @@ class BrainDataset(Dataset):
         split_dir = root / f"npy_{split}"
         if not split_dir.is_dir():
             raise FileNotFoundError(
-                f"split folder {split_dir} is missing (expected the layout of spec 1.1 under "
-                f"{root}); {SYNTHETIC_HINT}"
+                f"split folder {split_dir} is missing (expected the layout of "
+                f"docs/method.md, 'Preprocessing', under {root}); {SYNTHETIC_HINT}"
             )
         patients = sorted(p for p in split_dir.iterdir() if p.is_dir() and p.name.startswith("patient_"))
         if not patients:

@@ -3,7 +3,8 @@
 Definition used here (and reported by the synthetic generator for every dataset it writes):
 
 * every slice of the split is read through the loader (:class:`guided_diffusion.data.brats.BrainDataset`,
-  spec 1.2: per-slice min-max of each channel) and its FLAIR channel mapped back to [0, 1];
+  docs/method.md, 'Loading and labels': per-slice min-max of each channel) and its FLAIR channel mapped
+  back to [0, 1];
   ground truth is the loader's ``y > 0.5``;
 * the prediction at threshold ``t`` is ``flair > t``; one global ``t`` is chosen on the split from the grid
   ``0, 1/steps, ..., 1`` to maximise the **mean Dice over the unhealthy slices** (slices with a lesion
@@ -85,7 +86,7 @@ def flair_threshold_baseline(
     """FLAIR-threshold baseline of one split (see the module docstring for the exact definition).
 
     Args:
-        data_dir: preprocessed root (spec 1.1 layout); split: "train", "val" or "test";
+        data_dir: preprocessed root (docs/method.md, 'Preprocessing'); split: "train", "val" or "test";
         channel: FLAIR channel index (None = from meta.json ``modalities``);
         steps: threshold grid resolution on [0, 1]; bins: histogram bins for AUROC / AUPRC beyond
         ``max_exact`` foreground pixels (exact scikit-learn values below).

@@ -1,4 +1,4 @@
-"""BraTS21 / ATLAS NIfTI volumes -> the 2-D slice layout of spec 1.1.
+"""BraTS21 / ATLAS NIfTI volumes -> the 2-D slice layout of docs/method.md, 'Preprocessing'.
 
 Output layout (``R`` = output root)::
 
@@ -8,15 +8,17 @@ Output layout (``R`` = output root)::
 
 Differences from upstream (all documented, none changes the network input):
 
-* ``x`` is computed and stored as float32 (upstream float64; spec 8.28). The loader rescales every slice.
+* ``x`` is computed and stored as float32 (upstream float64;
+  docs/method.md, 'Stored images and subject folders'). The loader rescales every slice.
 * The mask is resized with area weighting by default (soft coverage fraction in [0, 1]);
-  ``mask_resize="bilinear"`` reproduces upstream (spec 8.16).
-* Only directories of ``source`` are subjects; stray files are ignored (spec 8.28).
+  ``mask_resize="bilinear"`` reproduces upstream (docs/method.md, 'Lesion masks at low resolution').
+* Only directories of ``source`` are subjects; stray files are ignored
+  (docs/method.md, 'Stored images and subject folders').
 * The split keeps the upstream rule (``random.seed(10)`` shuffle, 75 / 5 / 20) but guarantees at least one
   subject in val and test (identical to upstream for N >= 20, e.g. BraTS21 1251 -> 938 / 62 / 251).
 * Slice numbers ``k`` are indices into the original volume's last axis (also with ``first``/``last``).
 * The 99th-percentile normalisation is kept for fidelity; it is cancelled by the loader's per-slice
-  min-max rescale (spec 8.17) and only affects the brain-slice criterion.
+  min-max rescale (docs/method.md, 'Intensity normalisation') and only affects the brain-slice criterion.
 """
 
 from __future__ import annotations
@@ -77,7 +79,8 @@ def check_subject_files(subject_dir: Path, name: str, mods: Sequence[str]) -> No
 
 
 def list_subjects(source: str | Path) -> list[str]:
-    """Sorted names of the sub-directories of ``source`` (files are ignored, spec 8.28)."""
+    """Sorted names of the sub-directories of ``source`` (files are ignored;
+    docs/method.md, 'Stored images and subject folders')."""
     source = Path(source)
     if not source.is_dir():
         raise FileNotFoundError(
@@ -103,7 +106,8 @@ def split_counts(n: int) -> tuple[int, int, int]:
 
 
 def split_subjects(subjects: Sequence[str], seed: int = 10) -> dict[str, list[str]]:
-    """Reproducible split of spec 1.1: indices 0..N-1 shuffled as ``random.seed(seed); random.shuffle``."""
+    """Reproducible split (docs/method.md, 'Preprocessing'): indices 0..N-1 shuffled as
+    ``random.seed(seed); random.shuffle``."""
     idx = list(range(len(subjects)))
     random.Random(seed).shuffle(idx)
     n_train, n_val, _ = split_counts(len(subjects))
@@ -198,7 +202,7 @@ def process_volumes(
     last: int = 0,
     mask_resize: str = "area",
 ) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
-    """Steps 4-7 of spec 1.1 for one subject.
+    """Steps 2-5 of docs/method.md, 'Preprocessing' for one subject.
 
     Args:
         image: [C, H, W, D] volumes in channel order (computed in float32: exact for BraTS int16 and float32

@@ -32,8 +32,8 @@ skull-stripped BraTS) and goes through the same per-subject pipeline as real dat
 (area coverage > 0.5 after resizing). Everything is deterministic for a given seed: subject ``i`` draws
 from ``numpy.random.default_rng(SeedSequence([seed, i]))``.
 
-Split: the spec's rule (random.seed(10), 75 / 5 / 20) with at least one subject in val and test. In each
-split ``min(n - 1, round(healthy_fraction * n))`` subjects are healthy (no tumour), so every split has
+Split: the preprocessing rule (random.seed(10), 75 / 5 / 20) with at least one subject in val and test. In
+each split ``min(n - 1, round(healthy_fraction * n))`` subjects are healthy (no tumour), so every split has
 unhealthy subjects.
 """
 
@@ -321,7 +321,7 @@ def build_synthetic_dataset(
     style: str = "brats_like",
     baseline: bool = True,
 ) -> dict:
-    """Write a synthetic dataset in the preprocessed layout of spec 1.1 (see module docstring).
+    """Write a synthetic dataset in the layout of docs/method.md, 'Preprocessing' (see module docstring).
 
     Args:
         out: output root; subjects: number of subjects (>= 3); seed: content seed;
