@@ -22,6 +22,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import sys
 import time
@@ -34,14 +35,23 @@ from torch.nn import functional as F
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_inference import CONFIGS  # noqa: E402
+from guided_diffusion.cli import run_cli
+from guided_diffusion.io_util import atomic_write_json
+from guided_diffusion.measure import device_description
+from guided_diffusion.precision import autocast, to_channels_last
+from guided_diffusion.script_util import create_model_and_diffusion
 
-from guided_diffusion.cli import run_cli  # noqa: E402
-from guided_diffusion.io_util import atomic_write_json  # noqa: E402
-from guided_diffusion.measure import device_description  # noqa: E402
-from guided_diffusion.precision import autocast, to_channels_last  # noqa: E402
-from guided_diffusion.script_util import create_model_and_diffusion  # noqa: E402
+
+def _bench_inference_configs() -> dict[str, dict[str, Any]]:
+    """bench_inference's network configurations (the same networks, read from the file beside this one)."""
+    path = Path(__file__).with_name("bench_inference.py")
+    spec = importlib.util.spec_from_file_location("bench_inference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.CONFIGS
+
+
+CONFIGS = _bench_inference_configs()
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "fp32": dict(precision="fp32", channels_last=False),
