@@ -39,7 +39,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .configs import Config, DiffusionConfig, ModelConfig, require, require_finite, setting
+from .configs import RESULT, Config, DiffusionConfig, ModelConfig, require, require_finite, setting
 from .learning_curves_eval import conditioning_strength, denoising_loss, evaluate_checkpoint
 
 __all__ = ["CurvesConfig", "conditioning_strength", "denoising_loss", "evaluate_checkpoint", "main",
@@ -103,7 +103,7 @@ def run_settings(m: ModelConfig, d: DiffusionConfig, t: Any, c: CurvesConfig) ->
     from .train_resume import RUN_CHANGING_TRAIN_KEYS
 
     train = t.to_dict()
-    curves = {k: v for k, v in c.to_dict().items() if k in c.settings("result")}
+    curves = {k: v for k, v in c.to_dict().items() if k in c.settings(RESULT)}
     return json.loads(json.dumps({
         "model": model_config(m, d),
         "diffusion": d.to_dict(),

@@ -32,11 +32,14 @@ def _data(root: Path) -> Path:
     return data
 
 
-def _flags(data: Path, log: Path, max_steps: int = 6, slices: int = 6) -> list[str]:
+def _train_flags(data: Path, log: Path, max_steps: int = 6) -> list[str]:
     return ["--data_dir", str(data), "--log_dir", str(log), *MODEL, "--batch_size", "2", "--max_steps",
             str(max_steps), "--save_interval", "100", "--log_interval", "100", "--threshold", "0.2",
-            "--num_workers", "0", "--lr", "1e-3", "--ema_rate", "0.9", "--eval_every", "3", "--eval_slices",
-            str(slices), *EVAL]
+            "--num_workers", "0", "--lr", "1e-3", "--ema_rate", "0.9", "--dropout", "0.1"]
+
+
+def _flags(data: Path, log: Path, max_steps: int = 6, slices: int = 6) -> list[str]:
+    return [*_train_flags(data, log, max_steps), "--eval_every", "3", "--eval_slices", str(slices), *EVAL]
 
 
 def test_schedule_and_bad_flags(tmp_path, capsys):
@@ -110,6 +113,14 @@ def test_rows_png_resume_and_equal_to_translation(tmp_path, monkeypatch, capsys)
                                 "--timestep_respacing", "10", "--num_slices", "6", "--num_slices_val", "6",
                                 "--batch_size", "4", "--batch_size_val", "4", "--seed", "0", "--progress",
                                 "False", "--num_panels", "0"])
+    # trained in chunks of 3 steps = one uninterrupted scripts/train.py run of 6 steps
+    monkeypatch.undo()
+    assert training.main(_train_flags(data, tmp_path / "plain")) == 0
+    for name in ("model000006.pt", "ema_0.9_000006.pt"):
+        chunked = torch.load(log / name, weights_only=True)
+        plain = torch.load(tmp_path / "plain" / name, weights_only=True)
+        assert chunked.keys() == plain.keys() and all(torch.equal(chunked[k], plain[k]) for k in plain), name
+
     row = curves["rows"][1]
     assert row["w"] == metrics["guidance_selection"]["chosen_w"]
     assert row["calibration"]["thr_01"] == metrics["calibration"][f"{row['w']:g}"]["thr_01"]
