@@ -13,8 +13,9 @@ each counted once per sample row they process; a guided call on a doubled batch 
 * ``cfg_ddim_map`` (Sanchez et al. 2022, DDIB-style): DDIM encoding with the null condition, decoding with
   classifier-free healthy guidance w (one batched call per step). Evaluations = L + 2L = 3L.
 * ``flair_map`` (Meissen et al. 2021): the FLAIR channel min-max normalised per slice to [0, 1]. 0.
-* ``best_threshold``: the threshold maximising mean Dice on validation slices WITH pixel labels. The
-  comparison rows tuned this way (and their L, s, w) use pixel labels; AnoFPDM stays label-free.
+* ``best_threshold``: the threshold maximising the Dice pooled over the UNHEALTHY validation slices WITH
+  pixel labels (an empty prediction scores 0 there, so "predict nothing" cannot win). The comparison rows
+  tuned this way (and their L, s, w) use pixel labels; AnoFPDM stays label-free.
 
 Levels L are counts of steps of ``diffusion`` (its respaced index space, 0 <= L <= num_timesteps).
 Encoding runs indices 0..L-1 and decoding L-1..0 (as upstream's DDIB/Wolleb scripts); L = 0 returns x_0
@@ -34,7 +35,7 @@ from torch import Tensor
 
 from .classifier import classifier_log_prob_grad
 from .gaussian_diffusion import randn_like
-from .metrics import dice_per_sample
+from .metrics import dice_per_sample, pixel_precision_recall
 from .simplex import simplex_noise_like
 
 NOISE_TYPES = ("gaussian", "simplex")
@@ -42,6 +43,8 @@ NOISE_TYPES = ("gaussian", "simplex")
 ANODDPM_LEVELS = {"gaussian": 300, "simplex": 200}
 # rows whose hyper-parameters (L, s or w) and threshold are tuned on validation slices WITH pixel labels
 PIXEL_LABEL_TUNED = ("anoddpm_gaussian", "anoddpm_simplex", "ddim_classifier", "ddim_cfg", "flair")
+# what ``best_threshold`` maximises on the validation slices (see its docstring); the first is the default
+TUNING_OBJECTIVES = ("pooled_unhealthy", "mean_unhealthy")
 
 
 class _CountingModel:
@@ -198,20 +201,32 @@ def flair_map(x: Tensor, flair_channel: int) -> tuple[Tensor, int]:
 
 
 def best_threshold(maps: Any, gt: Any, thresholds: Sequence[float] | int = 101,
-                   lesion_only: bool = False) -> tuple[float, float]:
-    """Grid-search the map threshold with the best mean per-slice Dice (uses PIXEL LABELS).
+                   objective: str = "pooled_unhealthy") -> tuple[float, float]:
+    """Grid-search the map threshold with the best validation Dice over the UNHEALTHY slices (PIXEL LABELS).
 
-    maps / gt [N, 1, H, W] or [N, H, W] (gt binary); thresholds: explicit values, or a count of evenly
-    spaced values between the maps' min and max; lesion_only: average over slices with lesions only
-    (default: all slices, an empty prediction on a healthy slice scoring 1). Returns (threshold, its mean
-    Dice); ties keep the lowest threshold.
+    Why not the mean Dice over all slices (the earlier objective): an empty prediction scores 1 on every
+    healthy slice, so with weak maps a threshold above every map value ("predict nothing") wins with the
+    healthy share as its score and the row gets 0 unhealthy Dice. Over the unhealthy slices only, an empty
+    prediction scores 0, so it can only win when no threshold finds a single lesion pixel.
+
+    objective: "pooled_unhealthy" (default): Dice 2TP / (2TP + FP + FN) of the pixels pooled over the
+    slices with lesions; one ratio of counts, so a few slices with tiny lesions (whose per-slice Dice jumps
+    between 0 and 1) do not steer the threshold, which matters on small validation sets. "mean_unhealthy":
+    the mean per-slice Dice over the slices with lesions (the validation twin of the unhealthy Dice
+    column). maps / gt [N, 1, H, W] or [N, H, W] (gt binary); thresholds: explicit values, or a count of
+    evenly spaced values between the maps' min and max. Returns (threshold, its Dice); ties keep the
+    first grid value. Raises ValueError when gt has no lesion pixel (the objective is undefined).
     """
+    if objective not in TUNING_OBJECTIVES:
+        raise ValueError(f"threshold objective {objective!r}: expected one of {TUNING_OBJECTIVES}")
     m = np.asarray(maps.detach().cpu() if isinstance(maps, Tensor) else maps, dtype=np.float64)
     g = np.asarray(gt.detach().cpu() if isinstance(gt, Tensor) else gt) > 0.5
     if m.shape != g.shape or m.ndim not in (3, 4) or m.size == 0:
         raise ValueError(f"maps {m.shape} and gt {g.shape} must be equal non-empty [N, (1,) H, W] arrays")
-    if lesion_only and not g.any():
-        raise ValueError("best_threshold(lesion_only=True): gt has no lesion pixels")
+    unhealthy = g.reshape(g.shape[0], -1).any(axis=1)
+    if not unhealthy.any():
+        raise ValueError("best_threshold: the validation gt has no lesion pixels, so the unhealthy Dice "
+                         "objective is undefined (use more validation slices)")
     if isinstance(thresholds, (int, np.integer)):
         if thresholds < 2:
             raise ValueError(f"thresholds: need a count >= 2 or explicit values, got {thresholds}")
@@ -220,9 +235,13 @@ def best_threshold(maps: Any, gt: Any, thresholds: Sequence[float] | int = 101,
         grid = np.asarray(list(thresholds), dtype=np.float64)
         if grid.size == 0:
             raise ValueError("thresholds: the list of candidate values is empty")
+    mu, gu = m[unhealthy], g[unhealthy]
     best_t, best_d = float(grid[0]), -1.0
     for thr in grid:
-        d = float(np.nanmean(dice_per_sample(m >= thr, g, lesion_only=lesion_only)))
+        if objective == "pooled_unhealthy":
+            d = float(pixel_precision_recall(mu >= thr, gu)["dice"])
+        else:
+            d = float(np.mean(dice_per_sample(mu >= thr, gu)))
         if d > best_d:
             best_t, best_d = float(thr), d
     return best_t, best_d

@@ -5,10 +5,11 @@ classifier guidance (learn_sigma model + noise-aware classifier), DDIM + classif
 AnoFPDM model), AnoFPDM (DDIM), (DDPM), (DDIM S_te), (DDPM S_te), FLAIR intensity. Models are trained once
 per method (``experiments.train_once``, keyed by their settings) and reused. The comparison rows tune
 (L, s or w, threshold) on validation slices with PIXEL LABELS (table1_methods.tune_method, one "tune_*" row
-per method) and are evaluated in this process; AnoFPDM stays label-free and runs as
-scripts/translation_FPDM.py (its own validation calibration). Every (row, seed) is resumable and never
-reused under other settings (``experiments.run_rows``). Outputs in ``--out``: table1.md / .csv / .json
-(mean ± std over the evaluation seeds), fig4_panel.png, rows/, work/, models/, data/.
+per method; objective: the Dice pooled over the unhealthy validation slices) and are evaluated in this
+process; AnoFPDM stays label-free and runs as scripts/translation_FPDM.py (its own validation calibration).
+Every (row, seed) is resumable and never reused under other settings (``experiments.run_rows``). Outputs
+in ``--out``: table1.md / .csv / .json (mean ± std over the evaluation seeds), fig4_panel.png, rows/,
+work/, models/, data/.
 
 Presets: ``smoke`` (tests; 16 px, 8 channels, a few steps and slices), ``demo`` (the embedded synthetic
 data on a 2-core CPU, 32 px, 16 channels), ``paper`` (BraTS21 or ATLAS v2.0 with ``--dataset atlas``:

@@ -5,8 +5,10 @@ metric code (``data.brats.get_eval_loader``, ``evaluator.SegmentationEvaluator``
 
 * ``tune_method``: the grid of levels L x scales (s for classifier guidance, w for classifier-free
   guidance; a single dummy scale for AnoDDPM and FLAIR) on the first ``num_val`` validation slices; for
-  every grid point the map threshold with the best mean Dice over all (mixed) slices (``methods.
-  best_threshold``, PIXEL LABELS); the point with the best Dice wins (ties: the first in grid order).
+  every grid point the map threshold with the best Dice pooled over the unhealthy validation slices
+  (``methods.best_threshold``, PIXEL LABELS; ``threshold_objective``); the point with the best Dice wins
+  (ties: the first in grid order). Healthy slices do not enter the objective: with them, an empty mask
+  (Dice 1 on each healthy slice) won whenever the maps were weak and the row scored 0 unhealthy Dice.
 * ``evaluate_method``: the tuned (L, scale, threshold) on the test split; mask = map >= threshold,
   connected-component filtered like AnoFPDM's; "mixed" uses the mask on every slice with pred_label =
   "any pixel left" (upstream's ``get_mask_batch`` rule), "unhealthy" the same mask on GT-unhealthy
@@ -54,6 +56,7 @@ class MethodConfig:
     seed: int = 0
     min_cc_size: int = -1
     panel_slices: int = 0
+    threshold_objective: str = methods.TUNING_OBJECTIVES[0]
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -62,6 +65,9 @@ class MethodConfig:
             raise ValueError(f"{self.method}: the levels and scales grids must not be empty")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.threshold_objective not in methods.TUNING_OBJECTIVES:
+            raise ValueError(f"threshold_objective {self.threshold_objective!r}: expected one of "
+                             f"{methods.TUNING_OBJECTIVES}")
 
 
 @dataclasses.dataclass
@@ -155,7 +161,8 @@ def iter_maps(cfg: MethodConfig, models: Models, split: str, level: int, scale: 
 
 
 def tune_method(cfg: MethodConfig, models: Models) -> dict[str, Any]:
-    """Grid search of (level, scale, threshold) on validation slices WITH pixel labels.
+    """Grid search of (level, scale, threshold) on validation slices WITH pixel labels; "val_dice" is the
+    ``cfg.threshold_objective`` Dice (default: pooled over the unhealthy validation slices).
 
     Returns {"level", "scale", "threshold", "val_dice", "grid": [{"level", "scale", "threshold",
     "val_dice"}, ...], "num_val_slices"}."""
@@ -164,7 +171,8 @@ def tune_method(cfg: MethodConfig, models: Models) -> dict[str, Any]:
         for scale in cfg.scales:
             batches = list(iter_maps(cfg, models, "val", int(level), float(scale), cfg.num_val))
             maps = torch.cat([b["maps"] for b in batches])
-            thr, dice = methods.best_threshold(maps, torch.cat([b["gt"] for b in batches]), cfg.thresholds)
+            thr, dice = methods.best_threshold(maps, torch.cat([b["gt"] for b in batches]), cfg.thresholds,
+                                               objective=cfg.threshold_objective)
             point = {"level": int(level), "scale": float(scale), "threshold": thr, "val_dice": dice}
             grid.append(point)
             n = int(maps.shape[0])

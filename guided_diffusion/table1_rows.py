@@ -164,7 +164,8 @@ def panel_and_tables(cfg: Mapping[str, Any], records: list[dict[str, Any]], out:
     agg = ex.aggregate(records, [c.key for c in COLUMNS])
     agg = {display_name(n): v for n, v in agg.items()}
     notes = [f"{PIXEL_MARK.strip()} tuned (L, s or w, threshold) by grid search on validation slices WITH "
-             "pixel labels (best mean Dice over all validation slices); AnoFPDM rows are label-free.",
+             "pixel labels (best Dice pooled over the unhealthy validation slices, so an empty mask cannot "
+             "win); AnoFPDM rows are label-free.",
              "Comparison rows: mask = map >= threshold, connected components as AnoFPDM, a slice is "
              "predicted unhealthy when a pixel is left (mixed); unhealthy = GT-unhealthy slices.",
              "net evals / slice: network (UNet + classifier) calls per test slice, a call on a doubled "

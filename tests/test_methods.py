@@ -12,6 +12,7 @@ from guided_diffusion.classifier import (
     classifier_loss,
     create_classifier,
 )
+from guided_diffusion.metrics import dice_per_sample
 from guided_diffusion.script_util import create_gaussian_diffusion
 from guided_diffusion.unet import UNetModel
 from guided_diffusion.unet_v1 import UNetV1
@@ -159,12 +160,49 @@ def test_best_threshold_recovers_the_separating_value():
     thr, dice = methods.best_threshold(maps, gt, thresholds=51)
     assert 0.25 < thr <= 0.65 and dice == pytest.approx(1.0, abs=1e-6)
     thr2, dice2 = methods.best_threshold(torch.from_numpy(maps), torch.from_numpy(gt), thresholds=[0.1, 0.9])
-    assert thr2 == 0.9 and dice2 < 1.0  # 0.9 predicts nothing: Dice 1 on the 3 healthy slices only
-    assert dice2 == pytest.approx(0.5, abs=1e-3)
-    thr3, dice3 = methods.best_threshold(maps, gt, thresholds=[0.1, 0.9], lesion_only=True)
+    # 0.9 predicts nothing: Dice 0 on the unhealthy slices; 0.1 = all foreground, pooled over the 3 slices
+    assert thr2 == 0.1 and dice2 == pytest.approx(2 * 75 / (3 * 256 + 75), abs=1e-9)
+    thr3, dice3 = methods.best_threshold(maps, gt, thresholds=[0.1, 0.9], objective="mean_unhealthy")
     assert thr3 == 0.1 and dice3 == pytest.approx(50 / 281, abs=1e-3)  # all-foreground: 2*25/(256+25)
     with pytest.raises(ValueError, match="maps"):
         methods.best_threshold(maps[:2], gt)
+
+
+
+def _weak_maps() -> tuple[np.ndarray, np.ndarray]:
+    """6 healthy + 2 unhealthy slices whose maps barely favour the lesion (bright noise spots elsewhere)."""
+    rng = np.random.default_rng(3)
+    gt = np.zeros((8, 1, 16, 16))
+    gt[6:, :, 5:11, 5:11] = 1
+    maps = rng.uniform(0.0, 0.5, gt.shape) + 0.25 * gt
+    maps[:6, :, 0, 0] = 0.9  # a strong false spot on every healthy slice
+    return maps, gt
+
+
+def test_best_threshold_weak_maps_old_objective_predicts_nothing_new_one_segments():
+    """Issue 21 item 6: the mean Dice over ALL slices picks a threshold above every map value (empty masks,
+    unhealthy Dice 0); the pooled unhealthy Dice picks one with non-empty masks and Dice > 0."""
+    maps, gt = _weak_maps()
+    grid = np.linspace(0.0, 1.2 * maps.max(), 61)
+    old = [np.mean(dice_per_sample(maps >= t, gt)) for t in grid]  # the earlier objective, by hand
+    t_old = grid[int(np.argmax(old))]
+    assert t_old > maps.max() and max(old) == pytest.approx(0.75)  # "predict nothing" = the healthy share
+    for objective in methods.TUNING_OBJECTIVES:
+        thr, dice = methods.best_threshold(maps, gt, thresholds=grid, objective=objective)
+        masks = maps >= thr
+        assert thr <= maps.max() and masks[6:].any(), objective
+        unh = dice_per_sample(masks[6:], gt[6:])
+        assert dice > 0.5 and unh.min() > 0.5, (objective, dice, unh)
+    thr, dice = methods.best_threshold(maps, gt)  # the default grid (min..max, 101 values)
+    assert 0.4 < thr <= 0.75 and dice > 0.5
+
+
+def test_best_threshold_refuses_healthy_only_gt_and_unknown_objective():
+    maps, gt = _weak_maps()
+    with pytest.raises(ValueError, match="no lesion pixels"):
+        methods.best_threshold(maps[:6], gt[:6])
+    with pytest.raises(ValueError, match="objective"):
+        methods.best_threshold(maps, gt, objective="mean_all")
 
 
 # ---------------------------------------------------------------- classifier
