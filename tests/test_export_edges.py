@@ -228,3 +228,28 @@ def test_load_pretrained_of_an_untouched_export_is_silent(tmp_path):
         warnings.simplefilter("error")
         _, _, cal = load_pretrained(str(out))
     assert set(cal) == {2.0}
+
+
+def test_load_pretrained_names_the_likely_fields_when_none_is_read_off_the_weights(tmp_path):
+    out = _export_with_cal(tmp_path)
+    cfg_path = _edit(out, "model", "channel_mult", [1, 2, 2])  # more blocks: missing tensors
+    with pytest.raises(ValueError, match=r"fields that probably differ in .*config.json: .*model.channel_mult"
+                                         r".* missing") as err:
+        load_pretrained(str(out))
+    assert str(cfg_path) in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("unet_ver", ["v1", "v2", "hae", "hae_lite", "hae_v2"])
+@pytest.mark.parametrize("learn_sigma, class_cond", [(False, True), (True, False)])
+def test_fields_read_off_the_weights_agree_with_every_network(unet_ver, learn_sigma, class_cond):
+    """The fields _check_fits names are read right for every unet_ver (no false accusation)."""
+    from test_export import FLAGS
+
+    from guided_diffusion.script_util import create_model_and_diffusion, model_config
+
+    flags = {**FLAGS, "unet_ver": unet_ver, "learn_sigma": learn_sigma, "class_cond": class_cond}
+    model, _ = create_model_and_diffusion(**flags)
+    found = export._fields_in_weights(model.state_dict())
+    cfg = model_config(flags)
+    assert set(found) == {"in_channels", "num_channels", "learn_sigma", "num_classes"}
+    assert {k: cfg[k] for k in found} == found
