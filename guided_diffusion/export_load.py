@@ -4,7 +4,8 @@
   export's config.json must describe the same network: its resolved model config and the diffusion fields
   that define what the weights mean (:data:`DIFFUSION_FIELDS`) must equal the run's, else one ValueError
   line names every differing field.
-* The weights come from ``model.safetensors`` (SHA-256 checked against config.json); the checkpoint
+* The weights come from ``model.safetensors`` (SHA-256 checked against config.json, config.json's fields
+  against the tensors and the record the export wrote into the file's metadata); the checkpoint
   sha256 the results are tied to is that file's sha256. ``--ema`` / ``--ema_rate`` do not apply (the export
   holds one set of weights, named in config.json "weights"); ``--model_num`` must be the export's step.
 * The export's ``calibration.json`` is used when the user gives no ``--calibration`` (and no stored
@@ -47,7 +48,15 @@ def load_export_model(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, ck
                       device: str | torch.device) -> tuple[torch.nn.Module, Any, str, str]:
     """(model in eval mode on ``device``, diffusion, model.safetensors path, its sha256) of the export
     folder ``ckpt.model_dir``, built from the run's configs; ValueError (one line) on a mismatch."""
-    from .export import CONFIG_FILE, WEIGHTS_FILE, _check_fits, _sha256, export_tensors, read_export
+    from .export import (
+        CONFIG_FILE,
+        WEIGHTS_FILE,
+        _check_fits,
+        _sha256,
+        check_weights_record,
+        export_tensors,
+        read_export,
+    )
     from .script_util import create_from_configs
 
     export_dir = ckpt.model_dir
@@ -65,7 +74,9 @@ def load_export_model(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, ck
     path = os.path.join(export_dir, WEIGHTS_FILE)
     model, diffusion = create_from_configs(model_cfg, diffusion_cfg)
     sd = export_tensors(blob, path)
-    _check_fits(model, sd, path)
+    cfg_path = os.path.join(export_dir, CONFIG_FILE)
+    _check_fits(model, sd, path, cfg.get("model"), cfg_path)
+    check_weights_record(cfg, blob, cfg_path, path)
     model.load_state_dict(sd, strict=True)
     model.to(device).eval()
     return model, diffusion, path, _sha256(blob)

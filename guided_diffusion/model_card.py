@@ -107,8 +107,9 @@ def model_card(config: Mapping[str, Any], metrics: Mapping[str, Any] | None, has
         "- Trained on the data listed above only; other scanners, sequences, resolutions, pathologies or "
         "preprocessing shift the calibration and the results.",
         "- Slice-wise 2-D model; 3-D metrics come from stacking slices.",
-        "- The calibration's checkpoint checksum refers to the original checkpoint file, not to "
-        "model.safetensors.",
+        "- The metrics and calibration given at export were checked to come from these weights (the sha256 "
+        "they record); the calibration is keyed to model.safetensors (the source checkpoint's sha256 is in "
+        "its extra.exported_from).",
         "",
     ]
     return "\n".join(lines)

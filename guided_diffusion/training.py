@@ -181,7 +181,7 @@ def _train_in(log_dir: str, m: ModelConfig, d: DiffusionConfig, t: TrainConfig) 
     data = get_train_loader(t.data_dir, t.batch_size, seed=t.seed, in_channels=m.in_channels, mixed=t.mixed,
                             ret_lab=t.ret_lab, num_workers=t.num_workers,
                             n_unhealthy_patients=t.n_unhealthy_patients,
-                            n_healthy_patients=t.n_healthy_patients)
+                            n_healthy_patients=t.n_healthy_patients, image_size=m.image_size)
     loader = data[0] if isinstance(data, tuple) else data
     first = loader.dataset[0][0]  # read one slice here so that a bad file fails with a plain message
     if first.shape[0] != m.in_channels:

@@ -109,18 +109,20 @@ def collect_statistics(
     progress: bool = True,
     cache_dir: str | None = None,
     cache_fingerprint: Mapping[str, Any] | None = None,
+    image_size: int | None = None,
 ) -> dict:
     """Forward statistics of every slice of ``split`` (sharded by rank, gathered on every rank).
 
     With ``cache_dir`` each batch's statistics are saved atomically there and reused by a later call with
     the same ``cache_fingerprint`` (a killed calibration resumes; other settings recompute from zero).
+    ``image_size``: the network's ``--image_size``; slices of another size are refused (None: not checked).
     Returns {"idx" [N], "label" [N], "mse_h" [N, nW, S, M], "mse_null" [N, S, M], "div" [N, nW, S, M]}
     sorted by dataset index.
     """
     from .data.brats import get_eval_loader
 
     loader, dataset = get_eval_loader(data_dir, split, batch_size, num_slices=num_slices,
-                                      in_channels=in_channels)
+                                      in_channels=in_channels, image_size=image_size)
     done: dict[int, dict] = {}
     if cache_dir is not None:
         done = open_shared(cache_dir, split, cache_fingerprint or {}, resume=True, on_mismatch="recompute",
@@ -175,11 +177,13 @@ def calibrate_for_ws(
     progress: bool = True,
     stats_settings: Mapping[str, Any] | None = None,
     cache_dir: str | None = None,
+    image_size: int | None = None,
 ) -> dict[float, Calibration]:
     """Calibrate every w of ``ws`` from ONE forward pass over the validation split -> {w: Calibration}.
 
     ``settings``: the forward-process keyword arguments; ``stats_settings``: every setting that changes
-    the statistics (stored in each Calibration, checked on reuse); ``cache_dir``: resumable pass."""
+    the statistics (stored in each Calibration, checked on reuse); ``cache_dir``: resumable pass;
+    ``image_size``: the network's size the validation slices must have (None: not checked)."""
     fingerprint = {"checkpoint_sha256": checkpoint_sha256, "ws": [float(w) for w in ws],
                    "data_dir": os.path.abspath(data_dir), "num_slices_val": num_slices, "seed": seed,
                    **dict(stats_settings or settings)}
@@ -197,6 +201,7 @@ def calibrate_for_ws(
         progress=progress,
         cache_dir=cache_dir,
         cache_fingerprint=fingerprint,
+        image_size=image_size,
     )
     return {
         float(w): calibrate(
@@ -232,6 +237,7 @@ def calibrate_run(
         progress=run.eval.progress,
         stats_settings=run.stats_settings(),
         cache_dir=os.path.join(log_dir, "calibration_stats") if log_dir else None,
+        image_size=run.model.image_size,
     )
 
 
@@ -367,7 +373,7 @@ def run_test(
                        fresh_hint=FRESH.format(folder=results_dir))
     loader, dataset = get_eval_loader(
         run.eval.data_dir, "test", run.eval.batch_size, num_slices=run.eval.num_slices,
-        in_channels=run.model.in_channels,
+        in_channels=run.model.in_channels, image_size=run.model.image_size,
     )
     mine: dict[int, dict] = {}
     n_new, t0, steps = 0, time.time(), []
@@ -418,6 +424,15 @@ def evaluate(run: EvalRun) -> dict | None:
 
 
 def _evaluate_in(run: EvalRun, log_dir: str) -> dict | None:
+    import warnings
+
+    from .data.brats import BrainDataset
+
+    # the network's --image_size must be the data's slice size (checked again on every split read, which
+    # also warns about the data; not twice here)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        BrainDataset(run.eval.data_dir, "test", image_size=run.model.image_size)
     model, diffusion, path, sha = load_model(run.model, run.diffusion, run.checkpoint)
     logger.log(f"loaded {path} (sha256 {sha[:12]}...) on {dist_util.dev()}")
     run, model = prepare_inference(run, model, diffusion)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from guided_diffusion import checkpoint
-from guided_diffusion.calibration import Calibration, save_calibrations
+from guided_diffusion.calibration import Calibration, file_sha256, save_calibrations
 from guided_diffusion.export import export_run, load_pretrained
 from guided_diffusion.script_util import create_model_and_diffusion, diffusion_defaults, model_config
 
@@ -50,7 +50,10 @@ def _out(model: torch.nn.Module) -> torch.Tensor:
 def test_export_reload_bit_identical(tmp_path):
     run, model, ema = _run_dir(tmp_path)
     metrics = tmp_path / "metrics.json"
-    metrics.write_text(json.dumps({"mixed": {"dice": 0.25, "auroc": 0.9}, "primary_setting": "w=2"}))
+    ema_file = run / "ema_0.9999_000007.pt"  # --metrics must come from the exported weights (issue 24)
+    metrics.write_text(json.dumps({"mixed": {"dice": 0.25, "auroc": 0.9}, "primary_setting": "w=2",
+                                   "run": {"checkpoint": str(ema_file),
+                                           "checkpoint_sha256": file_sha256(str(ema_file))}}))
     out = tmp_path / "export"
     export_run(str(run), str(out), metrics=str(metrics))
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "calibration.json", "config.json",

@@ -139,6 +139,8 @@ class BrainDataset(Dataset):
         n_unhealthy_patients / n_healthy_patients: subject counts for mixed=False (-1 = all / all remaining).
         num_mix: number of subjects for mixed=True (None = all); seed: subject shuffle seed.
         in_channels: expected channel count (checked on every read; None = not checked).
+        image_size: the network's ``--image_size``; the split's slices must be image_size x image_size
+            (ValueError naming the flag, the folder and its slice size; None = not checked).
         skip_healthy_s_in_unhealthy / skip_unhealthy_s_in_healthy: the mixed=False filters (same section).
     Items: train ``(x, {"y": lab})`` / ``(x, {})``; val, test ``(x, gt, lab)`` with x float32 [C, H, W] in
     [-1, 1], gt float32 [1, H, W], lab int.
@@ -157,6 +159,7 @@ class BrainDataset(Dataset):
         in_channels: int | None = None,
         skip_healthy_s_in_unhealthy: bool = False,
         skip_unhealthy_s_in_healthy: bool = True,
+        image_size: int | None = None,
     ):
         if split not in ("train", "val", "test"):
             raise ValueError(f"split {split!r} is not valid; choose 'train', 'val' or 'test'")
@@ -233,6 +236,8 @@ class BrainDataset(Dataset):
         self.num_channels = int(first["x"].shape[1])
         self.image_size = tuple(int(s) for s in first["x"].shape[2:])
         self._size_from = items[0][2]
+        if image_size is not None:
+            check_image_size(self, image_size)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -307,6 +312,19 @@ class BrainDataset(Dataset):
         return x, gt, lab
 
 
+def check_image_size(dataset: BrainDataset, image_size: int) -> None:
+    """ValueError (one line) unless the slices of ``dataset`` are ``image_size`` x ``image_size`` (the
+    network's ``--image_size``): naming the flag value, the split folder and its slice size."""
+    h, w = dataset.image_size
+    if (h, w) != (int(image_size), int(image_size)):
+        fix = f"pass --image_size {h}" if h == w else "preprocess the data to square slices"
+        raise ValueError(
+            f"--image_size {image_size} does not match the data: the {dataset.split} split of {dataset.root} "
+            f"has {h} x {w} slices (e.g. {dataset._size_from}); {fix}, or use data preprocessed to "
+            f"{image_size} px"
+        )
+
+
 def world_info() -> tuple[int, int]:
     """(world_size, rank) from dist_util if present, else torch.distributed if initialised, else (1, 0)."""
     try:
@@ -334,12 +352,14 @@ def get_train_loader(
     pin_memory: bool = False,
     world_size: int | None = None,
     rank: int | None = None,
+    image_size: int | None = None,
 ) -> tuple[DataLoader, DistributedSampler]:
     """Training loader over the train split: DistributedSampler(shuffle=True, seed, drop_last=True).
 
     Per-rank batch = ``global_batch_size // world_size``; call ``sampler.set_epoch(epoch)`` every epoch.
     Works without a process group (world size and rank from dist_util / torch.distributed / (1, 0), or given).
     Batches: ``(x [B, C, H, W], {"y": LongTensor [B]})`` (or ``(x, {})`` without ret_lab).
+    ``image_size``: the network's size the slices must have (see ``check_image_size``; None: any).
     """
     if world_size is None or rank is None:
         ws, rk = world_info()
@@ -361,6 +381,7 @@ def get_train_loader(
         num_mix=num_mix,
         seed=seed,
         in_channels=in_channels,
+        image_size=image_size,
     )
     if num_workers > 0:
         dataset.share_counters()
@@ -425,11 +446,13 @@ def get_eval_loader(
     seed: int = 0,
     world_size: int | None = None,
     rank: int | None = None,
+    image_size: int | None = None,
 ) -> tuple[DataLoader, BrainDataset]:
     """Deterministic evaluation loader: every slice once (or the first ``num_slices`` of the fixed order).
 
     Rank r of W takes dataset indices r, r+W, ... Batches: ``(x [B, C, H, W], gt [B, 1, H, W],
     lab LongTensor [B], idx LongTensor [B])``; ``idx`` indexes the returned dataset (``slice_info``).
+    ``image_size``: the network's size the slices must have (see ``check_image_size``; None: any).
     """
     if batch_size <= 0:
         raise ValueError(f"--batch_size must be positive, got {batch_size}")
@@ -437,7 +460,8 @@ def get_eval_loader(
         ws, rk = world_info()
         world_size = ws if world_size is None else world_size
         rank = rk if rank is None else rank
-    dataset = BrainDataset(data_dir, split, mixed=True, seed=seed, in_channels=in_channels)
+    dataset = BrainDataset(data_dir, split, mixed=True, seed=seed, in_channels=in_channels,
+                           image_size=image_size)
     n = len(dataset) if num_slices is None else min(int(num_slices), len(dataset))
     if n <= 0:
         raise ValueError(f"num_slices must be positive, got {num_slices}")
