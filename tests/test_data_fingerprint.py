@@ -129,7 +129,7 @@ def test_rows_on_changed_data_are_refused_naming_the_change(data, tmp_path):
         ex.run_rows(_rows(data, calls), out)
     msg = str(err.value)
     assert "row flair_seed0" in msg and "computed on other data" in msg and "\n" not in msg
-    assert f"npy_test: 1 slice files changed" in msg and f"{old[:8]} -> {new[:8]}" in msg
+    assert "npy_test: 1 slice files changed" in msg and f"{old[:8]} -> {new[:8]}" in msg
     with pytest.raises(ValueError, match="npy_test: 1 slice files changed"):
         ex.refuse_rows_on_other_data(out, str(data), new)  # before any training
     logs: list[str] = []
