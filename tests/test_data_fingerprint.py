@@ -208,3 +208,35 @@ def test_train_resume_on_changed_data_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and len(err) == 1, err
     assert "trained on other data" in err[0] and f"{data / 'npy_train'}: 1 slice files changed" in err[0]
+
+
+# ------------------------------------------------------------------------------------ make_synthetic_brats
+def test_regenerated_synthetic_data_changes_the_key_and_a_killed_overwrite_leaves_the_old(tmp_path,
+                                                                                        monkeypatch):
+    """The issue's case: make_synthetic_brats.py --seed 1 --overwrite at the same path."""
+    from guided_diffusion.data import synthetic
+
+    root = tmp_path / "syn"
+    kw = dict(subjects=3, image_size=16, slice_step=12, baseline=False)
+    synthetic.build_synthetic_dataset(root, seed=0, **kw)
+    first = data_fingerprint(str(root))
+    synthetic.build_synthetic_dataset(root, seed=1, overwrite=True, **kw)
+    second = data_fingerprint(str(root))
+    assert second.digest != first.digest
+    assert fpm.explain(str(root), first.digest, second).count("slice files changed") == 3
+    before = {p: p.read_bytes() for p in sorted(root.rglob("npy_*/*/*"))}
+    calls = []
+
+    def dies(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    real = synthetic.write_patient
+    monkeypatch.setattr(synthetic, "write_patient", dies)
+    with pytest.raises(KeyboardInterrupt):
+        synthetic.build_synthetic_dataset(root, seed=2, overwrite=True, **kw)
+    assert {p: p.read_bytes() for p in sorted(root.rglob("npy_*/*/*"))} == before
+    assert data_fingerprint(str(root)).digest == second.digest
+    assert not list(tmp_path.glob(".syn.*"))
