@@ -99,8 +99,8 @@ def diff_settings(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
 
 def data_change(old: Mapping[str, Any], new: Mapping[str, Any]) -> str | None:
     """One line naming what changed in the data when two settings dicts (each with ``data_dir`` and
-    ``data_sha256``, the content fingerprint of guided_diffusion/data/fingerprint.py) differ in the data
-    fingerprint only as far as the data goes; None when the data fingerprint is the same or absent."""
+    ``data_sha256``, the content fingerprint of guided_diffusion/data/fingerprint.py) differ in
+    ``data_sha256``; None when it is the same or absent from either."""
     a, b = old.get("data_sha256"), new.get("data_sha256")
     if a is None or b is None or a == b or not new.get("data_dir"):
         return None
