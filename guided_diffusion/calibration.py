@@ -120,6 +120,21 @@ class Calibration:
             warnings.warn(f"{source} predates the settings {new}; they cannot be verified", stacklevel=2)
 
 
+def check_calibration_data(cal: Calibration, data_dir: str, path: str, hint: str) -> None:
+    """ValueError naming what changed when ``cal`` (its ``extra["data_sha256"]``) was calibrated on another
+    validation split than ``data_dir``'s now (content fingerprint, guided_diffusion/data/fingerprint.py).
+    A calibration without the record (older file) is not checked."""
+    old = cal.extra.get("data_sha256") if isinstance(cal.extra, dict) else None
+    if not old:
+        return
+    from .data.fingerprint import data_fingerprint, explain
+
+    now = data_fingerprint(data_dir, ("val",))
+    if now.digest != old:
+        raise ValueError(f"calibration {path} was made on other validation data: "
+                         f"{explain(data_dir, str(old), now)}; {hint}")
+
+
 def _same(key: str, mine, theirs) -> bool:
     if key == "w":
         return math.isclose(float(mine), float(theirs), rel_tol=0, abs_tol=1e-12)

@@ -16,7 +16,6 @@ brats.sh runs them on a cluster with torchrun).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shlex
@@ -146,14 +145,11 @@ def eval_command(cfg, ver, data_dir, model_dir, log_dir, seed, prefix) -> list[s
 
 
 def data_identity(data_dir: str) -> str:
-    """sha256 over the split lists of a data root (names and sizes): changes when the data changes."""
-    h = hashlib.sha256()
-    root = os.path.join(data_dir, "data_splits")
-    for dirpath, _, files in sorted(os.walk(root)):
-        for name in sorted(files):
-            path = os.path.join(dirpath, name)
-            h.update(f"{os.path.relpath(path, root)}:{os.path.getsize(path)}\n".encode())
-    return h.hexdigest()
+    """The content fingerprint (sha256) of every slice file and split list of the three splits of a data
+    root (guided_diffusion/data/fingerprint.py, cached beside the data): changes whenever the data does."""
+    from .data.fingerprint import data_fingerprint
+
+    return data_fingerprint(data_dir).digest
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.data_dir:
         build_synthetic(data_dir, cfg, env)
     data_id = data_identity(data_dir)
+    if not args.recompute:
+        ex.refuse_rows_on_other_data(out, data_dir, data_id)
     base = {"preset": args.preset, "data_dir": data_dir, "data_sha256": data_id, "model": cfg["model"],
             "timestep_respacing": cfg["timestep_respacing"]}
     train_keys = ("train_steps", "batch_size", "lr", "ema_rate", "label_dropout")

@@ -42,6 +42,31 @@ def differences(stored: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def data_key(data_dir: str, splits: Sequence[str]) -> dict[str, Any]:
+    """The fingerprint entries that key a cache on the data it was computed from: ``data_dir`` (absolute),
+    ``data_splits`` and ``data_sha256``, the content fingerprint of those splits
+    (guided_diffusion/data/fingerprint.py)."""
+    from .data.fingerprint import data_fingerprint
+
+    return {"data_dir": os.path.abspath(data_dir), "data_splits": list(splits),
+            "data_sha256": data_fingerprint(data_dir, splits).digest}
+
+
+def data_change(stored: Mapping[str, Any], now: Mapping[str, Any]) -> str | None:
+    """One line naming what changed in the data when ``stored`` and ``now`` (fingerprints holding
+    ``data_key``'s entries) differ in ``data_sha256``; None otherwise."""
+    a, b = stored.get("data_sha256"), now.get("data_sha256")
+    if a is None or b is None or a == b or not now.get("data_dir"):
+        return None
+    from .data.fingerprint import data_fingerprint, explain
+
+    try:
+        fp = data_fingerprint(str(now["data_dir"]), now.get("data_splits") or ("test",))
+    except (OSError, ValueError):
+        return f"the data in {now['data_dir']} changed (fingerprint {str(a)[:8]} -> {str(b)[:8]})"
+    return explain(str(now["data_dir"]), str(a), fp)
+
+
 def _clear(folder: str, prefix: str) -> None:
     for name in os.listdir(folder):
         if name.startswith(prefix + "_") and name.endswith(".pt"):
@@ -70,6 +95,10 @@ def open_cache(folder: str, prefix: str, fingerprint: Mapping[str, Any], *, resu
         if stored != fp:
             diffs = differences(stored or {}, fp) if isinstance(stored, dict) else ["no fingerprint.json"]
             if on_mismatch == "stop":
+                change = data_change(stored, fp) if isinstance(stored, dict) else None
+                if change is not None:
+                    raise ValueError(f"--resume: the {what} in {folder} were computed on other data: "
+                                     f"{change}; {fresh_hint}")
                 raise ValueError(f"--resume: the {what} in {folder} were computed with other settings "
                                  f"({'; '.join(diffs)}); {fresh_hint}")
         else:

@@ -97,6 +97,22 @@ def diff_settings(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def data_change(old: Mapping[str, Any], new: Mapping[str, Any]) -> str | None:
+    """One line naming what changed in the data when two settings dicts (each with ``data_dir`` and
+    ``data_sha256``, the content fingerprint of guided_diffusion/data/fingerprint.py) differ in
+    ``data_sha256``; None when it is the same or absent from either."""
+    a, b = old.get("data_sha256"), new.get("data_sha256")
+    if a is None or b is None or a == b or not new.get("data_dir"):
+        return None
+    from .data.fingerprint import data_fingerprint, explain
+
+    try:
+        now = data_fingerprint(str(new["data_dir"]))
+    except (OSError, ValueError):
+        return f"the data in {new['data_dir']} changed (fingerprint {str(a)[:8]} -> {str(b)[:8]})"
+    return explain(str(new["data_dir"]), str(a), now)
+
+
 # ---------------------------------------------------------------------------------------------- rows
 @dataclass
 class Row:
@@ -170,6 +186,10 @@ def run_rows(
             rec = stored[row.key]
             if rec is not None and rec["fingerprint"] != row.fingerprint:
                 names = diff_settings(rec.get("settings", {}), dict(row.settings)) or ["(unknown)"]
+                change = data_change(rec.get("settings", {}), row.settings)
+                if change is not None:
+                    raise ValueError(f"row {row.key} in {row_path(out, row.name, row.seed)} was computed on "
+                                     f"other data: {change}; rerun with --recompute or another --out")
                 raise ValueError(
                     f"row {row.key} in {row_path(out, row.name, row.seed)} was computed under other settings "
                     f"(differing: {', '.join(names)}); rerun with --recompute or another --out"
@@ -182,7 +202,9 @@ def run_rows(
             records.append(rec)
             continue
         if rec is not None:
-            log(f"[rows] {row.key}: stored under other settings, recomputing")
+            change = data_change(rec.get("settings", {}), row.settings)
+            log(f"[rows] {row.key}: " + (f"the data changed ({change}), recomputing" if change else
+                                         "stored under other settings, recomputing"))
         work = os.path.join(out, "work", f"{row.key}-{row.fingerprint[:12]}")
         os.makedirs(work, exist_ok=True)
         log(f"[rows] {row.key}: running (work dir {work})")
@@ -201,6 +223,28 @@ def run_rows(
         atomic_write_json(rec, row_path(out, row.name, row.seed))
         records.append(rec)
     return records
+
+
+def refuse_rows_on_other_data(out: str, data_dir: str, data_sha256: str) -> None:
+    """Before any training: ValueError naming what changed when a stored row of ``out`` was computed on
+    other data than ``data_dir`` holds now (its ``data_sha256`` setting differs); rows without the setting
+    are left to ``run_rows``."""
+    folder = os.path.join(out, "rows")
+    if not os.path.isdir(folder):
+        return
+    new = {"data_dir": data_dir, "data_sha256": data_sha256}
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".json"):
+            continue
+        try:
+            with open(os.path.join(folder, name), encoding="utf-8") as f:
+                old = json.load(f).get("settings", {})
+        except (OSError, ValueError, AttributeError):
+            continue  # run_rows names an unreadable row file
+        change = data_change(old if isinstance(old, dict) else {}, new)
+        if change is not None:
+            raise ValueError(f"row {name[:-5]} in {os.path.join(folder, name)} was computed on other data: "
+                             f"{change}; rerun with --recompute or another --out")
 
 
 # ---------------------------------------------------------------------------------------------- aggregation
@@ -343,6 +387,9 @@ def train_once(
     if os.path.isfile(ckpt):
         log(f"[train] {name}: {ckpt} exists, reused")
         return log_dir, ckpt
+    for other in _models_on_other_data(models_dir, name, settings):
+        log(f"[train] {name}: the model in {other[0]} was trained on other data ({other[1]}); training a "
+            "new one")
     os.makedirs(log_dir, exist_ok=True)
     atomic_write_json({"name": name, "fingerprint": fp, "settings": _plain(settings)},
                       os.path.join(log_dir, "train_settings.json"))
@@ -352,6 +399,28 @@ def train_once(
         raise RuntimeError(f"training {name} finished without writing {ckpt}")
     atomic_write_json({"seconds": round(time.time() - t0, 2)}, os.path.join(log_dir, "train_time.json"))
     return log_dir, ckpt
+
+
+def _models_on_other_data(models_dir: str, name: str, settings: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(log dir, what changed) of the models ``name-*`` in ``models_dir`` trained with the same settings
+    except the data fingerprint (so that a retraining after a data change says why)."""
+    out: list[tuple[str, str]] = []
+    if not os.path.isdir(models_dir) or "data_sha256" not in settings:
+        return out
+    for entry in sorted(os.listdir(models_dir)):
+        path = os.path.join(models_dir, entry, "train_settings.json")
+        if not entry.startswith(f"{name}-") or not os.path.isfile(path):
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                old = json.load(f).get("settings", {})
+        except (OSError, ValueError, AttributeError):
+            continue
+        if diff_settings(old, _plain(settings)) == ["data_sha256"]:
+            change = data_change(old, settings)
+            if change:
+                out.append((os.path.join(models_dir, entry), change))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- AnoFPDM

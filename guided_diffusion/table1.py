@@ -243,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.data_dir:
         dc.build_synthetic(data_dir, cfg, env)
     data_id = dc.data_identity(data_dir)
+    if not args.recompute:
+        ex.refuse_rows_on_other_data(out, data_dir, data_id)
     models: dict[str, tuple[str, str]] = {}
     for key, (settings, cmd) in trains.items():
         settings = {**settings, "data_dir": data_dir, "data_sha256": data_id}

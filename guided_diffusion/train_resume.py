@@ -100,8 +100,39 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
     return diffs
 
 
+def data_record(data_dir: str) -> dict[str, Any]:
+    """The "data" section of the saved config: the content fingerprint of the training split
+    (guided_diffusion/data/fingerprint.py), which a resume must match."""
+    from .data.fingerprint import data_fingerprint
+
+    return {"data_dir": os.path.abspath(data_dir), "splits": ["train"],
+            "data_sha256": data_fingerprint(data_dir, ("train",)).digest}
+
+
+def data_difference(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:
+    """One line naming what changed in the training data since ``saved`` (configs with a "data" section);
+    None when either lacks it (an older checkpoint) or the fingerprints are equal."""
+    a, b = saved.get("data") or {}, current.get("data") or {}
+    old, new = a.get("data_sha256"), b.get("data_sha256")
+    if not old or not new or old == new:
+        return None
+    from .data.fingerprint import data_fingerprint, explain
+
+    data_dir = str(b.get("data_dir", ""))
+    try:
+        return explain(data_dir, str(old), data_fingerprint(data_dir, ("train",)))
+    except (OSError, ValueError):
+        return f"the data in {data_dir} changed (fingerprint {str(old)[:8]} -> {str(new)[:8]})"
+
+
 def check_config(ck: checkpoint.TrainingCheckpoint, config: Mapping[str, Any], log_dir: str) -> None:
-    """ValueError naming every differing setting when ``ck`` was trained with other flags."""
+    """ValueError naming every differing setting when ``ck`` was trained with other flags, or naming what
+    changed when it was trained on other data (the training split's content fingerprint)."""
+    change = data_difference(ck.state.get("config") or {}, config)
+    if change is not None:
+        where = bf.dirname(ck.paths[0]) if ck.paths else log_dir
+        raise ValueError(f"the checkpoint at step {ck.step} in {where} was trained on other data: {change}; "
+                         "use a new --log_dir to train on this data, or restore the data it was trained on")
     diffs = config_differences(ck.state.get("config") or {}, config)
     if diffs:
         where = bf.dirname(ck.paths[0]) if ck.paths else log_dir

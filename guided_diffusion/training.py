@@ -140,7 +140,12 @@ def _preview_diffusion(d: DiffusionConfig, t: TrainConfig) -> Any:
 def saved_config(m: ModelConfig, d: DiffusionConfig, t: TrainConfig) -> dict[str, Any]:
     """The config saved with every checkpoint (keys: the flag names): resolved architecture, diffusion and
     training flags; a resume compares it with the current one."""
-    return {"model": model_config(m, d), "diffusion": d.to_dict(), "train": t.to_dict()}
+    out = {"model": model_config(m, d), "diffusion": d.to_dict(), "train": t.to_dict()}
+    if t.data_dir and os.path.isdir(t.data_dir):  # what a resume must have been trained on (train_resume)
+        from .train_resume import data_record
+
+        out["data"] = data_record(t.data_dir)
+    return out
 
 
 def train(m: ModelConfig, d: DiffusionConfig, t: TrainConfig) -> None:

@@ -35,13 +35,14 @@ from .anofpdm import run_forward_process
 from .calibration import (
     Calibration,
     calibrate,
+    check_calibration_data,
     choose_primary_w,
     guidance_selection,
     load_calibrations,
     save_calibrations,
 )
 from .eval_configs import EvalRun, SegmentConfig
-from .eval_resume import open_shared, save_batch
+from .eval_resume import data_key, open_shared, save_batch
 from .segmentation import segment
 from .translation_flags import add_calibration_flags, create_argparser, parse_args, parse_run
 from .translation_outputs import setting_key, write_outputs
@@ -184,9 +185,9 @@ def calibrate_for_ws(
     ``settings``: the forward-process keyword arguments; ``stats_settings``: every setting that changes
     the statistics (stored in each Calibration, checked on reuse); ``cache_dir``: resumable pass;
     ``image_size``: the network's size the validation slices must have (None: not checked)."""
+    data = data_key(data_dir, ("val",))
     fingerprint = {"checkpoint_sha256": checkpoint_sha256, "ws": [float(w) for w in ws],
-                   "data_dir": os.path.abspath(data_dir), "num_slices_val": num_slices, "seed": seed,
-                   **dict(stats_settings or settings)}
+                   "num_slices_val": num_slices, "seed": seed, **data, **dict(stats_settings or settings)}
     stats = collect_statistics(
         model,
         diffusion,
@@ -211,7 +212,7 @@ def calibrate_for_ws(
             stats["label"],
             w=w,
             checkpoint_sha256=checkpoint_sha256,
-            extra={"num_slices_val": num_slices, "seed": seed},
+            extra={"num_slices_val": num_slices, "seed": seed, "data_sha256": data["data_sha256"]},
             settings=stats_settings,
             **{k: v for k, v in settings.items() if k not in RUNTIME_SETTINGS},
         )
@@ -285,6 +286,7 @@ def _check_validation_pass(cal: Calibration, run: EvalRun, path: str, hint: str)
     if diffs:
         raise ValueError(f"calibration {path} was made from another validation pass ({'; '.join(diffs)}); "
                          f"pass --calibration {path} to reuse it anyway, or {hint}")
+    check_calibration_data(cal, run.eval.data_dir, path, hint)
 
 
 # ---------------------------------------------------------------------------------------------- test loop
@@ -352,7 +354,7 @@ def results_fingerprint(run: EvalRun, sha: str, cals: Mapping[float, Calibration
     return {
         "checkpoint_sha256": sha,
         **run.result_settings(),
-        "data_dir": os.path.abspath(run.eval.data_dir),
+        **data_key(run.eval.data_dir, ("test",)),
         "calibration": {f"{w:g}": {"thr_01": c.thr_01, "diff_max": list(c.diff_max)}
                         for w, c in sorted(cals.items())},
     }

@@ -4,6 +4,9 @@
 Writes OUT/data_splits/{train,val,test}/scans.csv and OUT/npy_{split}/patient_{id}/slice_{k}.npz
 (x [1, C, S, S] float32 -- upstream float64 --, y [1, 1, S, S] float32) plus meta.json per patient.
 Only sub-directories of --source are subjects. Channel order for --mod all: FLAIR, T1, T1ce, T2.
+OUT/preprocess_record.json records the source subjects and options: a rerun with other ones refuses in one
+line unless --overwrite (rebuilt in a temporary folder, swapped in by renames). Every scan is checked as it
+is read (finite voxels, one grid per subject, BraTS labels in {0, 1, 2, 4}, no all-zero modality).
 The 99th-percentile intensity normalisation is kept for fidelity; the loader's per-slice min-max
 rescale cancels it.
 """
@@ -42,6 +45,9 @@ def main(argv=None) -> Path:
         "bilinear: upstream behaviour (bilinear soft mask; tiny lesions can vanish at the loader's "
         "0.5 threshold; docs/method.md, 'Lesion masks at low resolution')",
     )
+    p.add_argument("--overwrite", action="store_true",
+                   help="rebuild an existing --out whose source subjects or options differ from its record "
+                        "(a new split of every subject; default: refuse naming the difference)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     root = preprocess(
@@ -54,6 +60,7 @@ def main(argv=None) -> Path:
         out=args.out,
         mask_resize=args.mask_resize,
         progress=not args.quiet,
+        overwrite=args.overwrite,
     )
     print(f"preprocessed data written to {root}")
     return root

@@ -5,6 +5,12 @@ Output layout (``R`` = output root)::
     R/data_splits/{train,val,test}/scans.csv          subject folder names, one per line, no header
     R/npy_{split}/patient_{id}/slice_{k}.npz          x [1, C, S, S] float32, y [1, 1, S, S] float32
     R/npy_{split}/patient_{id}/meta.json              affine, raw shape, kept slice range, modalities
+    R/preprocess_record.json                          source folder, its subjects and the options used
+
+A rerun into an existing root whose source subjects or options differ from the record refuses in one line
+(``overwrite=True`` rebuilds it, with a new split, in a temporary folder swapped in by renames). Every scan
+is checked as it is read: finite voxels, the modalities of one subject on one grid, BraTS labels in
+{0, 1, 2, 4}, no all-zero modality (see docs/edges.md).
 
 Differences from upstream (all documented, none changes the network input):
 
@@ -43,6 +49,12 @@ NAME_CHOICES = ("brats", "atlas")
 MASK_RESIZE_CHOICES = ("area", "bilinear")
 SPLITS = ("train", "val", "test")
 BRAIN_SLICE_THRESHOLD = 0.5
+RECORD = "preprocess_record.json"
+BRATS_LABELS = (0, 1, 2, 4)
+AFFINE_ATOL = 1e-3  # mm: modalities of one subject must share the voxel grid
+# files of an output root besides data_splits/ and npy_*/ (replaced with it; the fingerprint cache of
+# guided_diffusion/data/fingerprint.py is kept so that a later run can name what changed)
+_ROOT_FILES = (RECORD, ".data_fingerprint.json")
 
 
 def modality_list(name: str, mod: str) -> list[str]:
@@ -294,10 +306,41 @@ def load_subject(
                 f"subject {subject_dir.name!r}: {f.name} has shape {data.shape}, but "
                 f"{images[0].name} has {vols[0].shape}; all volumes must match"
             )
+        if affine is not None and not np.allclose(img.affine, affine, rtol=0, atol=AFFINE_ATOL):
+            raise ValueError(
+                f"subject {subject_dir.name!r}: {f.name} is on another voxel grid than {images[0].name} "
+                f"(affines differ by up to {np.abs(img.affine - affine).max():.4g} mm); co-register the "
+                "modalities of the subject"
+            )
+        check_volume(subject_dir.name, f, data, is_label=f == label, name=name)
         if affine is None:
             affine = img.affine
         vols.append(data)
     return np.stack(vols[:-1]), vols[-1], affine
+
+
+def check_volume(subject: str, path: Path, data: np.ndarray, is_label: bool, name: str = "brats") -> None:
+    """ValueError naming the subject, the file and what is wrong with one volume as it is read.
+
+    Args:
+        data: [H, W, D] voxels; is_label: the segmentation (BraTS labels must be in {0, 1, 2, 4});
+        otherwise an image modality (finite, not all zero)."""
+    bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+    if bad:
+        raise ValueError(f"subject {subject!r}: {path.name} has {bad} non-finite voxel(s) (NaN or inf); "
+                         "fix or remove the scan")
+    if is_label:
+        if name != "brats":
+            return
+        values = np.unique(data)
+        extra = [v for v in values.tolist() if v not in BRATS_LABELS]
+        if extra:
+            shown = ", ".join(f"{v:g}" for v in extra[:5])
+            raise ValueError(f"subject {subject!r}: {path.name} has label values {shown}, expected only "
+                             f"{set(BRATS_LABELS)} (BraTS: 1 necrosis, 2 oedema, 4 enhancing)")
+    elif not np.any(data):
+        raise ValueError(f"subject {subject!r}: {path.name} is all zero (an empty modality); fix or remove "
+                         "the scan")
 
 
 def default_out(source: str | Path, mod: str, first: int, last: int, shape: int) -> Path:
@@ -312,7 +355,8 @@ def _check_output_root(root: Path) -> None:
         return
     if not root.is_dir():
         raise NotADirectoryError(f"--out {root} exists and is not a directory")
-    foreign = [p.name for p in root.iterdir() if p.name != "data_splits" and not p.name.startswith("npy_")]
+    foreign = [p.name for p in root.iterdir()
+               if p.name not in ("data_splits", *_ROOT_FILES) and not p.name.startswith("npy_")]
     if foreign:
         names = ", ".join(sorted(foreign)[:5])
         raise FileExistsError(
@@ -332,6 +376,44 @@ def _swap_into_place(tmp: Path, root: Path) -> None:
         os.replace(tmp, root)
 
 
+def read_record(root: Path) -> dict | None:
+    """The output root's preprocess_record.json, or None when absent (an output of an older version);
+    ValueError naming the file when it is unreadable."""
+    path = root / RECORD
+    if not path.is_file():
+        return None
+    try:
+        rec = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); rerun with --overwrite to rebuild "
+                         f"{root}") from None
+    if not isinstance(rec, dict) or not isinstance(rec.get("subjects"), list):
+        raise ValueError(f"{path} lacks the list 'subjects'; rerun with --overwrite to rebuild {root}")
+    return rec
+
+
+def _names(items: Sequence[str]) -> str:
+    return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
+
+
+def input_differences(root: Path, subjects: Sequence[str], options: dict) -> list[str]:
+    """What differs between an existing output root (its record, else its split lists) and this run's
+    source ``subjects`` and ``options``; empty when the run would rebuild the same dataset."""
+    rec = read_record(root)
+    before = rec["subjects"] if rec is not None else [s for sp in read_splits(root).values() for s in sp]
+    diffs = []
+    added = sorted(set(subjects) - set(before))
+    removed = sorted(set(before) - set(subjects))
+    if added:
+        diffs.append(f"the source has {len(added)} new subject(s) {_names(added)}")
+    if removed:
+        diffs.append(f"the source lacks {len(removed)} subject(s) of the output {_names(removed)}")
+    for key, value in (rec or {}).get("options", {}).items():
+        if key in options and options[key] != value:
+            diffs.append(f"--{key} {value} -> {options[key]}")
+    return diffs
+
+
 def preprocess(
     source: str | Path,
     name: str = "brats",
@@ -342,13 +424,16 @@ def preprocess(
     out: str | Path | None = None,
     mask_resize: str = "area",
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Preprocess every subject folder of ``source`` into the slice layout; returns the output root.
 
-    All subjects are checked for missing files before anything is written. Existing split files are reused.
+    All subjects are checked for missing files before anything is written. An existing output root is
+    rebuilt with its split only when its record (source subjects and options) matches this run; otherwise
+    the run refuses naming what differs, or with ``overwrite`` rebuilds it with a new split of every subject.
     The tree is written to a temporary sibling ``.{root}.partial-{pid}`` and renamed to the output root only
-    when every subject succeeded, so a corrupt volume found mid-run leaves no partial output (an existing
-    output root stays as it was; after success it is replaced as a whole).
+    when every subject succeeded, so a bad scan found mid-run leaves no partial output (an existing output
+    root stays as it was; after success it is replaced as a whole).
     """
     from tqdm import tqdm
 
@@ -357,23 +442,27 @@ def preprocess(
         raise ValueError(f"--shape must be positive, got {shape}")
     if mask_resize not in MASK_RESIZE_CHOICES:
         raise ValueError(f"--mask_resize {mask_resize!r} is not valid; choose one of {MASK_RESIZE_CHOICES}")
+    if first < 0 or last < 0:
+        raise ValueError(f"--first and --last must be >= 0, got {first} and {last}")
     source = Path(source)
     subjects = list_subjects(source)
     root = Path(out) if out is not None else default_out(source, mod, first, last, shape)
-    if (root / "data_splits").is_dir():
-        splits = read_splits(root)
-        unknown = [s for sp in SPLITS for s in splits[sp] if s not in subjects]
-        if unknown:
-            raise FileNotFoundError(
-                f"split files in {root / 'data_splits'} list subjects missing from {source}: "
-                f"{unknown[:5]}; delete {root / 'data_splits'} to re-create the split"
+    options = {"name": name, "mod": mod, "first": first, "last": last, "shape": shape,
+               "mask_resize": mask_resize}
+    _check_output_root(root)
+    if (root / "data_splits").is_dir() and not overwrite:
+        diffs = input_differences(root, subjects, options)
+        if diffs:
+            raise ValueError(
+                f"--out {root} was preprocessed from other input ({'; '.join(diffs)}); rerun with "
+                "--overwrite to rebuild it (a new split of every subject), or choose another --out"
             )
+        splits = read_splits(root)
     else:
         splits = split_subjects(subjects)
     todo = [(sp, s) for sp in SPLITS for s in splits[sp]]
     for _, s in todo:
         check_subject_files(source / s, name, mods)
-    _check_output_root(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{root.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -388,6 +477,12 @@ def preprocess(
                 raise ValueError(f"subject {sid!r}: {err}") from err
             bar.set_postfix_str(f"{sid} slices {rng[0]}-{rng[1]}")
             write_patient(tmp, split, sid, x, y, rng, affine, image.shape[1:], mods)
+        record = {"version": 1, "source": str(source.resolve()), "subjects": sorted(subjects),
+                  "options": options}
+        atomic_write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", str(tmp / RECORD))
+        cache = root / ".data_fingerprint.json"
+        if cache.is_file():  # keeps the earlier state, so that stale results can name what changed
+            shutil.copy2(cache, tmp / cache.name)
         _swap_into_place(tmp, root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

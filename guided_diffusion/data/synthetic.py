@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import random
 import shutil
 import time
@@ -344,17 +345,46 @@ def build_synthetic_dataset(
         raise ValueError(f"--style {style!r} is not valid; choose one of {STYLES}")
     if not 0.0 <= healthy_fraction < 1.0:
         raise ValueError(f"healthy_fraction must be in [0, 1), got {healthy_fraction}")
-    root = Path(out)
-    if (root / "data_splits").exists():
-        if not overwrite:
-            raise FileExistsError(
-                f"{root} already holds a dataset (data_splits/); pass --overwrite or pick another --out"
-            )
-        for p in [root / "data_splits", root / SUMMARY, *(root / f"npy_{s}" for s in SPLITS)]:
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
+    final = Path(out)
+    if (final / "data_splits").exists() and not overwrite:
+        raise FileExistsError(
+            f"{final} already holds a dataset (data_splits/); pass --overwrite or pick another --out"
+        )
+    # built beside the output and moved in when complete: a killed (over)write leaves no mix of two builds
+    final.parent.mkdir(parents=True, exist_ok=True)
+    root = final.parent / f".{final.name}.partial-{os.getpid()}"
+    shutil.rmtree(root, ignore_errors=True)
+    try:
+        stats = _build_into(root, subjects, seed, image_size, raw_nifti, healthy_fraction, progress,
+                            slice_step, style, baseline)
+        _move_in(root, final)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return stats
+
+
+def _move_in(built: Path, final: Path) -> None:
+    """Replace the dataset entries of ``final`` (data_splits/, npy_*/, the summary) by those of ``built``
+    with renames; other files of ``final`` (e.g. a runner's marker, the fingerprint cache) are kept."""
+    final.mkdir(parents=True, exist_ok=True)
+    names = ["data_splits", SUMMARY, *(f"npy_{s}" for s in SPLITS)]
+    trash = final.parent / f".{final.name}.old-{os.getpid()}"
+    shutil.rmtree(trash, ignore_errors=True)
+    trash.mkdir()
+    try:
+        for name in names:
+            if (final / name).exists():
+                os.replace(final / name, trash / name)
+        for name in names:
+            if (built / name).exists():
+                os.replace(built / name, final / name)
+    finally:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _build_into(root: Path, subjects: int, seed: int, image_size: int, raw_nifti: str | Path | None,
+                healthy_fraction: float, progress: bool, slice_step: int, style: str, baseline: bool) -> dict:
+    """The body of ``build_synthetic_dataset`` writing into ``root`` (a fresh folder)."""
     ids = [f"SYN_{i:05d}" for i in range(subjects)]
     splits = split_subjects(ids)
     healthy = healthy_subjects(splits, seed, healthy_fraction)
