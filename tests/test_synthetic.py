@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from near_golden import assert_near, tensor_fingerprint
 
 from guided_diffusion.data.brats import BrainDataset
 from guided_diffusion.data.flair_baseline import flair_threshold_baseline
@@ -166,29 +168,30 @@ def test_slice_step_keeps_every_nth_slice(built, tmp_path, run_script):
         build_synthetic_dataset(tmp_path / "bad", subjects=5, seed=0, image_size=SIZE, slice_step=0)
 
 
-def _dataset_sha256(root):
-    """sha256 over every npz (sorted relative path, x bytes, y bytes), then every meta.json (sorted)."""
-    h = hashlib.sha256()
+def _dataset_fingerprint(root):
+    """Per slice file (sorted relative path): the label bytes' sha256 (exact) and a value summary of the
+    image (tensor_fingerprint: compared within float rounding); then every meta.json (exact)."""
+    out = {}
     for p in sorted(root.glob("npy_*/patient_*/slice_*.npz")):
-        h.update(str(p.relative_to(root)).encode())
         with np.load(p) as z:
-            h.update(z["x"].tobytes())
-            h.update(z["y"].tobytes())
+            out[str(p.relative_to(root))] = {"y": hashlib.sha256(z["y"].tobytes()).hexdigest(),
+                                              "x": tensor_fingerprint(torch.from_numpy(z["x"]))[""]}
     for p in sorted(root.glob("npy_*/patient_*/meta.json")):
-        h.update(p.read_bytes())
-    return h.hexdigest()
+        out[str(p.relative_to(root))] = json.loads(p.read_text())
+    return out
 
 
-def test_classic_style_bit_identical_to_original(tmp_path, run_script):
-    """--style classic reproduces the generator as it was before brats_like existed (stored hashes)."""
-    ref = json.loads((REPO / "tests" / "data" / "synthetic_classic_sha256.json").read_text())
+def test_classic_style_reproduces_the_original(tmp_path, run_script):
+    """--style classic reproduces the generator as it was before brats_like existed: labels bit for bit,
+    images within float rounding (their last bits differ between CPU types; see tests/near_golden.py)."""
+    ref = json.loads((REPO / "tests" / "data" / "synthetic_classic_fingerprint.json").read_text())
     out = tmp_path / "classic"
     res = run_script("scripts/make_synthetic_brats.py", "--out", out, "--subjects", "3", "--seed", "0",
                      "--image_size", "16", "--slice_step", "4", "--style", "classic", "--quiet")
     stats = json.loads(res.stdout)
-    assert _dataset_sha256(out) == ref["dataset"]
+    assert_near(_dataset_fingerprint(out), ref["dataset"], "classic dataset")
     image, seg = generate_subject(3, 1, healthy=False, style="classic")
-    assert hashlib.sha256(image.tobytes()).hexdigest() == ref["subject_image"]
+    assert_near(tensor_fingerprint(torch.from_numpy(image))[""], ref["subject_image"], "classic subject")
     assert hashlib.sha256(seg.tobytes()).hexdigest() == ref["subject_seg"]
     assert stats["style"] == "classic"
     stats.pop("total_seconds")  # added by the script after the summary is written
