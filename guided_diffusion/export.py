@@ -63,10 +63,16 @@ def flags_from_config(model_cfg: Mapping[str, Any], diffusion_cfg: Mapping[str, 
     -> resolutions, num_classes None -> class_cond False. Raises ValueError when the result does not
     resolve back to ``model_cfg`` (an edited or foreign config).
     """
-    from .script_util import diffusion_defaults, model_and_diffusion_defaults, model_config
+    from .script_util import (
+        diffusion_defaults,
+        drop_foreign_options,
+        model_and_diffusion_defaults,
+        model_config,
+    )
 
     known = set(model_and_diffusion_defaults())
-    cfg = dict(model_cfg)
+    record = drop_foreign_options(model_cfg)  # older exports also list other variants' (unused) options
+    cfg = dict(record)
     unknown = sorted(set(cfg) - known - {"class_cond"})
     if unknown:
         raise ValueError(f"config.json model section has unknown keys {unknown}")
@@ -83,7 +89,7 @@ def flags_from_config(model_cfg: Mapping[str, Any], diffusion_cfg: Mapping[str, 
     flags["num_classes"] = 2 if cfg["num_classes"] is None else int(cfg["num_classes"])
     flags.update({k: v for k, v in diffusion_cfg.items() if k in diffusion_defaults()})
     resolved = model_config(flags)
-    if resolved != dict(model_cfg):
+    if resolved != record:
         diffs = ", ".join(f"model.{k} {cfg.get(k)!r} -> {resolved.get(k)!r}"
                           for k in sorted(set(resolved) | set(cfg)) if resolved.get(k) != cfg.get(k))
         raise ValueError(f"config.json model section is not a resolved model config (does not round-trip "
