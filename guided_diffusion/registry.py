@@ -113,12 +113,15 @@ def options_for(name: str, values: Mapping[str, Any]) -> dict[str, Any]:
 
 def drop_foreign_options(record: Mapping[str, Any], unet_ver: str | None = None) -> dict[str, Any]:
     """``record`` (saved flags or a resolved model config) without the options of variants other than
-    ``unet_ver`` (default: ``record["unet_ver"]``, else "v2"), whatever their value.
+    ``unet_ver`` (default: ``record["unet_ver"]``), whatever their value; unchanged when neither names a
+    variant.
 
     Records written before variants owned their options hold e.g. ``bottleneck_ratio`` for a ``v2`` or
     ``hae`` model; such a value was never used by that network, so it is not a setting of the record.
     """
-    name = unet_ver or str(record.get("unet_ver", "v2"))
+    name = unet_ver or record.get("unet_ver")
+    if name is None:
+        return dict(record)
     own = set(variant_options(name)) if name in MODEL_REGISTRY else set()
     foreign = set(all_options()) - own
     return {k: v for k, v in record.items() if k not in foreign}
