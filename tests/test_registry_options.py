@@ -333,3 +333,15 @@ def test_a_toy_variant_with_its_own_option_needs_only_its_module(tmp_path, monke
         registry.MODEL_REGISTRY.pop("toy_gain", None)
         sys.modules.pop("toy_gain_variant", None)
     assert "gain" not in su.model_and_diffusion_defaults()
+
+
+def test_the_parameter_count_tools_sweep_the_ratio_of_hae_v2_only(monkeypatch):
+    """compare_hae_versions / bench_models hand --bottleneck_ratio to the variant that owns it."""
+    monkeypatch.syspath_prepend(str(REPO))
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    compare = importlib.import_module("compare_hae_versions")
+    bench = importlib.import_module("bench_models")
+    rows, rows_half = compare.measure("brats"), compare.measure("brats", 0.5)
+    assert rows["v2"]["total"] == rows_half["v2"]["total"] == 103_082_500
+    assert (rows["hae_v2"]["total"], rows_half["hae_v2"]["total"]) == (115_808_580, 116_054_660)
+    assert isinstance(bench.build_model("v2", "small", "cpu", 0.5), torch.nn.Module)
