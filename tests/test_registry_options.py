@@ -345,3 +345,20 @@ def test_the_parameter_count_tools_sweep_the_ratio_of_hae_v2_only(monkeypatch):
     assert rows["v2"]["total"] == rows_half["v2"]["total"] == 103_082_500
     assert (rows["hae_v2"]["total"], rows_half["hae_v2"]["total"]) == (115_808_580, 116_054_660)
     assert isinstance(bench.build_model("v2", "small", "cpu", 0.5), torch.nn.Module)
+
+
+def test_a_table1_run_config_written_the_old_way_loads(tmp_path):
+    """run_config.json (ModelConfig.to_dict) of a v2 run with --bottleneck_ratio/--use_hae given, back when
+    v2 accepted and ignored them: table1's loader rebuilds the same v2 network and loads its weights."""
+    from guided_diffusion.table1_methods import load_trained
+
+    small = cf.ModelConfig(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2",
+                           attention_resolutions="8", num_heads=2, num_classes=2, class_cond=True)
+    torch.manual_seed(0)
+    model = su.create_model(small)
+    torch.save(model.state_dict(), tmp_path / "model000001.pt")
+    record = {"model": {**small.to_dict(), "bottleneck_ratio": 0.5, "use_hae": False},
+              "diffusion": cf.DiffusionConfig(diffusion_steps=50).to_dict()}
+    (tmp_path / "run_config.json").write_text(json.dumps(record))
+    loaded, diffusion = load_trained(str(tmp_path), str(tmp_path / "model000001.pt"), "")
+    assert _state_equal(loaded.cpu(), model) and diffusion.num_timesteps == 50
