@@ -27,6 +27,7 @@ from torch import nn
 
 from guided_diffusion.cli import ArgumentParser, run_cli
 from guided_diffusion.hae_blocks import HybridCNNTransformerBlockBase
+from guided_diffusion.registry import variant_options
 from guided_diffusion.script_util import create_model
 
 MODELS: tuple[tuple[str, str], ...] = (
@@ -86,7 +87,10 @@ def build(unet_ver: str, flags: dict[str, Any], bottleneck_ratio: float = 0.25) 
     with torch.device("meta"), warnings.catch_warnings():
         # the compare config lists an 8 px attention resolution that mult (1,2,4,8) never reaches
         warnings.filterwarnings("ignore", message=".*is not a feature-map size", category=UserWarning)
-        return create_model(unet_ver=unet_ver, bottleneck_ratio=bottleneck_ratio, **flags)
+        # an option of the variants declaring it (hae_v2); the others refuse a non-default value
+        ratio = {"bottleneck_ratio": bottleneck_ratio}
+        own = ratio if "bottleneck_ratio" in variant_options(unet_ver) else {}
+        return create_model(unet_ver=unet_ver, **own, **flags)
 
 
 def pct(a: int, b: int) -> float:

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from guided_diffusion.registry import variant_options
 from guided_diffusion.script_util import create_model
 
 MODELS = ("v2", "hae", "hae_lite", "hae_v2")
@@ -80,7 +81,9 @@ def sync(device: str) -> None:
 
 def build_model(name: str, config: str, device: str, bottleneck_ratio: float = 0.25) -> nn.Module:
     torch.manual_seed(0)
-    model = create_model(unet_ver=name, bottleneck_ratio=bottleneck_ratio, **CONFIGS[config]).to(device)
+    # bottleneck_ratio is an option of the variants declaring it (hae_v2); the others refuse a non-default
+    own = {"bottleneck_ratio": bottleneck_ratio} if "bottleneck_ratio" in variant_options(name) else {}
+    model = create_model(unet_ver=name, **own, **CONFIGS[config]).to(device)
     # give the zero-initialised convs weights so that the backward pass does all its work
     for mod in model.modules():
         if isinstance(mod, nn.Conv2d) and not mod.weight.any():

@@ -117,6 +117,17 @@ def add_config_flag(parser: argparse.ArgumentParser) -> None:
                              "flags given here override single values")
 
 
+def recorded_section(cls: type[Config], section: Mapping[str, Any], ns: argparse.Namespace) -> dict[str, Any]:
+    """A run file's section as the base of ``cls``: for a config with ``unet_ver`` (ModelConfig), without the
+    options of variants other than the one selected (the flag given, else the file's), which the recorded
+    network never used; flags given on the command line are not touched (the factory judges them)."""
+    if "unet_ver" not in field_names(cls):
+        return dict(section)
+    from .script_util import drop_foreign_options
+
+    return drop_foreign_options(section, getattr(ns, "unet_ver", None) or section.get("unet_ver"))
+
+
 def configs_from_namespace(ns: argparse.Namespace, classes: Sequence[type[Config]]) -> list[Config]:
     """One config per class from resolved flags: field default < ``--config`` file < flag given. A run file
     section of another kind is ignored; an unknown key inside a known section is refused naming the file."""
@@ -125,7 +136,7 @@ def configs_from_namespace(ns: argparse.Namespace, classes: Sequence[type[Config
     for cls in classes:
         section = run.get(cls.SECTION, {})
         check_keys(cls, section, source=f"{ns.config} section {cls.SECTION!r}" if run else "")
-        out.append(from_args(cls, ns, base=section))
+        out.append(from_args(cls, ns, base=recorded_section(cls, section, ns)))
     return out
 
 

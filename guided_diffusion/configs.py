@@ -280,8 +280,10 @@ class ModelConfig(Config):
     num_classes: int = setting(2, "classes for conditioning (used with --class_cond)")
     unet_ver: str = setting("v2", "network variant (v2: the AnoFPDM UNet; hae, hae_lite, hae_v2)")
     clf_free: bool = setting(True, "classifier-free label layers (the only kind supported)")
-    bottleneck_ratio: float = setting(0.25, "HAE bottleneck ratio (HAE variants only)")
-    use_hae: bool = setting(True, "HAE blocks on (HAE variants only)")
+    # options of some variants (each declared by its builder, see guided_diffusion/registry.py): the factory
+    # hands them to their variant only, and refuses a non-default value given for another variant
+    bottleneck_ratio: float = setting(0.25, "bottleneck token-MLP width / C (an option of hae_v2)")
+    use_hae: bool = setting(True, "hybrid decoder blocks on (an option of hae, hae_lite, hae_v2)")
 
     def validate(self) -> None:
         require(self.image_size >= 1, f"--image_size must be >= 1, got {self.image_size}")

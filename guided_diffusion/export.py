@@ -63,10 +63,10 @@ def flags_from_config(model_cfg: Mapping[str, Any], diffusion_cfg: Mapping[str, 
     -> resolutions, num_classes None -> class_cond False. Raises ValueError when the result does not
     resolve back to ``model_cfg`` (an edited or foreign config).
     """
-    from .script_util import diffusion_defaults, model_and_diffusion_defaults, model_config
+    from . import script_util as su
 
-    known = set(model_and_diffusion_defaults())
-    cfg = dict(model_cfg)
+    known = set(su.model_and_diffusion_defaults())
+    cfg = su.drop_foreign_options(model_cfg)  # older records also list other variants' (unused) options
     unknown = sorted(set(cfg) - known - {"class_cond"})
     if unknown:
         raise ValueError(f"config.json model section has unknown keys {unknown}")
@@ -81,9 +81,9 @@ def flags_from_config(model_cfg: Mapping[str, Any], diffusion_cfg: Mapping[str, 
     flags["attention_resolutions"] = ",".join(str(size // int(f)) for f in cfg["attention_resolutions"])
     flags["class_cond"] = cfg["num_classes"] is not None
     flags["num_classes"] = 2 if cfg["num_classes"] is None else int(cfg["num_classes"])
-    flags.update({k: v for k, v in diffusion_cfg.items() if k in diffusion_defaults()})
-    resolved = model_config(flags)
-    if resolved != dict(model_cfg):
+    flags.update({k: v for k, v in diffusion_cfg.items() if k in su.diffusion_defaults()})
+    resolved = su.model_config(flags)
+    if resolved != cfg:
         diffs = ", ".join(f"model.{k} {cfg.get(k)!r} -> {resolved.get(k)!r}"
                           for k in sorted(set(resolved) | set(cfg)) if resolved.get(k) != cfg.get(k))
         raise ValueError(f"config.json model section is not a resolved model config (does not round-trip "

@@ -32,10 +32,10 @@ __all__ = ["DIFFUSION_FIELDS", "config_differences", "load_export_model", "expor
 def config_differences(cfg: dict[str, Any], model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig
                        ) -> list[str]:
     """'field: export X, this run Y' for every model / weight-defining diffusion field that differs."""
-    from .script_util import model_config
+    from .script_util import drop_foreign_options, model_config
 
     want = model_config(model_cfg, diffusion_cfg)
-    have = dict(cfg.get("model") or {})
+    have = drop_foreign_options(cfg.get("model") or {})  # older exports list other variants' options
     diffs = [f"{k}: export {have.get(k)!r}, this run {want.get(k)!r}"
              for k in sorted(set(want) | set(have)) if have.get(k) != want.get(k)]
     have_d, want_d = dict(cfg.get("diffusion") or {}), diffusion_cfg.to_dict()

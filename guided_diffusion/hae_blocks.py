@@ -14,7 +14,11 @@ The "sparse" attention is a deterministic spatial-reduction attention: queries a
 tokens, keys/values the regional tokens of the p=4 and p=8 scales; heads 0..3 see the p=4 tokens,
 heads 4..7 the p=8 tokens.  Cost O(HW·(HW/16 + HW/64)·C); no L×L mask and no random numbers.
 
-The variant modules only choose these options; :class:`HAEUNetBase` wires the hybrid blocks into
+The variant modules only choose these options, one way for all three: each variant subclasses its
+parent's MSTB, hybrid block and model classes (``hae`` -> ``hae_lite`` -> ``hae_v2``) and overrides class
+attributes (``PATCH_EMBED``, ``LOCAL_PROJ``, ``FUSION``, ``MSTB``, ``HYBRID_BLOCK``) or the ``make_mlp``
+hook; an option of its own is a keyword-only argument of its model class, handed to every hybrid block
+through ``block_options``.  :class:`HAEUNetBase` wires the hybrid blocks into
 :class:`guided_diffusion.unet.UNetModel` through its ``decoder_block`` hook.
 """
 
@@ -22,7 +26,8 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -298,11 +303,14 @@ class HAEUNetBase(UNetModel):
     Args:
         *args, **kwargs: the ``UNetModel`` arguments (positional or keyword);
             ``resblock_activation``/``decoder_block`` are fixed by the class.
-        hybrid_block: ``hybrid_block(channels, emb_channels, dropout=..., use_checkpoint=...)`` → block.
+        hybrid_block: ``hybrid_block(channels, emb_channels, dropout=..., use_checkpoint=...,
+            **block_options)`` → block.
         use_hae: False → no hybrid blocks (the plain skeleton with SiLU ResBlocks).
+        block_options: the variant's own options for its hybrid blocks (e.g. ``bottleneck_ratio``).
     """
 
-    def __init__(self, *args, hybrid_block: HybridBlockFactory, use_hae: bool = True, **kwargs):
+    def __init__(self, *args, hybrid_block: HybridBlockFactory, use_hae: bool = True,
+                 block_options: Mapping[str, Any] | None = None, **kwargs):
         for fixed in ("resblock_activation", "decoder_block"):
             if fixed in kwargs:
                 raise ValueError(
@@ -313,9 +321,11 @@ class HAEUNetBase(UNetModel):
         emb_channels = int(bound.arguments["model_channels"]) * 4
         dropout = float(bound.arguments["dropout"])
         use_checkpoint = bool(bound.arguments["use_checkpoint"])
+        options = dict(block_options or {})
 
         def decoder_block(channels: int, level: int) -> nn.Module:
-            return hybrid_block(channels, emb_channels, dropout=dropout, use_checkpoint=use_checkpoint)
+            return hybrid_block(channels, emb_channels, dropout=dropout, use_checkpoint=use_checkpoint,
+                                **options)
 
         super().__init__(*args, resblock_activation=True,
                          decoder_block=decoder_block if use_hae else None, **kwargs)

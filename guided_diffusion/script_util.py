@@ -2,7 +2,9 @@
 
 The networks come from the registry (``guided_diffusion.registry``), completed by
 ``guided_diffusion.variants``, which imports every variant explicitly; ``MODEL_REGISTRY`` and
-``register_model`` are re-exported here.
+``register_model`` are re-exported here. Nothing here knows a variant by name: each variant declares
+its own options (its builder's keyword-only parameters) and ``create_model`` hands it only those
+(``registry.options_for``: another variant's option is dropped at its default, refused otherwise).
 """
 
 from __future__ import annotations
@@ -16,10 +18,18 @@ from torch import nn
 from . import variants
 from .cli import add_dict_to_argparser, args_to_dict
 from .configs import DiffusionConfig, ModelConfig, str2bool
-from .registry import MODEL_REGISTRY, register_model
+from .registry import (
+    MODEL_REGISTRY,
+    all_options,
+    drop_foreign_options,
+    options_for,
+    register_model,
+    variant_options,
+)
 
 # re-exported from registry / configs / cli (the guided-diffusion names)
-__all__ = ["MODEL_REGISTRY", "add_dict_to_argparser", "args_to_dict", "register_model", "str2bool"]
+__all__ = ["MODEL_REGISTRY", "add_dict_to_argparser", "args_to_dict", "drop_foreign_options",
+           "register_model", "str2bool"]
 
 # channel_mult chosen from the image size when --channel_mult is empty (docs/method.md, 'Model flags')
 DEFAULT_CHANNEL_MULT: dict[int, tuple[float, ...]] = {
@@ -36,10 +46,12 @@ def diffusion_defaults() -> dict[str, Any]:
 
 
 def model_and_diffusion_defaults() -> dict[str, Any]:
-    """Defaults of every model and diffusion flag (docs/method.md, 'Model flags'; plus the HAE flags)."""
+    """Defaults of every model and diffusion flag (docs/method.md, 'Model flags'), plus every registered
+    variant's options (e.g. v1's ``resblock_updown``, hae_v2's ``bottleneck_ratio``) at their defaults."""
     res = ModelConfig().to_dict()
-    # upstream flags still accepted by create_model (refused unless False; use_fp16 is a training flag)
-    res.update(resblock_updown=False, use_fp16=False, use_new_attention_order=False)
+    res.update(use_fp16=False)  # upstream flag accepted by create_model (a training-loop flag)
+    for option, default in all_options().items():
+        res.setdefault(option, default)
     res.update(diffusion_defaults())
     return res
 
@@ -108,33 +120,28 @@ def create_model(
     num_heads_upsample: int = -1,
     use_scale_shift_norm: bool = False,
     dropout: float = 0.0,
-    resblock_updown: bool = False,
     use_fp16: bool = False,
-    use_new_attention_order: bool = False,
     in_channels: int = 3,
     num_classes: int | None = 2,
     unet_ver: str = "v2",
     clf_free: bool = True,
-    use_hae: bool = True,
-    bottleneck_ratio: float = 0.25,
+    **options: Any,
 ) -> nn.Module:
     """Build the network selected by ``unet_ver`` from the command-line flags.
 
     ``num_classes`` is used only with ``class_cond`` (and > 0); otherwise the model is unconditional.
     ``out_channels`` = ``in_channels`` (x2 with ``learn_sigma``). ``use_fp16`` is a training-loop flag
     (mixed precision is applied by the training loop, the model is built in float32).
+    ``options`` are the variants' own options (e.g. ``resblock_updown``, ``use_hae``,
+    ``bottleneck_ratio``): the selected variant gets those it declares; another variant's option is
+    ignored at its default (or None) and refused otherwise ("--X is an option of A, not of B").
     ``image_size`` may instead be a ``ModelConfig`` (the other arguments are then ignored, except
     ``learn_sigma``).
     """
     if isinstance(image_size, ModelConfig):
         return create_model(**{**image_size.to_dict(), "learn_sigma": learn_sigma})
     build = variants.builder(unet_ver)
-    if resblock_updown and unet_ver != "v1":
-        raise ValueError("--resblock_updown True is supported by --unet_ver v1 only (plain conv "
-                         "up/down-sampling otherwise); use --resblock_updown False")
-    if use_new_attention_order and unet_ver != "v1":
-        raise ValueError("--use_new_attention_order True is not supported (the FPDM UNet uses the legacy "
-                         "head order; --unet_ver v1 supports it); use --use_new_attention_order False")
+    own_options = options_for(unet_ver, options)
     classes = _resolve_num_classes(class_cond, num_classes)
     if classes is not None and not clf_free:
         raise ValueError("--clf_free False with class conditioning is not supported (the UNet only has "
@@ -161,9 +168,8 @@ def create_model(
             f"channel_mult={mult}; sizes: {sizes}); no attention block is built for it",
             stacklevel=2,
         )
-    v1_flags = dict(resblock_updown=resblock_updown, use_new_attention_order=use_new_attention_order)
     return build(
-        **(v1_flags if unet_ver == "v1" else {}),
+        **own_options,
         image_size=image_size,
         in_channels=in_channels,
         model_channels=num_channels,
@@ -178,8 +184,6 @@ def create_model(
         num_head_channels=num_head_channels,
         num_heads_upsample=num_heads_upsample,
         use_scale_shift_norm=use_scale_shift_norm,
-        use_hae=use_hae,
-        bottleneck_ratio=bottleneck_ratio,
     )
 
 
@@ -241,11 +245,12 @@ def create_from_configs(model: ModelConfig, diffusion: DiffusionConfig) -> tuple
     return create_model(model, learn_sigma=diffusion.learn_sigma), create_gaussian_diffusion(diffusion)
 
 
-# flags that define the network's architecture (and so which checkpoints fit it)
+# flags that define every network's architecture (and so which checkpoints fit it); a variant's own
+# options (registry.variant_options) follow them in its resolved config
 _ARCH_FLAGS = (
     "unet_ver", "image_size", "in_channels", "num_channels", "num_res_blocks", "channel_mult",
     "attention_resolutions", "num_heads", "num_head_channels", "num_heads_upsample",
-    "use_scale_shift_norm", "learn_sigma", "class_cond", "num_classes", "use_hae", "bottleneck_ratio",
+    "use_scale_shift_norm", "learn_sigma", "class_cond", "num_classes",
 )
 
 
@@ -257,7 +262,8 @@ def model_config(
 
     Equivalent spellings compare equal: channel_mult "" and its image-size default, attention
     resolutions as sorted downsample factors, num_classes None when unconditional, num_heads_upsample
-    -1 resolved to num_heads. Missing flags take their defaults.
+    -1 resolved to num_heads. Missing flags take their defaults. The options of the selected variant
+    (and only those) follow the shared flags, e.g. ``use_hae``, ``bottleneck_ratio`` for hae_v2.
     """
     if isinstance(args_or_dict, ModelConfig):
         given = {**args_or_dict.to_dict(), **(diffusion or DiffusionConfig()).to_dict()}
@@ -272,10 +278,7 @@ def model_config(
     cfg["num_classes"] = _resolve_num_classes(cfg.pop("class_cond"), cfg["num_classes"])
     if cfg["num_heads_upsample"] == -1:
         cfg["num_heads_upsample"] = cfg["num_heads"]
-    if cfg["unet_ver"] == "v1":
-        cfg.update(resblock_updown=bool(flags["resblock_updown"]),
-                   use_new_attention_order=bool(flags["use_new_attention_order"]))
-    if cfg["unet_ver"] in ("v1", "v2"):
-        cfg.pop("use_hae")
-        cfg.pop("bottleneck_ratio")
+    for option, default in variant_options(cfg["unet_ver"]).items():
+        value = flags.get(option)
+        cfg[option] = default if value is None else value
     return cfg

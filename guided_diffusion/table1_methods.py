@@ -87,14 +87,15 @@ def load_trained(model_dir: str, checkpoint: str, timestep_respacing: str) -> tu
     """(model in eval mode, diffusion respaced to ``timestep_respacing``) from a training log dir
     (its run_config.json) and one of its checkpoint files."""
     from .checkpoint import load_model_checkpoint
-    from .script_util import create_from_configs, model_config
+    from .script_util import create_from_configs, drop_foreign_options, model_config
 
     path = os.path.join(model_dir, "run_config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist: {model_dir} is not a training log dir")
     with open(path, encoding="utf-8") as f:
         saved = json.load(f)
-    m = ModelConfig.from_dict(saved["model"], source=path)
+    # a run record lists every variant's options; those of other variants were never used by this network
+    m = ModelConfig.from_dict(drop_foreign_options(saved["model"]), source=path)
     d = DiffusionConfig.from_dict(saved["diffusion"], source=path).replace(
         timestep_respacing=timestep_respacing)
     model, diffusion = create_from_configs(m, d)

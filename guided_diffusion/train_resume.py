@@ -88,11 +88,15 @@ def load_named(path: str, ema_rates: list[str]) -> checkpoint.TrainingCheckpoint
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """``part.key: checkpoint X, flags Y`` for every model/diffusion entry and run-changing train entry
     present in both configs that differs (entries an older checkpoint lacks are not compared)."""
+    from .script_util import drop_foreign_options
+
     diffs = []
     for part in ("model", "diffusion", "train"):
         a, b = saved.get(part), current.get(part)
         if a is None or b is None:
             continue
+        if part == "model":  # older checkpoints also list other variants' (unused) options
+            a = drop_foreign_options(a)
         keys = sorted(set(a) | set(b)) if part != "train" else [k for k in RUN_CHANGING_TRAIN_KEYS
                                                                  if k in a and k in b]
         diffs += [f"{part}.{k}: checkpoint {a.get(k)!r}, flags {b.get(k)!r}"

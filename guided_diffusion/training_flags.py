@@ -10,7 +10,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .cli import ArgumentParser
-from .config_flags import add_compat_flags, add_config_flag, add_flags, from_args, resolve_compat
+from .config_flags import (
+    add_compat_flags,
+    add_config_flag,
+    add_flags,
+    from_args,
+    recorded_section,
+    resolve_compat,
+)
 from .configs import CompatFlag, DiffusionConfig, ModelConfig, load_run_config, str2bool
 from .training import TrainConfig
 
@@ -67,7 +74,7 @@ def parse_configs_for_training(
     for cls in (ModelConfig, DiffusionConfig, TrainConfig):
         section = file.get(cls.SECTION, {})
         cls.from_dict(section, source=f"{ns.config} section {cls.SECTION!r}" if file else "")  # unknown keys
-        configs.append(from_args(cls, ns, base=section))
+        configs.append(from_args(cls, ns, base=recorded_section(cls, section, ns)))
     m, d, t = configs
     run = file.get("model", {})
     for key, value in (forced or {}).items():

@@ -3,7 +3,9 @@
 Relative to HAE (docs/hae.md, 'Multi-scale sparse attention'): a shared 1×1 conv C→C gives the local map, the
 regional tokens are its 4×4 and 8×8 average pools (no per-patch Linear), and the branches are fused
 by averaging followed by a 1×1 conv C→C.  The MSTB MLP is the standard ``C → 4C → C``.  Only these
-choices differ from HAE, so the classes below override HAE's class attributes and nothing else.
+choices differ from HAE, so the classes below override HAE's class attributes and nothing else
+(the one way an HAE variant is built from its parent, see ``hae_blocks``); its option is HAE's
+``use_hae``.
 """
 
 from __future__ import annotations
@@ -30,10 +32,9 @@ class HybridCNNTransformerBlockLite(HybridCNNTransformerBlock):
     MSTB = MultiScaleSparseTransformerBlockLite
 
 
+@register_model("hae_lite")
 class HAEUNetModelLite(HAEUNetModel):
     """FPDM UNet skeleton with a ``HybridCNNTransformerBlockLite`` per decoder level except the finest."""
 
     HYBRID_BLOCK = HybridCNNTransformerBlockLite
 
-
-register_model("hae_lite")(HAEUNetModelLite.build)

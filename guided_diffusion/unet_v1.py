@@ -12,6 +12,7 @@ The blocks (ResBlock, AttentionBlock, Downsample, Upsample) are unet.py's.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -228,8 +229,9 @@ class UNetV1(UNetModel):
 
 
 @register_model("v1")
-def build_unet_v1(*, use_hae: bool = False, bottleneck_ratio: float = 0.25, resblock_updown: bool = False,
-                  use_new_attention_order: bool = False, **kwargs) -> UNetV1:
-    """Registry builder for ``unet_ver v1`` (the HAE flags are unused)."""
+def build_unet_v1(*, resblock_updown: bool = False, use_new_attention_order: bool = False,
+                  **kwargs: Any) -> UNetV1:
+    """Registry builder for ``unet_ver v1``; its options (keyword-only) are ``resblock_updown`` and
+    ``use_new_attention_order``, the other keywords are ``UNetV1``'s."""
     return UNetV1(resblock_updown=resblock_updown, use_new_attention_order=use_new_attention_order, **kwargs)
 

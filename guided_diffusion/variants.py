@@ -1,7 +1,8 @@
 """Every network variant, imported explicitly so that its ``@register_model`` builder runs.
 
 To add a variant: write its module with ``@register_model("name")`` (from ``guided_diffusion.registry``)
-and add one import line below.
+and add one import line below. Its options are its builder's keyword-only parameters (each with a
+default): the factory hands it those and no other variant's (see ``registry.options_for``).
 """
 
 from __future__ import annotations
@@ -18,10 +19,8 @@ __all__ = ["MODEL_REGISTRY", "VARIANT_MODULES", "build_fpdm_unet", "builder"]
 
 
 @register_model("v2")
-def build_fpdm_unet(
-    *, use_hae: bool = False, bottleneck_ratio: float = 0.25, **kwargs: Any
-) -> UNetModel:
-    """The AnoFPDM UNet: upstream UNet v2, missing SiLU activations included (HAE flags unused)."""
+def build_fpdm_unet(**kwargs: Any) -> UNetModel:
+    """The AnoFPDM UNet: upstream UNet v2, missing SiLU activations included (no options of its own)."""
     return UNetModel(resblock_activation=False, **kwargs)
 
 
