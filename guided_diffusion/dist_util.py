@@ -192,9 +192,11 @@ def sync_params(params: Iterable[torch.Tensor]) -> None:
             dist.broadcast(p.data if isinstance(p, torch.nn.Parameter) else p, src=0)
 
 
-def cleanup() -> None:
-    """Barrier, then destroy the process group (if any) and forget the setup."""
+def cleanup(wait: bool = True) -> None:
+    """Barrier (unless ``wait`` is False: a rank leaving on an error must not wait for the others), then
+    destroy the process group (if any) and forget the setup."""
     if dist.is_available() and dist.is_initialized():
-        barrier()
+        if wait:
+            barrier()
         dist.destroy_process_group()
     _state.update(rank=0, world_size=1, local_rank=0, device=None, launcher=None)

@@ -154,14 +154,16 @@ def train(m: ModelConfig, d: DiffusionConfig, t: TrainConfig) -> None:
     _validate(m, t)
     dist_util.setup_dist()
     log_dir = t.log_dir or os.environ.get("OPENAI_LOGDIR") or None
+    finished = False
     with contextlib.ExitStack() as stack:
+        stack.callback(lambda: dist_util.cleanup(wait=finished))  # no rank waits on one that failed
         if log_dir and dist_util.is_main_process():
             from .run_lock import run_lock
 
             stack.enter_context(run_lock(log_dir, "--log_dir"))
         logger.configure(dir=log_dir)
         _train_in(logger.get_dir(), m, d, t)
-    dist_util.cleanup()
+        finished = True
 
 
 def _train_in(log_dir: str, m: ModelConfig, d: DiffusionConfig, t: TrainConfig) -> None:

@@ -56,9 +56,13 @@ def run_session(run: EvalRun) -> Iterator[str]:
     from .run_lock import run_lock
 
     dist_util.setup_dist()
-    check_inference_precision(run.forward.precision, dist_util.dev())  # before anything is written
-    wanted = run.eval.log_dir or os.environ.get("OPENAI_LOGDIR") or None
+    # the process group is destroyed on the way out, error or not: left to the interpreter's exit, gloo's
+    # threads die unjoined and a rank aborts ("terminate called without an active exception", exit 6)
+    finished = False
     with contextlib.ExitStack() as stack:
+        stack.callback(lambda: dist_util.cleanup(wait=finished))
+        check_inference_precision(run.forward.precision, dist_util.dev())  # before anything is written
+        wanted = run.eval.log_dir or os.environ.get("OPENAI_LOGDIR") or None
         main = dist_util.get_rank() == 0
         if wanted and main:
             stack.enter_context(run_lock(wanted, "--log_dir"))
@@ -71,6 +75,7 @@ def run_session(run: EvalRun) -> Iterator[str]:
         if main:
             save_run_config(os.path.join(log_dir, "config.json"), record)
         yield log_dir
+        finished = True
 
 
 # ---------------------------------------------------------------------------------------------- model
