@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from .configs import (
@@ -128,21 +128,31 @@ def recorded_section(cls: type[Config], section: Mapping[str, Any], ns: argparse
     return drop_foreign_options(section, getattr(ns, "unet_ver", None) or section.get("unet_ver"))
 
 
-def configs_from_namespace(ns: argparse.Namespace, classes: Sequence[type[Config]]) -> list[Config]:
-    """One config per class from resolved flags: field default < ``--config`` file < flag given. A run file
-    section of another kind is ignored; an unknown key inside a known section is refused naming the file."""
-    run = load_run_config(ns.config) if getattr(ns, "config", None) else {}
+def configs_from_namespace(ns: argparse.Namespace, classes: Sequence[type[Config]],
+                           base: Mapping[str, Mapping[str, Any]] | None = None, base_source: str = ""
+                           ) -> list[Config]:
+    """One config per class from resolved flags: field default < ``--config`` file (else ``base``, e.g. an
+    export's settings, named ``base_source``) < flag given. A run file section of another kind is ignored;
+    an unknown key inside a known section is refused naming the file."""
+    if getattr(ns, "config", None):
+        run, source = load_run_config(ns.config), ns.config
+    else:
+        run, source = dict(base or {}), base_source
     out = []
     for cls in classes:
         section = run.get(cls.SECTION, {})
-        check_keys(cls, section, source=f"{ns.config} section {cls.SECTION!r}" if run else "")
+        check_keys(cls, section, source=f"{source} section {cls.SECTION!r}" if run else "")
         out.append(from_args(cls, ns, base=recorded_section(cls, section, ns)))
     return out
 
 
 def parse_configs(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
-                  classes: Sequence[type[Config]]) -> tuple[argparse.Namespace, list[Config]]:
-    """Parse ``argv`` (upstream names resolved) and build one config per class (``configs_from_namespace``);
-    returns the namespace and the configs in ``classes`` order."""
+                  classes: Sequence[type[Config]],
+                  base_of: Callable[[argparse.Namespace], tuple[dict, str]] | None = None
+                  ) -> tuple[argparse.Namespace, list[Config]]:
+    """Parse ``argv`` (upstream names resolved) and build one config per class (``configs_from_namespace``;
+    ``base_of(ns)`` gives the (sections, source) under the flags when there is no ``--config``); returns the
+    namespace and the configs in ``classes`` order."""
     ns = resolve_compat(parser.parse_args(argv))
-    return ns, configs_from_namespace(ns, classes)
+    base, source = base_of(ns) if base_of is not None and not getattr(ns, "config", None) else ({}, "")
+    return ns, configs_from_namespace(ns, classes, base, source)

@@ -19,6 +19,7 @@ from .configs import (
     Config,
     DiffusionConfig,
     ModelConfig,
+    field_names,
     register_compat,
     require,
     require_finite,
@@ -251,3 +252,28 @@ register_compat(
     CompatFlag("num_batches_val", note="use --num_slices_val (= num_batches_val x batch_size_val) instead"),
     *(_any(name, "it changes nothing at inference") for name in INFERENCE_IGNORED if name != "clf_free"),
 )
+
+
+# the sections of an evaluation's run record that an export keeps (its config.json "evaluation")
+EVALUATION_SECTIONS: dict[str, type[Config]] = {"diffusion": DiffusionConfig, "forward": ForwardConfig,
+                                                "segment": SegmentConfig, "eval": EvalConfig}
+EVALUATION_PATH_FIELDS = ("data_dir", "log_dir", "calibration")
+
+
+def evaluation_settings(record: Any, source: str) -> dict[str, dict[str, Any]]:
+    """{section: fields} of the evaluation that produced an export's metrics, from its run record
+    (metrics.json "run" "config"): every field that changes the statistics or the results, paths left out.
+
+    Raises ValueError naming ``source`` when the record is not a run record."""
+    names = EVALUATION_SECTIONS
+    if not isinstance(record, dict) or not all(isinstance(record.get(k, {}), dict) for k in names):
+        raise ValueError(f'{source}: "run" "config" is not an evaluation\'s run record (sections '
+                         f"{', '.join(EVALUATION_SECTIONS)}); pass the metrics.json of translation_FPDM.py")
+    out: dict[str, dict[str, Any]] = {}
+    for name, cls in EVALUATION_SECTIONS.items():
+        known = set(field_names(cls))
+        cfg = cls.from_dict({k: v for k, v in (record.get(name) or {}).items() if k in known},
+                            source=f"{source} section {name!r}")
+        kept = {**cfg.settings(STATS), **cfg.settings(RESULT)}
+        out[name] = {k: v for k, v in sorted(kept.items()) if k not in EVALUATION_PATH_FIELDS}
+    return out

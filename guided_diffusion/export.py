@@ -3,13 +3,12 @@
 An export folder holds
 
 * ``model.safetensors``: the weights (EMA weights of one rate by default, or the raw model weights);
-* ``config.json``: {"format", "version", "model", "diffusion", "train"} where model / diffusion / train are
-  the config dict the training run saved with its checkpoints (``script_util.model_config`` keys and the
-  diffusion flags, i.e. today's flag names), plus "weights" {kind, ema_rate, step, source, source_sha256,
-  sha256 (of model.safetensors), n_parameters};
-* ``calibration.json`` when the run (or ``--calibration``) has one: a calibration made with the exported
-  checkpoint is re-keyed to ``model.safetensors`` (checkpoint_sha256 = the export's weights sha256, the
-  source checkpoint in extra["exported_from"]), so ``--model_dir EXPORT`` of translation can use it;
+* ``config.json``: {"format", "version", "model", "diffusion", "train"}: the config dict the training run
+  saved with its checkpoints, plus "weights" {kind, ema_rate, step, source, source_sha256, sha256 (of
+  model.safetensors), n_parameters} and, with ``--metrics``, "evaluation": the result-changing settings of
+  that evaluation, which ``--model_dir EXPORT`` of translation starts from (docs/edges.md);
+* ``calibration.json`` when the run (or ``--calibration``) has one, re-keyed to ``model.safetensors``
+  (checkpoint_sha256 = the export's weights sha256, the source in extra["exported_from"]);
 * ``README.md``: a model card.
 
 ``load_pretrained(DIR)`` rebuilds the network from config.json, checks the weights file's SHA-256, that
@@ -40,6 +39,7 @@ from typing import Any
 import torch
 
 from .cli import ArgumentParser
+from .eval_configs import evaluation_settings
 from .io_util import atomic_write_bytes, atomic_write_json
 
 FORMAT = "hae-fpdm-export"
@@ -150,6 +150,8 @@ def export_run(run_dir: str, out_dir: str, weights: str = "ema", rate: str = "0.
     w = config["weights"]
     if metrics_data is not None:
         _check_metrics_weights(metrics, metrics_data, w, weights, path)
+        if "config" in (metrics_data.get("run") or {}):  # the settings an export-only evaluation starts from
+            config["evaluation"] = evaluation_settings(metrics_data["run"]["config"], f"--metrics {metrics}")
     from .model_card import model_card
 
     files: dict[str, bytes | dict] = {
@@ -206,11 +208,8 @@ def _publish(out_dir: str, files: Mapping[str, bytes | dict]) -> None:
     try:
         # calibration and card first, weights last: a folder without model.safetensors is no export
         for fname in sorted(files, key=lambda f: f == WEIGHTS_FILE):
-            data = files[fname]
-            if isinstance(data, dict):
-                atomic_write_json(data, os.path.join(tmp, fname))
-            else:
-                atomic_write_bytes(data, os.path.join(tmp, fname))
+            write = atomic_write_json if isinstance(files[fname], dict) else atomic_write_bytes
+            write(files[fname], os.path.join(tmp, fname))
         if os.path.isdir(target) and os.listdir(target):  # an earlier export (checked by _check_out)
             old = os.path.join(parent, f".{name}.export-old-{tag}")
             os.replace(target, old)

@@ -20,13 +20,41 @@ from typing import Any
 
 import torch
 
-from .configs import DiffusionConfig, ModelConfig
-from .eval_configs import CheckpointConfig, EvalRun
+from .configs import DiffusionConfig, ModelConfig, field_names
+from .eval_configs import EVALUATION_SECTIONS, CheckpointConfig, EvalRun
 
 # learn_sigma is part of the resolved model config (it changes the output channels)
 DIFFUSION_FIELDS = ("diffusion_steps", "noise_schedule", "predict_xstart", "rescale_timesteps")
 
-__all__ = ["DIFFUSION_FIELDS", "config_differences", "load_export_model", "export_calibration_path"]
+__all__ = ["DIFFUSION_FIELDS", "config_differences", "export_calibration_path", "export_run_sections",
+           "load_export_model"]
+
+
+def export_run_sections(export_dir: str) -> dict[str, dict[str, Any]]:
+    """The run-record sections an evaluation of the export folder starts from when no flag is given:
+    "model" / "diffusion" from the exported network (its flags), overlaid with the settings of the
+    evaluation its metrics came from (config.json "evaluation", when the export has one)."""
+    from .export import CONFIG_FILE, flags_from_config, read_export
+
+    cfg, _ = read_export(export_dir)
+    where = os.path.join(export_dir, CONFIG_FILE)
+    try:
+        flags = flags_from_config(cfg["model"], cfg["diffusion"])
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{where}: model / diffusion section is incomplete ({err}); re-export") from err
+    sections: dict[str, dict[str, Any]] = {
+        "model": {k: v for k, v in flags.items() if k in field_names(ModelConfig)},
+        "diffusion": {k: v for k, v in flags.items() if k in field_names(DiffusionConfig)},
+    }
+    evaluation = cfg.get("evaluation") or {}
+    if not isinstance(evaluation, dict):
+        raise ValueError(f"{where}: \"evaluation\" must be an object of sections, got {evaluation!r}")
+    for name, fields in evaluation.items():
+        if name not in EVALUATION_SECTIONS or not isinstance(fields, dict):
+            raise ValueError(f"{where}: \"evaluation\" section {name!r} is not one of "
+                             f"{', '.join(EVALUATION_SECTIONS)} with an object of fields")
+        sections[name] = {**sections.get(name, {}), **fields}
+    return sections
 
 
 def config_differences(cfg: dict[str, Any], model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -63,6 +64,19 @@ def create_selection_argparser() -> argparse.ArgumentParser:
     return add_calibration_flags(p, test_split=False)
 
 
+def export_base(ns: argparse.Namespace) -> tuple[dict, str]:
+    """With ``--model_dir`` an export folder (and no ``--config``): the export's network, diffusion and
+    evaluation settings as the values under the flags (docs/edges.md, 'An export is enough to evaluate');
+    else nothing."""
+    from .export import CONFIG_FILE, is_export_dir
+    from .export_load import export_run_sections
+
+    model_dir = getattr(ns, "model_dir", "")
+    if not model_dir or not is_export_dir(model_dir):
+        return {}, ""
+    return export_run_sections(model_dir), os.path.join(model_dir, CONFIG_FILE)
+
+
 def parse_run(
     argv: Sequence[str] | None = None,
     overrides: Mapping[str, Any] | None = None,
@@ -78,7 +92,7 @@ def parse_run(
     classes = [ModelConfig, DiffusionConfig, CheckpointConfig, ForwardConfig, EvalConfig]
     if test_split:
         classes.append(SegmentConfig)
-    ns, cfgs = parse_configs(parser, argv, classes)
+    ns, cfgs = parse_configs(parser, argv, classes, base_of=export_base)
     model = cfgs[0]
     for key, value in (overrides or {}).items():
         if key in vars(ns) and getattr(ns, key) != value:

@@ -135,3 +135,41 @@ def test_export_refuses_a_calibration_of_other_weights(exported, tmp_path, capsy
     assert "was made with the checkpoint of sha256" in err and "model000003.pt" in err
     assert err.count("\n") == 1
     assert not (tmp_path / "raw" / "model.safetensors").exists()
+
+
+def test_an_export_alone_is_enough_to_evaluate(exported, monkeypatch):
+    """--model_dir EXPORT --data_dir D --log_dir L, no other flag: the export's network, diffusion and the
+    settings of the evaluation its metrics came from; the same numbers as that evaluation."""
+    root, data, first, export = exported
+    evaluation = json.loads((export / "config.json").read_text())["evaluation"]
+    assert evaluation["forward"]["forward_steps"] == 5 and evaluation["diffusion"]["timestep_respacing"] == "10"
+    assert evaluation["eval"]["seed"] == 5 and "data_dir" not in evaluation["eval"]
+    calls = []
+    real = translation.run_forward_process
+    monkeypatch.setattr(translation, "run_forward_process",
+                        lambda *a, **k: calls.append(a[2].shape[0]) or real(*a, **k))
+    out = root / "eval_alone"
+    translation.main(["--model_dir", str(export), "--data_dir", str(data), "--log_dir", str(out),
+                      "--progress", "False", "--num_panels", "0"])
+    assert sum(calls) == 7  # the export's calibration matched: test slices only
+    assert _view(out) == _view(first)
+    # a flag given on the command line still wins over the export's settings (here: recalibrated) ...
+    other = root / "eval_alone_other"
+    translation.main(["--model_dir", str(export), "--data_dir", str(data), "--log_dir", str(other),
+                      "--progress", "False", "--num_panels", "0", "--forward_steps", "4"])
+    assert json.loads((other / "config.json").read_text())["forward"]["forward_steps"] == 4
+    # ... and one that contradicts the exported network is refused in one line, as before
+    with pytest.raises(ValueError, match=r"differs from this run's flags \(num_channels: export 8"):
+        translation.main(["--model_dir", str(export), "--data_dir", str(data), "--log_dir", str(root / "x"),
+                          "--num_channels", "16"])
+
+
+def test_an_export_without_an_evaluation_record_names_the_missing_setting(exported, tmp_path):
+    """An export made without --metrics has no evaluation settings: the run asks for --w, not a silent
+    default."""
+    root, data, _, _ = exported
+    bare = tmp_path / "bare"
+    assert run_cli(export_main, [str(root / "train"), "--out", str(bare)]) == 0
+    assert "evaluation" not in json.loads((bare / "config.json").read_text())
+    with pytest.raises(ValueError, match="--w"):
+        translation.main(["--model_dir", str(bare), "--data_dir", str(data), "--log_dir", str(tmp_path / "o")])
