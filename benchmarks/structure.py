@@ -1,7 +1,8 @@
 """The package's structure in numbers: modules per folder, import cycles, the import chains of the
 evaluation entry point and the function-local imports.
 
-    python benchmarks/structure.py [--out benchmarks/results/structure.json] [--entry scripts/translation_FPDM.py]
+    python benchmarks/structure.py [--out benchmarks/results/structure.json] [--entry
+    scripts/translation_FPDM.py]
 
 The import graph is grimp's (import-linter's library): it counts every import statement, those inside
 functions included, so a cycle hidden behind a function-local import is still a cycle here. The longest

@@ -112,6 +112,6 @@ def args_to_dict(args: argparse.Namespace, keys: Iterable[str]) -> dict[str, Any
 
 
 def _str2bool(v: str | bool) -> bool:
-    from .configs import str2bool
+    from guided_diffusion.configs.base import str2bool
 
     return str2bool(v)

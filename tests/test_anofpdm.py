@@ -8,8 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from guided_diffusion.anofpdm import forward_result_from_stacks, run_forward_process
-from guided_diffusion.calibration import Q_GRID, Calibration, calibrate, cos_threshold, select_guidance
+from guided_diffusion.anofpdm.calibration import (
+    Q_GRID,
+    Calibration,
+    calibrate,
+    cos_threshold,
+    select_guidance,
+)
+from guided_diffusion.anofpdm.forward import forward_result_from_stacks, run_forward_process
+from guided_diffusion.anofpdm.segmentation import QUANTILE_GRID, aggregation_steps, quantile_index, segment
 from guided_diffusion.gaussian_diffusion import (
     GaussianDiffusion,
     LossType,
@@ -17,7 +24,6 @@ from guided_diffusion.gaussian_diffusion import (
     ModelVarType,
     get_named_beta_schedule,
 )
-from guided_diffusion.segmentation import QUANTILE_GRID, aggregation_steps, quantile_index, segment
 
 
 class ToyEps(torch.nn.Module):
@@ -536,7 +542,7 @@ def _bt(abar):
 
 
 def test_gradient_sam_scale_model_schedule_vs_legacy_linear():
-    from guided_diffusion.gradient_sam import gradient_sam_scale
+    from guided_diffusion.anofpdm.gradient_sam import gradient_sam_scale
     from guided_diffusion.respace import SpacedDiffusion, space_timesteps
 
     diff = make_diffusion(50)  # "linear" at 50 steps: betas scaled by 1000/50, not upstream's 1e-4..0.02
@@ -568,7 +574,7 @@ def test_gradient_sam_scale_model_schedule_vs_legacy_linear():
 
 @pytest.mark.parametrize("mode", ["gradient", "gradient_para"])
 def test_gradient_sam_forward_and_segmentation(mode):
-    from guided_diffusion.gradient_sam import gradient_sam_scale
+    from guided_diffusion.anofpdm.gradient_sam import gradient_sam_scale
 
     model, diff, x0 = ToyEps(), make_diffusion(), make_x0()
     kw = dict(ws=[1.0, 2.0], modality=[0, 1], forward_steps=S, keep_xstarts=True)

@@ -1,4 +1,5 @@
-"""Fig. 5 / Fig. 2-style plots of one evaluation log dir (guided_diffusion.anofpdm_plots, plot_anofpdm.py)
+"""Fig. 5 / Fig. 2-style plots of one evaluation log dir (guided_diffusion.anofpdm.anofpdm_plots,
+plot_anofpdm.py)
 on the tiny seeded evaluation of tiny_eval.py with three t_e ratios and --save_data True."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import pytest
 from scipy import ndimage
 from tiny_eval import make_run, make_split, run_argv
 
-from guided_diffusion import anofpdm_plots, translation
+from guided_diffusion.anofpdm import anofpdm_plots, translation
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def test_files_and_numbers_match_metrics_json(tiny, tmp_path):
     for name in ("te_ratio.png", "thresholds.png", "mse_curves.png"):
         assert (tmp_path / "p" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert res["skipped"] == {} and len(lines) == 1
-    assert res["produced_by"].startswith("guided_diffusion.anofpdm_plots")
+    assert res["produced_by"].startswith("guided_diffusion.anofpdm.anofpdm_plots")
     sr = metrics["settings_results"]
     for w in ("1", "3"):
         s = res["te_ratio"]["per_w"][w]

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from guided_diffusion import checkpoint, logger
 from guided_diffusion import script_util as su
+from guided_diffusion.training import checkpoint
+from guided_diffusion.utils import logger
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,9 +9,9 @@ import warnings
 
 import pytest
 
-from guided_diffusion import config_flags as cfl
-from guided_diffusion import configs as cf
 from guided_diffusion import script_util as su
+from guided_diffusion.configs import base as cf
+from guided_diffusion.configs import config_flags as cfl
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -15,12 +15,13 @@ import pytest
 from fake_data import write_fake_brats
 from tiny_eval import make_split, run_argv
 
-from guided_diffusion import denoiser_comparison as dc
-from guided_diffusion import experiments as ex
-from guided_diffusion import training, translation
+from guided_diffusion.anofpdm import translation
 from guided_diffusion.cli import run_cli
 from guided_diffusion.data import fingerprint as fpm
 from guided_diffusion.data.fingerprint import CACHE_NAME, data_fingerprint
+from guided_diffusion.experiments import denoiser_comparison as dc
+from guided_diffusion.experiments import experiments as ex
+from guided_diffusion.training import run as training
 
 
 def _rewrite_same_size(path: Path) -> None:
@@ -86,7 +87,7 @@ def test_read_only_data_still_works(data, monkeypatch):
     same fingerprint, every file hashed."""
     import errno
 
-    from guided_diffusion import io_util
+    from guided_diffusion.utils import io_util
 
     ref = data_fingerprint(str(data)).digest
     (data / CACHE_NAME).unlink()

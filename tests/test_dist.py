@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from guided_diffusion import checkpoint, dist_util, logger
+from guided_diffusion.training import checkpoint
+from guided_diffusion.utils import dist_util, logger
 
 REPO = Path(__file__).resolve().parents[1]
 

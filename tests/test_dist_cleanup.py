@@ -12,8 +12,9 @@ import types
 
 import pytest
 
-from guided_diffusion import dist_util, training
-from guided_diffusion.translation_runtime import run_session
+from guided_diffusion.anofpdm.translation_runtime import run_session
+from guided_diffusion.training import run as training
+from guided_diffusion.utils import dist_util
 
 
 @pytest.fixture

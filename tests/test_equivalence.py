@@ -83,9 +83,9 @@ class KeyedDiffusion:
 def train_worker(out: str) -> None:
     from torch.utils.data import DataLoader, DistributedSampler
 
-    from guided_diffusion import dist_util, logger
     from guided_diffusion import script_util as su
-    from guided_diffusion.train_util import TrainLoop
+    from guided_diffusion.training.train_util import TrainLoop
+    from guided_diffusion.utils import dist_util, logger
 
     torch.set_num_threads(1)
     dist_util.setup_dist()
@@ -153,7 +153,7 @@ def run_all(jobs: list[tuple[list[str], str]]) -> None:
 
 
 def torchrun(nproc: int, *args: str) -> list[str]:
-    from guided_diffusion.dist_util import find_free_port
+    from guided_diffusion.utils.dist_util import find_free_port
 
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
             "--master-port", str(find_free_port()), *args]

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from tiny_eval import core, make_run, run_argv, write_checkpoint
 
-from guided_diffusion import translation
-from guided_diffusion.calibration import load_calibrations
+from guided_diffusion.anofpdm import translation
+from guided_diffusion.anofpdm.calibration import load_calibrations
 from guided_diffusion.cli import run_cli
 
 REPO = Path(__file__).resolve().parents[1]

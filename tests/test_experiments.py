@@ -1,4 +1,5 @@
-"""Experiment runner (guided_diffusion.experiments): fingerprints, resume semantics, aggregation, tables;
+"""Experiment runner (guided_diffusion.experiments.experiments): fingerprints, resume semantics,
+aggregation, tables;
 the side-by-side cost measurement, the plots and the denoiser comparison's smoke preset end to end."""
 
 import csv
@@ -11,9 +12,9 @@ import sys
 import numpy as np
 import pytest
 
-from guided_diffusion import experiments as ex
-from guided_diffusion import plots
-from guided_diffusion.measure import measure_models
+from guided_diffusion.experiments import experiments as ex
+from guided_diffusion.experiments.measure import measure_models
+from guided_diffusion.reporting import plots
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -201,7 +202,7 @@ def test_read_anofpdm_metrics(tmp_path):
 
 def test_denoiser_table_reads_the_volume_columns(tmp_path):
     """metrics.json "volume" -> read_anofpdm_metrics -> the 3-D DICE / HD95 columns of the denoiser table."""
-    from guided_diffusion.denoiser_comparison import COLUMNS
+    from guided_diffusion.experiments.denoiser_comparison import COLUMNS
 
     keys = [c.key for c in COLUMNS]
     assert "volume.dice_3d_mean" in keys and "volume.hd95_mm_mean" in keys

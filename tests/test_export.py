@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from guided_diffusion import checkpoint
-from guided_diffusion.calibration import Calibration, file_sha256, save_calibrations
-from guided_diffusion.export import export_run, load_pretrained
+from guided_diffusion.anofpdm.calibration import Calibration, file_sha256, save_calibrations
+from guided_diffusion.export.export import export_run, load_pretrained
 from guided_diffusion.script_util import create_model_and_diffusion, diffusion_defaults, model_config
+from guided_diffusion.training import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 FLAGS = dict(image_size=16, in_channels=2, num_channels=8, num_res_blocks=1, channel_mult="1,2",
@@ -113,7 +113,7 @@ def test_tampered_config_and_weights_are_refused(tmp_path):
 def test_export_script_cli(tmp_path, capsys):
     run, _, _ = _run_dir(tmp_path)
     from guided_diffusion.cli import run_cli
-    from guided_diffusion.export import main
+    from guided_diffusion.export.export import main
 
     out = tmp_path / "e"
     assert run_cli(main, [str(run), "--out", str(out), "--rate", "0.9999"]) == 0
@@ -127,7 +127,7 @@ def test_export_of_a_real_training_run(tmp_path):
     """scripts/train.py saves the config export reads: the export reproduces the EMA checkpoint exactly."""
     from fake_data import write_fake_brats
 
-    from guided_diffusion.training import main as train_main
+    from guided_diffusion.training.run import main as train_main
 
     data = write_fake_brats(tmp_path / "data")
     log = tmp_path / "log"
@@ -164,8 +164,9 @@ def test_monai_and_safetensors_are_pinned_and_imported_lazily():
 
     reqs = (REPO / "requirements.txt").read_text().splitlines()
     assert "monai==1.6.1" in reqs and "safetensors==0.8.0" in reqs
-    code = ("import sys, guided_diffusion, guided_diffusion.translation, guided_diffusion.export, "
-            "guided_diffusion.export_load, guided_diffusion.volume_metrics, guided_diffusion.volume_outputs; "
+    code = ("import sys, guided_diffusion, guided_diffusion.anofpdm.translation, "
+            "guided_diffusion.export.export, guided_diffusion.export.export_load, "
+            "guided_diffusion.metrics.volume_metrics, guided_diffusion.metrics.volume_outputs; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'monai', 'safetensors'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, timeout=120)

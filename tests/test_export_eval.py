@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from tiny_eval import MODEL_FLAGS, make_split, run_argv
 
-from guided_diffusion import translation
+from guided_diffusion.anofpdm import translation
 from guided_diffusion.cli import run_cli
-from guided_diffusion.export import main as export_main
+from guided_diffusion.export.export import main as export_main
 
 EVAL = dict(w=("2",), t_e_ratio=("1",))
 
@@ -31,7 +31,7 @@ def _data(root: Path) -> Path:
 
 
 def _train(data: Path, log: Path) -> None:
-    from guided_diffusion.training import main as train_main
+    from guided_diffusion.training.run import main as train_main
 
     assert train_main([*MODEL_FLAGS, "--data_dir", str(data), "--log_dir", str(log), "--batch_size", "2",
                        "--max_steps", "3", "--save_interval", "3", "--log_interval", "1", "--num_workers",

@@ -32,13 +32,15 @@ import numpy as np
 import pytest
 import torch
 
-from guided_diffusion import checkpoint, logger, training
 from guided_diffusion import script_util as su
-from guided_diffusion.anofpdm import run_forward_process
+from guided_diffusion.anofpdm.forward import run_forward_process
 from guided_diffusion.cli import run_cli
 from guided_diffusion.data import preprocess
 from guided_diffusion.data.brats import BrainDataset, get_train_loader
-from guided_diffusion.train_util import TrainLoop
+from guided_diffusion.training import checkpoint
+from guided_diffusion.training import run as training
+from guided_diffusion.training.train_util import TrainLoop
+from guided_diffusion.utils import logger
 
 REPO = Path(__file__).resolve().parents[1]
 

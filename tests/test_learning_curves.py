@@ -1,4 +1,5 @@
-"""scripts/learning_curves.py (guided_diffusion.learning_curves): rows, ranges, PNG, resume after a kill,
+"""scripts/learning_curves.py (guided_diffusion.experiments.learning_curves): rows, ranges, PNG, resume
+after a kill,
 refused settings, and the AnoFPDM numbers equal to translation_FPDM.py's on the same checkpoint."""
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ import pytest
 import torch
 from tiny_eval import make_split
 
-from guided_diffusion import learning_curves as lc
-from guided_diffusion import learning_curves_eval as lce
-from guided_diffusion import training
 from guided_diffusion.cli import run_cli
+from guided_diffusion.experiments import learning_curves as lc
+from guided_diffusion.experiments import learning_curves_eval as lce
+from guided_diffusion.training import run as training
 
 MODEL = ["--image_size", "16", "--in_channels", "4", "--num_channels", "8", "--num_res_blocks", "1",
          "--channel_mult", "1,2", "--attention_resolutions", "8", "--num_heads", "1",
@@ -105,7 +106,7 @@ def test_rows_png_resume_and_equal_to_translation(tmp_path, monkeypatch, capsys)
     assert json.loads(path.read_text()) == curves
 
     # the AnoFPDM numbers are translation_FPDM.py's on the same checkpoint and settings
-    from guided_diffusion import translation
+    from guided_diffusion.anofpdm import translation
 
     out = tmp_path / "fpdm"
     metrics = translation.main([*MODEL, "--data_dir", str(data), "--model_dir", str(log), "--model_num", "6",
@@ -133,7 +134,7 @@ def test_rows_png_resume_and_equal_to_translation(tmp_path, monkeypatch, capsys)
 
 
 def test_conditioning_strength_and_loss_are_seeded():
-    from guided_diffusion.configs import DiffusionConfig
+    from guided_diffusion.configs.base import DiffusionConfig
     from guided_diffusion.script_util import create_gaussian_diffusion
 
     diffusion = create_gaussian_diffusion(DiffusionConfig(diffusion_steps=40))

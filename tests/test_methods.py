@@ -1,18 +1,19 @@
-"""Comparison methods (guided_diffusion/methods.py), the noise-aware classifier (classifier.py) and the
+"""Comparison methods (guided_diffusion/baselines/methods.py), the noise-aware classifier (classifier.py)
+and the
 learn_sigma hybrid loss, on tiny random models."""
 
 import numpy as np
 import pytest
 import torch
 
-from guided_diffusion import methods
-from guided_diffusion.classifier import (
+from guided_diffusion.baselines import methods
+from guided_diffusion.baselines.classifier import (
     EncoderUNetModel,
     classifier_log_prob_grad,
     classifier_loss,
     create_classifier,
 )
-from guided_diffusion.metrics import dice_per_sample
+from guided_diffusion.metrics.slice_metrics import dice_per_sample
 from guided_diffusion.script_util import create_gaussian_diffusion
 from guided_diffusion.unet import UNetModel
 from guided_diffusion.unet_v1 import UNetV1
@@ -308,7 +309,7 @@ def _fake_train_split(root, channels=2, size=16, patients=2, slices=4):
 
 
 def test_train_classifier_script(tmp_path, capsys):
-    from guided_diffusion import classifier_training as script
+    from guided_diffusion.baselines import classifier_training as script
     from guided_diffusion.cli import run_cli
     data = _fake_train_split(tmp_path / "data")
     flags = ["--data_dir", str(data), "--log_dir", str(tmp_path / "log"), "--image_size", "16",
@@ -336,7 +337,7 @@ def test_train_classifier_script(tmp_path, capsys):
 def test_comparison_median_filter_pads_like_torch_reflect():
     """The comparison maps are filtered as AnoFPDM's: torch reflect padding (edge not repeated), so the
     outer 2 px agree with a direct torch reference and with segmentation.median_filter_5x5."""
-    from guided_diffusion.segmentation import median_filter_5x5
+    from guided_diffusion.anofpdm.segmentation import median_filter_5x5
 
     g = torch.Generator().manual_seed(3)
     maps = torch.rand(2, 1, 12, 12, generator=g)

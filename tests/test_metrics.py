@@ -1,4 +1,5 @@
-"""Tests for guided_diffusion.metrics: agreement with scikit-learn, CC filter, evaluator, legacy formulas."""
+"""Tests for guided_diffusion.metrics.slice_metrics: agreement with scikit-learn, CC filter, evaluator,
+legacy formulas."""
 
 import math
 import pickle
@@ -16,9 +17,9 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from guided_diffusion import evaluator as E
-from guided_diffusion import metrics as M
-from guided_diffusion import metrics_legacy as L
+from guided_diffusion.metrics import evaluator as E
+from guided_diffusion.metrics import metrics_legacy as L
+from guided_diffusion.metrics import slice_metrics as M
 
 
 def _random_batch(rng, n=12, hw=24, c=2):

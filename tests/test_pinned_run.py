@@ -27,7 +27,7 @@ def pinned_view(out: Path) -> dict:
 
 
 def test_tiny_run_matches_the_pinned_results(tmp_path):
-    from guided_diffusion import translation
+    from guided_diffusion.anofpdm import translation
 
     data, mdir = make_run(tmp_path)
     translation.main(run_argv(data, mdir, tmp_path / "out"))
@@ -47,7 +47,7 @@ def test_tiny_run_matches_the_pinned_results(tmp_path):
 if __name__ == "__main__":
     import tempfile
 
-    from guided_diffusion import translation
+    from guided_diffusion.anofpdm import translation
 
     with tempfile.TemporaryDirectory() as tmp:
         d, md = make_run(Path(tmp))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from guided_diffusion.anofpdm import run_forward_process
+from guided_diffusion.anofpdm.forward import run_forward_process
 from guided_diffusion.gaussian_diffusion import (
     GaussianDiffusion,
     LossType,
@@ -13,7 +13,7 @@ from guided_diffusion.gaussian_diffusion import (
     ModelVarType,
     get_named_beta_schedule,
 )
-from guided_diffusion.precision import autocast, check_precision, maybe_compile, to_channels_last
+from guided_diffusion.utils.precision import autocast, check_precision, maybe_compile, to_channels_last
 
 
 class ToyEps(torch.nn.Module):
@@ -139,7 +139,7 @@ def test_channels_last_keeps_outputs():
 
 
 def test_batch_size_flag_parsing():
-    from guided_diffusion.batch_size import parse_batch_size
+    from guided_diffusion.utils.batch_size import parse_batch_size
 
     assert parse_batch_size("auto") is None and parse_batch_size("16") == 16 and parse_batch_size(4) == 4
     for bad in ("0", "-2", "many"):
@@ -148,7 +148,7 @@ def test_batch_size_flag_parsing():
 
 
 def test_auto_batch_size_cpu_rule_and_cuda_search(monkeypatch):
-    from guided_diffusion import batch_size as bs
+    from guided_diffusion.utils import batch_size as bs
 
     assert bs.auto_batch_size(lambda n: None, "cpu", cpu_batch=6) == 6
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)

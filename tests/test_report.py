@@ -1,4 +1,4 @@
-"""Tests for guided_diffusion.report: every writer produces readable files atomically."""
+"""Tests for guided_diffusion.reporting.report: every writer produces readable files atomically."""
 
 import csv
 import json
@@ -10,9 +10,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 
-from guided_diffusion import report as R
-from guided_diffusion.evaluator import SegmentationEvaluator
+from guided_diffusion.metrics.evaluator import SegmentationEvaluator
+from guided_diffusion.reporting import report as R
 
 
 def _no_temp_files(d):
@@ -173,12 +174,11 @@ def test_empty_predicted_mask_panel_says_why(tmp_path):
 def test_parameter_count_has_one_definition():
     """The same model's count is printed identically everywhere (M = 10**6; not 0.57 M here, 0.54 M there)."""
     import ast
-    from pathlib import Path
 
-    from guided_diffusion.configs import DiffusionConfig, ModelConfig
+    from guided_diffusion.configs.base import DiffusionConfig, ModelConfig
     from guided_diffusion.nn import count_parameters, format_param_count
     from guided_diffusion.script_util import create_from_configs
-    from guided_diffusion.training import hae_v2_summary
+    from guided_diffusion.training.run import hae_v2_summary
 
     assert format_param_count(571_234) == "571,234 parameters (0.57 M)"
     m = ModelConfig(unet_ver="hae_v2", num_channels=32, image_size=32, attention_resolutions="16",
@@ -188,7 +188,7 @@ def test_parameter_count_has_one_definition():
         model, _ = create_from_configs(m, d)
     assert format_param_count(count_parameters(model)) in hae_v2_summary(m, d)
     # no training code formats a parameter count on its own (e.g. / 1024 ** 2 next to / 1e6)
-    path = Path(__file__).resolve().parents[1] / "guided_diffusion" / "training.py"
+    path = REPO / "guided_diffusion" / "training" / "run.py"
     tree = ast.parse(path.read_text())
     calls = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and hasattr(n.func, "id")}
     assert "format_param_count" in calls

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import tiny_eval as helpers
 
-from guided_diffusion import translation
-from guided_diffusion.calibration import load_calibrations, select_guidance
+from guided_diffusion.anofpdm import translation
+from guided_diffusion.anofpdm.calibration import load_calibrations, select_guidance
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -20,7 +20,7 @@ from guided_diffusion.data.synthetic import (
     healthy_subjects,
     load_atlas,
 )
-from guided_diffusion.metrics import dice_per_sample, foreground_auroc_auprc
+from guided_diffusion.metrics.slice_metrics import dice_per_sample, foreground_auroc_auprc
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32

@@ -13,10 +13,11 @@ import sys
 import pytest
 import torch
 
-from guided_diffusion import training, training_flags
 from guided_diffusion.cli import UsageError
+from guided_diffusion.experiments.table1 import ANOFPDM_ROWS, DISPLAY, PIXEL_MARK, PRESETS, ROWS
 from guided_diffusion.simplex import simplex_noise_like
-from guided_diffusion.table1 import ANOFPDM_ROWS, DISPLAY, PIXEL_MARK, PRESETS, ROWS
+from guided_diffusion.training import run as training
+from guided_diffusion.training import training_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = [f"{s}.{m}" for s in ("mixed", "unhealthy") for m in ("dice", "iou", "auprc")]

@@ -24,10 +24,12 @@ from fake_data import write_fake_brats
 from near_golden import assert_near, state_leaves, tensor_fingerprint
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from guided_diffusion import checkpoint, dist_util, logger, training, training_flags
 from guided_diffusion import script_util as su
 from guided_diffusion.cli import run_cli
-from guided_diffusion.train_util import TrainLoop, get_rng_state, loader_from_batch
+from guided_diffusion.training import checkpoint, training_flags
+from guided_diffusion.training import run as training
+from guided_diffusion.training.train_util import TrainLoop, get_rng_state, loader_from_batch
+from guided_diffusion.utils import dist_util, logger
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -392,7 +394,7 @@ def test_second_run_in_the_same_log_dir_stops(tmp_path, capsys):
     file left by a dead run is taken over."""
     import socket
 
-    from guided_diffusion.run_lock import LOCK_NAME, RunLockError, run_lock
+    from guided_diffusion.utils.run_lock import LOCK_NAME, RunLockError, run_lock
 
     data, log = write_fake_brats(tmp_path / "data"), tmp_path / "log"
     argv = ["--data_dir", str(data), "--log_dir", str(log), *TINY_FLAGS, "--max_steps", "2"]

@@ -8,8 +8,9 @@ import csv
 import torch
 from torch import nn
 
-from guided_diffusion import checkpoint, train_util, training
 from guided_diffusion.cli import run_cli
+from guided_diffusion.training import checkpoint, train_util
+from guided_diffusion.training import run as training
 from tests.test_train import make_loop, write_fake_brats
 
 FLAGS = ["--image_size", "16", "--num_channels", "32", "--in_channels", "2", "--num_classes", "2",
@@ -19,7 +20,7 @@ FLAGS = ["--image_size", "16", "--num_channels", "32", "--in_channels", "2", "--
 
 
 def test_run_writes_loss_curves_png_without_tensorboard(tmp_path, monkeypatch):
-    from guided_diffusion import training_plots
+    from guided_diffusion.reporting import training_plots
 
     monkeypatch.setattr(training_plots, "tensorboard_available", lambda: False)
     data = write_fake_brats(tmp_path / "data")
@@ -70,7 +71,7 @@ class _Wrapped(nn.Module):
 
 
 def test_compile_keeps_checkpoint_keys(tmp_path, monkeypatch):
-    from guided_diffusion import precision
+    from guided_diffusion.utils import precision
 
     calls = []
 

@@ -12,7 +12,7 @@ from test_train import make_loop
 
 import guided_diffusion
 from guided_diffusion import gaussian_diffusion, unet
-from guided_diffusion.train_logging import fetch_step_values
+from guided_diffusion.training.train_logging import fetch_step_values
 
 PACKAGE = Path(guided_diffusion.__file__).resolve().parent
 HOST_READS = ("cpu", "item", "tolist", "numpy", "__float__", "__int__", "__bool__")

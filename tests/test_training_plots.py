@@ -6,7 +6,7 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 
-from guided_diffusion import training_plots as tp
+from guided_diffusion.reporting import training_plots as tp
 
 CSV = "step,loss,loss_q0,mse,grad_norm,lg_loss_scale,lr\n" + "".join(
     f"{s},{1 / (s + 1):.6f},{0.5 / (s + 1):.6f},{'' if s == 15 else f'{0.9 / (s + 1):.6f}'},{2 + s},0,1e-4\n"

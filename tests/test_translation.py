@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from guided_diffusion import translation
-from guided_diffusion.dist_util import find_free_port
+from guided_diffusion.anofpdm import translation
 from guided_diffusion.script_util import create_model_and_diffusion
+from guided_diffusion.utils.dist_util import find_free_port
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_FLAGS = [
@@ -252,7 +252,7 @@ def _check_volume_outputs(out: Path, metrics: dict) -> None:
     """The per-patient 3-D metrics of the primary setting: metrics.json "volume", patients.csv, index.html."""
     import csv
 
-    from guided_diffusion.volume_metrics import HD_MAX_MM
+    from guided_diffusion.metrics.volume_metrics import HD_MAX_MM
 
     vol = metrics["volume"]
     assert vol == json.loads((out / "metrics.json").read_text())["volume"]
@@ -345,7 +345,7 @@ def test_one_vs_two_processes_equal_metrics(setup):
 
 
 def test_min_cc_size_scales_with_image_size(setup):
-    from guided_diffusion.translation_outputs import resolve_min_cc_size
+    from guided_diffusion.anofpdm.translation_outputs import resolve_min_cc_size
 
     assert resolve_min_cc_size(-1, 128) == 40 and resolve_min_cc_size(-1, 64) == 10
     assert resolve_min_cc_size(-1, 256) == 160 and resolve_min_cc_size(-1, 32) == 3  # 2.5 rounds up
@@ -475,7 +475,7 @@ def test_a_second_run_into_a_locked_log_dir_stops_at_once(tmp_path, capsys):
     import os
 
     from guided_diffusion.cli import run_cli
-    from guided_diffusion.run_lock import run_lock
+    from guided_diffusion.utils.run_lock import run_lock
     from scripts import select_guidance as select_script
 
     _, _, argv = _tiny(tmp_path, "--num_slices", "2", "--num_slices_val", "4")
@@ -582,7 +582,7 @@ def test_fp16_on_cpu_is_refused_in_one_line(tmp_path, capsys):
 
 
 def test_batch_size_auto_and_compile_fallback(tmp_path, monkeypatch):
-    from guided_diffusion import translation_runtime
+    from guided_diffusion.anofpdm import translation_runtime
 
     _, _, argv = _tiny(tmp_path, "--num_slices", "3", "--num_slices_val", "4")
     ref = translation.main(_set_log_dir(argv, tmp_path / "ref"))

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from guided_diffusion import volume_metrics as vm
+from guided_diffusion.metrics import volume_metrics as vm
 
 
 def _sphere(shape, centre, radius):
@@ -166,7 +166,7 @@ def test_adapter_reads_meta_and_summarises(tmp_path):
 
 def test_volume_section_for_the_evaluation_outputs(tmp_path):
     """volume_outputs: spacing from meta.json (a shifted box: HD95 known in mm), 1 mm assumed without it."""
-    from guided_diffusion.volume_outputs import PATIENT_COLUMNS, merge_patient_rows, volume_section
+    from guided_diffusion.metrics.volume_outputs import PATIENT_COLUMNS, merge_patient_rows, volume_section
 
     pdir = tmp_path / "npy_test" / "patient_A"
     pdir.mkdir(parents=True)

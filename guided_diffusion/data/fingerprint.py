@@ -105,7 +105,7 @@ def _read_cache(root: str) -> dict[str, Any]:
 
 def _write_cache(root: str, cache: Mapping[str, Any]) -> bool:
     """Write the cache atomically; False (nothing written) when the data root is not writable."""
-    from ..io_util import atomic_write_text
+    from guided_diffusion.utils.io_util import atomic_write_text
 
     try:
         atomic_write_text(json.dumps(cache, sort_keys=True, separators=(",", ":")) + "\n",

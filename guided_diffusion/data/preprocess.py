@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from guided_diffusion.io_util import atomic_write_bytes, atomic_write_text
+from guided_diffusion.utils.io_util import atomic_write_bytes, atomic_write_text
 
 BRATS_MODALITIES = ("flair", "t1", "t1ce", "t2")
 MOD_CHOICES = ("all", "flair", "t1", "t1ce", "t2")

@@ -60,7 +60,7 @@ from guided_diffusion.data.preprocess import (
     write_patient,
     write_splits,
 )
-from guided_diffusion.io_util import atomic_write_bytes, atomic_write_text
+from guided_diffusion.utils.io_util import atomic_write_bytes, atomic_write_text
 
 CANVAS = (128, 128, 96)  # raw grid (x, y, z), 2 mm voxels
 OFFSET = (14, 5, 6)  # canvas index of template voxel (0, 0, 0)
