@@ -14,6 +14,8 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from guided_diffusion.configs.base import str2bool
+
 DEBUG_ENV = ("HAE_FPDM_DEBUG", "TRAIN_DEBUG")
 
 # errors that bad input or a bad environment cause; anything else is a bug and keeps its traceback
@@ -112,6 +114,5 @@ def args_to_dict(args: argparse.Namespace, keys: Iterable[str]) -> dict[str, Any
 
 
 def _str2bool(v: str | bool) -> bool:
-    from guided_diffusion.configs.base import str2bool
 
     return str2bool(v)

@@ -28,7 +28,8 @@ from guided_diffusion import script_util as su
 from guided_diffusion.cli import run_cli
 from guided_diffusion.training import checkpoint, training_flags
 from guided_diffusion.training import run as training
-from guided_diffusion.training.train_util import TrainLoop, get_rng_state, loader_from_batch
+from guided_diffusion.training.rng import get_rng_state
+from guided_diffusion.training.train_util import TrainLoop, loader_from_batch
 from guided_diffusion.utils import dist_util, logger
 
 REPO = Path(__file__).resolve().parents[1]

@@ -32,8 +32,10 @@ import numpy as np
 
 from guided_diffusion.anofpdm.translation_outputs import setting_key
 from guided_diffusion.cli import ArgumentParser
+from guided_diffusion.data.brats import get_eval_loader
 from guided_diffusion.metrics.slice_metrics import NAN, cc_filter, dice_per_sample
 from guided_diffusion.reporting.plots import _pyplot, _save
+from guided_diffusion.reporting.report import _jsonable
 from guided_diffusion.utils.io_util import atomic_write_json
 
 PRODUCER = "guided_diffusion.anofpdm.anofpdm_plots.make_plots (scripts/plot_anofpdm.py)"
@@ -171,7 +173,6 @@ def load_ground_truth(data_dir: str, index: np.ndarray, metrics: Mapping[str, An
                       rows: Mapping[int, Mapping[str, str]]) -> tuple[np.ndarray, np.ndarray]:
     """(gt bool [N, H, W], label [N]) of the test slices ``index``, checked against slices.csv (patient,
     slice, GT pixel count) so that a data dir of another run is refused."""
-    from guided_diffusion.data.brats import get_eval_loader
 
     cfg = metrics["run"]["config"]
     if not os.path.isdir(data_dir):
@@ -380,7 +381,6 @@ def make_plots(log_dir: str, data_dir: str | None = None, out_dir: str | None = 
             if os.path.isfile(stale):  # a PNG of an earlier call must not pass for this run's
                 os.remove(stale)
             log(f"{PLOT_FILES[name]} skipped: {why}")
-    from guided_diffusion.reporting.report import _jsonable
 
     atomic_write_json(_jsonable(result), os.path.join(out_dir, "plots.json"))
     log(f"plots of {log_dir} ({key}) in {out_dir}: {', '.join(result['files'].values()) or 'none'}")

@@ -27,7 +27,9 @@ import torch
 from torch import Tensor
 
 from guided_diffusion.anofpdm.segmentation import cosine_similarity
+from guided_diffusion.data.fingerprint import data_fingerprint, explain
 from guided_diffusion.utils import logger
+from guided_diffusion.utils.io_util import atomic_write_text
 
 Q_GRID = torch.linspace(0.005, 0.095, 100)
 _WARNED_UNVERIFIED: set[str] = set()
@@ -80,7 +82,6 @@ class Calibration:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def save(self, path: str) -> None:
-        from guided_diffusion.utils.io_util import atomic_write_text
 
         atomic_write_text(self.to_json(), path)
 
@@ -127,7 +128,6 @@ def check_calibration_data(cal: Calibration, data_dir: str, path: str, hint: str
     old = cal.extra.get("data_sha256") if isinstance(cal.extra, dict) else None
     if not old:
         return
-    from guided_diffusion.data.fingerprint import data_fingerprint, explain
 
     now = data_fingerprint(data_dir, ("val",))
     if now.digest != old:
@@ -301,7 +301,6 @@ def select_guidance(
 
 def save_calibrations(path: str, calibrations: Mapping[float, Calibration]) -> None:
     """Write one or several calibrations (one per w) to a JSON file atomically."""
-    from guided_diffusion.utils.io_util import atomic_write_text
 
     items = [asdict(c) for _, c in sorted(calibrations.items(), key=lambda kv: float(kv[0]))]
     atomic_write_text(json.dumps({"calibrations": items}, indent=2, sort_keys=True) + "\n", path)

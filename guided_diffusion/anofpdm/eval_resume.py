@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from guided_diffusion.data.fingerprint import data_fingerprint, explain
 from guided_diffusion.utils import dist_util
 from guided_diffusion.utils.io_util import atomic_torch_save, atomic_write_json
 
@@ -46,7 +47,6 @@ def data_key(data_dir: str, splits: Sequence[str]) -> dict[str, Any]:
     """The fingerprint entries that key a cache on the data it was computed from: ``data_dir`` (absolute),
     ``data_splits`` and ``data_sha256``, the content fingerprint of those splits
     (guided_diffusion/data/fingerprint.py)."""
-    from guided_diffusion.data.fingerprint import data_fingerprint
 
     return {"data_dir": os.path.abspath(data_dir), "data_splits": list(splits),
             "data_sha256": data_fingerprint(data_dir, splits).digest}
@@ -58,7 +58,6 @@ def data_change(stored: Mapping[str, Any], now: Mapping[str, Any]) -> str | None
     a, b = stored.get("data_sha256"), now.get("data_sha256")
     if a is None or b is None or a == b or not now.get("data_dir"):
         return None
-    from guided_diffusion.data.fingerprint import data_fingerprint, explain
 
     try:
         fp = data_fingerprint(str(now["data_dir"]), now.get("data_splits") or ("test",))

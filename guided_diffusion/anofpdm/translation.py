@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -60,6 +61,9 @@ from guided_diffusion.anofpdm.translation_runtime import (
     slice_generators,
 )
 from guided_diffusion.configs.eval_configs import EvalRun, SegmentConfig
+from guided_diffusion.data.brats import BrainDataset, get_eval_loader
+from guided_diffusion.data.read_ahead import read_ahead
+from guided_diffusion.export.export_load import export_calibration_path
 from guided_diffusion.utils import dist_util, logger
 
 __all__ = [
@@ -94,7 +98,6 @@ def _bar(iterable, **kw):
 def _batches(loader, desc: str, enabled: bool):
     """The loader's batches, the next one read (and pinned on CUDA) while this one is computed; with a
     progress bar on rank 0."""
-    from guided_diffusion.data.read_ahead import read_ahead
 
     batches = read_ahead(loader, depth=1, pin=dist_util.dev().type == "cuda")
     return _bar(batches, total=len(loader), desc=desc, enabled=enabled)
@@ -126,7 +129,6 @@ def collect_statistics(
     Returns {"idx" [N], "label" [N], "mse_h" [N, nW, S, M], "mse_null" [N, S, M], "div" [N, nW, S, M]}
     sorted by dataset index.
     """
-    from guided_diffusion.data.brats import get_eval_loader
 
     loader, dataset = get_eval_loader(data_dir, split, batch_size, num_slices=num_slices,
                                       in_channels=in_channels, image_size=image_size)
@@ -257,7 +259,6 @@ def get_calibrations(run: EvalRun, model, diffusion, sha: str, log_dir: str) -> 
     given = run.eval.calibration
     path = given or (stored if run.eval.resume and os.path.isfile(stored) else None)
     if not path:  # an export folder's own calibration.json when it matches this run
-        from guided_diffusion.export.export_load import export_calibration_path
 
         path = export_calibration_path(run, sha)
     if path:
@@ -373,7 +374,6 @@ def run_test(
 
     Per-slice results are saved under LOGDIR/results with their fingerprint; ``--resume`` reuses them only
     under the same fingerprint and otherwise stops naming the settings that differ."""
-    from guided_diffusion.data.brats import get_eval_loader
 
     results_dir = os.path.join(log_dir, "results")
     done = open_shared(results_dir, "slices", results_fingerprint(run, sha, cals), resume=run.eval.resume,
@@ -432,9 +432,7 @@ def evaluate(run: EvalRun) -> dict | None:
 
 
 def _evaluate_in(run: EvalRun, log_dir: str) -> dict | None:
-    import warnings
 
-    from guided_diffusion.data.brats import BrainDataset
 
     # the network's --image_size must be the data's slice size (checked again on every split read, which
     # also warns about the data; not twice here)

@@ -23,6 +23,8 @@ from guided_diffusion.configs.eval_configs import (
     ForwardConfig,
     SegmentConfig,
 )
+from guided_diffusion.export.export import CONFIG_FILE, is_export_dir
+from guided_diffusion.export.export_load import export_run_sections
 
 # evaluation-only flags that the guidance selection (validation split only) does not have
 TEST_ONLY = ("num_slices", "batch_size", "calibration", "save_nifti", "save_data", "num_panels")
@@ -69,8 +71,6 @@ def export_base(ns: argparse.Namespace) -> tuple[dict, str]:
     """With ``--model_dir`` an export folder (and no ``--config``): the export's network, diffusion and
     evaluation settings as the values under the flags (docs/edges.md, 'An export is enough to evaluate');
     else nothing."""
-    from guided_diffusion.export.export import CONFIG_FILE, is_export_dir
-    from guided_diffusion.export.export_load import export_run_sections
 
     model_dir = getattr(ns, "model_dir", "")
     if not model_dir or not is_export_dir(model_dir):

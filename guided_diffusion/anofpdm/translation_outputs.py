@@ -32,7 +32,11 @@ import torch
 
 from guided_diffusion.anofpdm.calibration import Calibration
 from guided_diffusion.configs.eval_configs import EvalRun
+from guided_diffusion.data.brats import get_eval_loader
+from guided_diffusion.metrics.evaluator import SegmentationEvaluator
+from guided_diffusion.metrics.metrics_legacy import LegacyRunningMetrics
 from guided_diffusion.metrics.volume_outputs import merge_patient_rows, volume_section
+from guided_diffusion.reporting import report
 from guided_diffusion.reporting.run_summary import add_run_summary
 
 MODALITY_NAMES = {4: ["FLAIR", "T1", "T1ce", "T2"], 1: ["T1"]}
@@ -76,10 +80,6 @@ def write_outputs(
         primary_w: the w of the top-level metrics, panels and NIfTI (default the first w).
         guidance_selection: stored as metrics["guidance_selection"] when given.
     """
-    from guided_diffusion.data.brats import get_eval_loader
-    from guided_diffusion.metrics.evaluator import SegmentationEvaluator
-    from guided_diffusion.metrics.metrics_legacy import LegacyRunningMetrics
-    from guided_diffusion.reporting import report
 
     ev, seg, ws = run.eval, run.segment, run.forward.w
     _, dataset = get_eval_loader(
@@ -174,7 +174,6 @@ def _volume(data_dir: str, cache, filtered, key) -> tuple[dict, list[dict]]:
 
 
 def _write_arrays(records, order, keys, filtered, log_dir) -> None:
-    from guided_diffusion.reporting import report
 
     for k in keys:
         outs = [records[i]["out"][k] for i in order]
@@ -195,7 +194,6 @@ def _write_arrays(records, order, keys, filtered, log_dir) -> None:
 
 
 def _write_panels(run: EvalRun, records, cache, filtered, key, results, log_dir) -> None:
-    from guided_diffusion.reporting import report
 
     order = sorted(records)
     unhealthy = [i for i in order if int(cache[i][0][2]) == 1]
@@ -243,7 +241,6 @@ def _spread(ids: list[int], n: int) -> list[int]:
 
 
 def _write_nifti(data_dir: str, records, cache, filtered, key, log_dir) -> None:
-    from guided_diffusion.reporting import report
 
     by_patient: dict[str, list[int]] = {}
     for i in sorted(records):

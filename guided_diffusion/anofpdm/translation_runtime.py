@@ -27,10 +27,14 @@ from guided_diffusion.anofpdm.calibration import file_sha256
 from guided_diffusion.anofpdm.forward import run_forward_process
 from guided_diffusion.configs.base import DiffusionConfig, ModelConfig, save_run_config
 from guided_diffusion.configs.eval_configs import CheckpointConfig, EvalRun
+from guided_diffusion.export.export import WEIGHTS_FILE, is_export_dir, read_export
+from guided_diffusion.export.export_load import load_export_model
 from guided_diffusion.script_util import create_from_configs, model_config
+from guided_diffusion.training.checkpoint import find_checkpoint, load_model_checkpoint, parse_checkpoint_name
 from guided_diffusion.utils import dist_util, logger
 from guided_diffusion.utils.batch_size import auto_batch_size
 from guided_diffusion.utils.precision import check_precision, compile_mode, maybe_compile
+from guided_diffusion.utils.run_lock import run_lock
 
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 CPU_BATCH = 8  # --batch_size auto on CPU: larger batches are not faster per slice there
@@ -54,7 +58,6 @@ def run_session(run: EvalRun) -> Iterator[str]:
     until the block ends), logger.configure, the resolved run config written to LOGDIR/config.json;
     yields the log dir. A second run on a locked folder stops at once with a RunLockError naming the
     holder (pid, host)."""
-    from guided_diffusion.utils.run_lock import run_lock
 
     dist_util.setup_dist()
     # the process group is destroyed on the way out, error or not: left to the interpreter's exit, gloo's
@@ -84,11 +87,8 @@ def load_model(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, ckpt: Che
     """(model, diffusion, checkpoint path, sha256) built from the configs, weights loaded, eval mode.
 
     ``ckpt.model_dir`` is a training log dir or an export folder (guided_diffusion.export.export_load)."""
-    from guided_diffusion.export.export import is_export_dir
-    from guided_diffusion.training.checkpoint import find_checkpoint, load_model_checkpoint
 
     if is_export_dir(ckpt.model_dir):
-        from guided_diffusion.export.export_load import load_export_model
 
         return load_export_model(model_cfg, diffusion_cfg, ckpt, dist_util.dev())
     model, diffusion = create_from_configs(model_cfg, diffusion_cfg)
@@ -105,8 +105,6 @@ def load_model(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, ckpt: Che
 def checkpoint_step(path: str) -> int | None:
     """The training step in a checkpoint's file name, or the step recorded by the export folder holding
     ``path`` (None when neither has one)."""
-    from guided_diffusion.export.export import WEIGHTS_FILE, is_export_dir, read_export
-    from guided_diffusion.training.checkpoint import parse_checkpoint_name
 
     folder = os.path.dirname(path)
     if is_export_dir(folder) and os.path.basename(path) == WEIGHTS_FILE:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from guided_diffusion.nn import linear, normalization, timestep_embedding, zero_module
+from guided_diffusion.script_util import attention_downsample_factors, parse_channel_mult
 from guided_diffusion.unet import UNetModel
 from guided_diffusion.unet_v1 import build_encoder
 
@@ -109,7 +110,6 @@ def create_classifier(image_size: int, classifier_width: int, classifier_depth: 
                       num_classes: int = 2, classifier_channel_mult: str = "",
                       classifier_num_head_channels: int = 64) -> EncoderUNetModel:
     """Build the classifier from upstream-named flags (channel_mult "" = the UNet's per-size default)."""
-    from guided_diffusion.script_util import attention_downsample_factors, parse_channel_mult
 
     if num_classes < 2:
         raise ValueError(f"--num_classes must be >= 2 for the classifier, got {num_classes}")

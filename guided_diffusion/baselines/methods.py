@@ -34,11 +34,11 @@ from scipy.ndimage import median_filter as _scipy_median
 from torch import Tensor
 
 from guided_diffusion.baselines.classifier import classifier_log_prob_grad
+from guided_diffusion.configs.train_config import NOISE_TYPES
 from guided_diffusion.gaussian_diffusion import randn_like
 from guided_diffusion.metrics.slice_metrics import dice_per_sample, pixel_precision_recall
 from guided_diffusion.simplex import simplex_noise_like
 
-NOISE_TYPES = ("gaussian", "simplex")
 # AnoDDPM noise level L (of 1000 steps) per noise type in upstream's config/run_translation_brats_anoddpm.sh
 ANODDPM_LEVELS = {"gaussian": 300, "simplex": 200}
 # rows whose hyper-parameters (L, s or w) and threshold are tuned on validation slices WITH pixel labels

@@ -21,6 +21,7 @@ so a result depends on the seed and the batch size only.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import time
@@ -30,8 +31,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from guided_diffusion.anofpdm.translation_outputs import resolve_min_cc_size
 from guided_diffusion.baselines import methods
+from guided_diffusion.baselines.classifier import classifier_defaults, create_classifier
 from guided_diffusion.configs.base import DiffusionConfig, ModelConfig
+from guided_diffusion.data.brats import get_eval_loader
+from guided_diffusion.data.read_ahead import read_ahead
+from guided_diffusion.experiments.experiments import VOLUME_METRICS
+from guided_diffusion.metrics.evaluator import SegmentationEvaluator
+from guided_diffusion.metrics.slice_metrics import cc_filter
+from guided_diffusion.metrics.volume_outputs import volume_section
+from guided_diffusion.script_util import create_from_configs, drop_foreign_options, model_config
+from guided_diffusion.training.checkpoint import load_model_checkpoint
+from guided_diffusion.utils.io_util import atomic_write_bytes
 
 METHODS = ("anoddpm_gaussian", "anoddpm_simplex", "ddim_classifier", "ddim_cfg", "flair")
 SPLIT_CODES = {"val": 1, "test": 2}
@@ -86,8 +98,6 @@ def _device() -> torch.device:
 def load_trained(model_dir: str, checkpoint: str, timestep_respacing: str) -> tuple[Any, Any]:
     """(model in eval mode, diffusion respaced to ``timestep_respacing``) from a training log dir
     (its run_config.json) and one of its checkpoint files."""
-    from guided_diffusion.script_util import create_from_configs, drop_foreign_options, model_config
-    from guided_diffusion.training.checkpoint import load_model_checkpoint
 
     path = os.path.join(model_dir, "run_config.json")
     if not os.path.isfile(path):
@@ -105,8 +115,6 @@ def load_trained(model_dir: str, checkpoint: str, timestep_respacing: str) -> tu
 
 def load_classifier(clf_dir: str, checkpoint: str) -> torch.nn.Module:
     """The noise-aware classifier of scripts/train_classifier.py (its classifier_config.json)."""
-    from guided_diffusion.baselines.classifier import classifier_defaults, create_classifier
-    from guided_diffusion.training.checkpoint import load_model_checkpoint
 
     path = os.path.join(clf_dir, "classifier_config.json")
     if not os.path.isfile(path):
@@ -149,8 +157,6 @@ def iter_maps(cfg: MethodConfig, models: Models, split: str, level: int, scale: 
               num: int | None) -> Iterator[dict[str, Any]]:
     """Batches of the first ``num`` slices of ``split``: {"maps" [B, 1, H, W] (CPU), "x", "gt", "label",
     "idx", "nfe" (per slice), "seconds" (map computation only), "dataset"}."""
-    from guided_diffusion.data.brats import get_eval_loader
-    from guided_diffusion.data.read_ahead import read_ahead
 
     loader, dataset = get_eval_loader(cfg.data_dir, split, cfg.batch_size, num_slices=num,
                                       world_size=1, rank=0)
@@ -192,9 +198,6 @@ def evaluate_method(cfg: MethodConfig, models: Models, tuned: Mapping[str, Any],
     {per-patient 3-D means, see volume_means}}; with
     ``work_dir`` and ``cfg.panel_slices`` > 0 also writes panel.npz (inputs, GT, maps and masks of the
     test slices with the largest lesions, in dataset order)."""
-    from guided_diffusion.anofpdm.translation_outputs import resolve_min_cc_size
-    from guided_diffusion.metrics.evaluator import SegmentationEvaluator
-    from guided_diffusion.metrics.slice_metrics import cc_filter
 
     ev, min_cc = None, 0
     n, nfe, secs, panel = 0, 0, 0.0, []
@@ -224,7 +227,6 @@ def evaluate_method(cfg: MethodConfig, models: Models, tuned: Mapping[str, Any],
     res = ev.results()
     volume = volume_means(ids, pred_masks, gt_masks, cfg.data_dir, cfg.method)
     if work_dir and panel:
-        from guided_diffusion.utils.io_util import atomic_write_bytes
 
         panel.sort(key=lambda r: r[1])
         buf = _npz_bytes(index=np.array([r[1] for r in panel]), x=np.stack([r[2] for r in panel]),
@@ -249,15 +251,12 @@ def volume_means(slice_ids: Sequence[tuple[Any, Any]], pred_masks: Sequence[np.n
                  gt_masks: Sequence[np.ndarray], data_dir: str, setting: str) -> dict[str, Any]:
     """Per-patient 3-D metrics of a method's test masks ([H, W] each), as AnoFPDM's metrics.json "volume"
     section: {VOLUME_METRICS key: value} (3-D Dice, HD95 in mm, lesion-wise F1, ...)."""
-    from guided_diffusion.experiments.experiments import VOLUME_METRICS
-    from guided_diffusion.metrics.volume_outputs import volume_section
 
     section, _ = volume_section(slice_ids, pred_masks, gt_masks, data_dir, setting, split="test")
     return {k: section.get(k) for k in VOLUME_METRICS}
 
 
 def _npz_bytes(**arrays: np.ndarray) -> bytes:
-    import io
 
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)

@@ -27,6 +27,7 @@ from guided_diffusion.configs.base import (
     str2bool,
     type_hints,
 )
+from guided_diffusion.script_util import drop_foreign_options
 
 C = TypeVar("C", bound=Config)
 COMPAT_PREFIX = "compat__"
@@ -123,7 +124,6 @@ def recorded_section(cls: type[Config], section: Mapping[str, Any], ns: argparse
     network never used; flags given on the command line are not touched (the factory judges them)."""
     if "unet_ver" not in field_names(cls):
         return dict(section)
-    from guided_diffusion.script_util import drop_foreign_options
 
     return drop_foreign_options(section, getattr(ns, "unet_ver", None) or section.get("unet_ver"))
 

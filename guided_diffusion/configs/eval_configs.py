@@ -24,6 +24,7 @@ from guided_diffusion.configs.base import (
     require,
     require_finite,
     setting,
+    str2bool,
 )
 from guided_diffusion.utils.batch_size import parse_batch_size
 from guided_diffusion.utils.precision import PRECISIONS
@@ -231,7 +232,6 @@ INFERENCE_IGNORED = ("clf_free", "dropout", "use_checkpoint", "class_cond", "use
 
 
 def _enc(value: str) -> str:
-    from guided_diffusion.configs.base import str2bool
 
     return "ddim" if str2bool(value) else "ddpm"
 

@@ -24,6 +24,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from guided_diffusion.utils.io_util import atomic_write_text
+
 CACHE_NAME = ".data_fingerprint.json"
 CACHE_VERSION = 1
 HISTORY = 3  # earlier states kept in the cache for ``explain``
@@ -105,7 +107,6 @@ def _read_cache(root: str) -> dict[str, Any]:
 
 def _write_cache(root: str, cache: Mapping[str, Any]) -> bool:
     """Write the cache atomically; False (nothing written) when the data root is not writable."""
-    from guided_diffusion.utils.io_util import atomic_write_text
 
     try:
         atomic_write_text(json.dumps(cache, sort_keys=True, separators=(",", ":")) + "\n",

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from guided_diffusion.data.brats import BrainDataset
+from guided_diffusion.metrics.slice_metrics import auroc_auprc
 
 FG_THRESHOLD = -0.95  # brain foreground as guided_diffusion.metrics.slice_metrics.FG_THRESHOLD
 
@@ -69,7 +70,6 @@ def _auc_from_hist(pos: np.ndarray, neg: np.ndarray) -> tuple[float, float]:
 
 def _auc_exact(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[float, float]:
     """(AUROC, AUPRC) with scikit-learn over the concatenated (scores, labels) parts; NaN for one class."""
-    from guided_diffusion.metrics.slice_metrics import auroc_auprc
 
     out = auroc_auprc(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
     return out["auroc"], out["auprc"]

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from guided_diffusion.utils.io_util import atomic_write_bytes, atomic_write_text
 
@@ -435,7 +436,6 @@ def preprocess(
     when every subject succeeded, so a bad scan found mid-run leaves no partial output (an existing output
     root stays as it was; after success it is replaced as a whole).
     """
-    from tqdm import tqdm
 
     mods = modality_list(name, mod)
     if shape <= 0:

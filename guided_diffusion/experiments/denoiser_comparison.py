@@ -25,8 +25,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from guided_diffusion.cli import ArgumentParser
+from guided_diffusion.data.fingerprint import data_fingerprint
 from guided_diffusion.experiments import experiments as ex
+from guided_diffusion.experiments.measure import CPU_ENV
+from guided_diffusion.reporting import plots
+from guided_diffusion.utils.io_util import atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]
 DENOISERS = ("v2", "hae", "hae_lite", "hae_v2")
@@ -148,7 +154,6 @@ def eval_command(cfg, ver, data_dir, model_dir, log_dir, seed, prefix) -> list[s
 def data_identity(data_dir: str) -> str:
     """The content fingerprint (sha256) of every slice file and split list of the three splits of a data
     root (guided_diffusion/data/fingerprint.py, cached beside the data): changes whenever the data does."""
-    from guided_diffusion.data.fingerprint import data_fingerprint
 
     return data_fingerprint(data_dir).digest
 
@@ -213,7 +218,6 @@ def main(argv: list[str] | None = None) -> int:
              "s / slice: process-seconds of the test-split forward process + segmentation per slice."]
     paths = ex.write_tables(out, f"Denoiser comparison ({args.preset} preset)", COLUMNS, agg, prov,
                             notes=notes)
-    from guided_diffusion.reporting import plots
 
     per_w = {r["name"]: [] for r in records[:-1]}
     for rec in records[:-1]:
@@ -231,7 +235,6 @@ def build_synthetic(data_dir: str, cfg: Mapping[str, Any], env: Mapping[str, str
 
     The marker ``synthetic_build.json`` is written after a successful build, so a killed build (whose
     data_splits/ already exists) is rebuilt, and a build made with other settings is replaced."""
-    from guided_diffusion.utils.io_util import atomic_write_json
 
     want = {**cfg["data"], "seed": 0, "image_size": cfg["model"]["image_size"]}
     marker = os.path.join(data_dir, "synthetic_build.json")
@@ -246,14 +249,11 @@ def build_synthetic(data_dir: str, cfg: Mapping[str, Any], env: Mapping[str, str
 
 
 def _default_device() -> str:
-    import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _measure(cost_set: Mapping[str, Any], work: str, env: Mapping[str, str]) -> dict[str, Any]:
-    from guided_diffusion.experiments.measure import CPU_ENV
-    from guided_diffusion.utils.io_util import atomic_write_json
 
     flags = {**cost_set["model"], "timestep_respacing": cost_set["timestep_respacing"], "class_cond": True}
     spec = {"flags": flags, "unet_vers": cost_set["unet_vers"], "batch": cost_set["batch"],

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from guided_diffusion.data.fingerprint import data_fingerprint, explain
 from guided_diffusion.utils.io_util import atomic_write_json, atomic_write_text
 
 ROW_VERSION = 1
@@ -104,7 +105,6 @@ def data_change(old: Mapping[str, Any], new: Mapping[str, Any]) -> str | None:
     a, b = old.get("data_sha256"), new.get("data_sha256")
     if a is None or b is None or a == b or not new.get("data_dir"):
         return None
-    from guided_diffusion.data.fingerprint import data_fingerprint, explain
 
     try:
         now = data_fingerprint(str(new["data_dir"]))

@@ -31,28 +31,37 @@ are refused naming them. Single process (CPU or one GPU). The measurements live 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
+import sys
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
+from guided_diffusion.anofpdm.calibration import file_sha256
+from guided_diffusion.cli import ArgumentParser
 from guided_diffusion.configs.base import (
     RESULT,
-    Config,
     DiffusionConfig,
     ModelConfig,
-    require,
-    require_finite,
-    setting,
 )
+from guided_diffusion.configs.config_flags import add_flags, from_args
+from guided_diffusion.configs.curves_config import CurvesConfig
+from guided_diffusion.configs.train_config import parse_ema_rates
 from guided_diffusion.experiments.learning_curves_eval import (
     conditioning_strength,
     denoising_loss,
     evaluate_checkpoint,
 )
+from guided_diffusion.reporting.plots import _pyplot, _save
+from guided_diffusion.script_util import model_config
+from guided_diffusion.training import run as training
+from guided_diffusion.training.checkpoint import find_checkpoint, list_checkpoints
+from guided_diffusion.training.train_resume import RUN_CHANGING_TRAIN_KEYS
+from guided_diffusion.training.training_flags import build_arg_parser, parse_configs_for_training
+from guided_diffusion.utils.io_util import atomic_write_json
+from guided_diffusion.utils.run_lock import run_lock
 
 __all__ = ["CurvesConfig", "conditioning_strength", "denoising_loss", "evaluate_checkpoint", "main",
            "run_curves", "schedule"]
@@ -63,56 +72,9 @@ METRICS = ("loss", "cond_healthy", "cond_unhealthy", "image_accuracy", "image_re
            "dice", "dice_pooled", "auprc", "te_inside")
 
 
-@dataclasses.dataclass(frozen=True)
-class CurvesConfig(Config):
-    """The flags of scripts/learning_curves.py on top of scripts/train.py's."""
-
-    SECTION: ClassVar[str] = "curves"
-
-    eval_every: int = setting(0, "evaluate every K training steps (and at --max_steps)")
-    eval_slices: int = setting(32, "first N slices of the validation and of the test split")
-    eval_w: tuple[float, ...] = setting((), "guidance strength(s) of the AnoFPDM evaluation; several: the "
-                                        "paper's rule picks one per checkpoint")
-    forward_steps: int = setting(600, "AnoFPDM forward steps (of the --eval_respacing chain)")
-    modality: tuple[int, ...] = setting((0, 3), "channel indices of the AnoFPDM statistics")
-    eval_respacing: str = setting("", "timestep respacing of the AnoFPDM evaluation (empty: the training "
-                                  "chain)")
-    eval_batch: int = setting(32, "evaluation batch size", changes=())
-    eval_seed: int = setting(0, "seed of the evaluation noise (per slice: seed, split, index)")
-    eval_ema: bool = setting(False, "evaluate the EMA weights of the first --ema_rate (default: the model)")
-    loss_draws: int = setting(4, "(t, noise) pairs per slice of the denoising loss")
-    cond_steps: int = setting(10, "evenly spaced t of the training chain for the conditioning strength")
-    selection_tolerance: float = setting(0.99, "several --eval_w: largest w whose validation accuracy >= "
-                                         "this * best")
-    curves_dir: str = setting("", "output folder of curves.json / curves.png (default LOG_DIR/curves)",
-                              changes=())
-
-    def validate(self) -> None:
-        require(self.eval_every >= 1, f"--eval_every must be >= 1 training steps, got {self.eval_every}")
-        require(self.eval_slices >= 1, f"--eval_slices must be >= 1, got {self.eval_slices}")
-        require(len(self.eval_w) >= 1,
-                "--eval_w is required: one or more guidance strengths, e.g. --eval_w 2")
-        for w in self.eval_w:
-            require_finite("eval_w", w, 0.0)
-        require(len(set(self.eval_w)) == len(self.eval_w),
-                f"--eval_w has repeated values {list(self.eval_w)}")
-        require(self.forward_steps >= 1, f"--forward_steps must be >= 1, got {self.forward_steps}")
-        require(len(self.modality) >= 1 and min(self.modality) >= 0,
-                f"--modality needs channel indices >= 0, got {list(self.modality)}")
-        require(self.eval_batch >= 1, f"--eval_batch must be >= 1, got {self.eval_batch}")
-        require(self.loss_draws >= 1, f"--loss_draws must be >= 1, got {self.loss_draws}")
-        require(self.cond_steps >= 1, f"--cond_steps must be >= 1, got {self.cond_steps}")
-        require_finite("selection_tolerance", self.selection_tolerance)
-        require(0.0 < self.selection_tolerance <= 1.0,
-                f"--selection_tolerance must be in (0, 1], got {self.selection_tolerance}")
-
-
-# ---------------------------------------------------------------------------------------------- settings
 def run_settings(m: ModelConfig, d: DiffusionConfig, t: Any, c: CurvesConfig) -> dict[str, Any]:
     """Everything a row depends on besides the checkpoint: the architecture, the diffusion, the run-changing
     training flags, the data and the evaluation flags (not --max_steps: a rerun may train longer)."""
-    from guided_diffusion.script_util import model_config
-    from guided_diffusion.training.train_resume import RUN_CHANGING_TRAIN_KEYS
 
     train = t.to_dict()
     curves = {k: v for k, v in c.to_dict().items() if k in c.settings(RESULT)}
@@ -172,7 +134,6 @@ PANELS = (("denoising loss", ("loss",)), ("conditioning strength", ("cond_health
 
 def write_png(data: Mapping[str, Any], path: str, title: str = "") -> None:
     """curves.png: one panel per group of METRICS against the training step; test solid, validation dashed."""
-    from guided_diffusion.reporting.plots import _pyplot, _save
 
     rows = sorted(data["rows"], key=lambda r: r["step"])
     plt = _pyplot()
@@ -193,7 +154,6 @@ def write_png(data: Mapping[str, Any], path: str, title: str = "") -> None:
 
 # ---------------------------------------------------------------------------------------------- driver
 def _newest_step(log_dir: str) -> int:
-    from guided_diffusion.training.checkpoint import list_checkpoints
 
     steps = list_checkpoints(log_dir)
     return steps[-1] if steps else 0
@@ -220,10 +180,6 @@ def _checked(m: ModelConfig, t: Any, c: CurvesConfig) -> None:
 def run_curves(m: ModelConfig, d: DiffusionConfig, t: Any, c: CurvesConfig) -> dict[str, Any]:
     """Train in chunks of --eval_every steps and evaluate each chunk's checkpoint (resumable); returns the
     curves data (also written to curves.json / curves.png)."""
-    from guided_diffusion.training import run as training
-    from guided_diffusion.training.train_util import parse_ema_rates
-    from guided_diffusion.utils.io_util import atomic_write_json
-    from guided_diffusion.utils.run_lock import run_lock
 
     _checked(m, t, c)
     out = c.curves_dir or os.path.join(t.log_dir, "curves")
@@ -264,7 +220,6 @@ def run_curves(m: ModelConfig, d: DiffusionConfig, t: Any, c: CurvesConfig) -> d
 
 
 def _checkpoint_path(log_dir: str, step: int, ema: bool, ema_rate: str) -> str | None:
-    from guided_diffusion.training.checkpoint import find_checkpoint
 
     try:
         return find_checkpoint(log_dir, step=step, ema_rate=ema_rate if ema else None)
@@ -273,16 +228,12 @@ def _checkpoint_path(log_dir: str, step: int, ema: bool, ema_rate: str) -> str |
 
 
 def _sha(path: str) -> str:
-    from guided_diffusion.anofpdm.calibration import file_sha256
 
     return file_sha256(path)
 
 
 def parse(argv: Sequence[str]) -> tuple[ModelConfig, DiffusionConfig, Any, CurvesConfig] | None:
     """The training configs (scripts/train.py's flags) and the CurvesConfig; None after --help."""
-    from guided_diffusion.cli import ArgumentParser
-    from guided_diffusion.configs.config_flags import add_flags, from_args
-    from guided_diffusion.training.training_flags import build_arg_parser, parse_configs_for_training
 
     parser = ArgumentParser(prog="learning_curves.py", add_help=False, allow_abbrev=False,
                             description="Learning curves: train (scripts/train.py's flags) and evaluate "
@@ -302,7 +253,6 @@ def parse(argv: Sequence[str]) -> tuple[ModelConfig, DiffusionConfig, Any, Curve
 
 def main(argv: Sequence[str] | None = None) -> int:
     """scripts/learning_curves.py: parse the flags, train and evaluate (errors: see cli.run_cli)."""
-    import sys
 
     parsed = parse(sys.argv[1:] if argv is None else argv)
     if parsed is not None:

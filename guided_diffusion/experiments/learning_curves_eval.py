@@ -10,22 +10,35 @@ import math
 import os
 import time
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
+from guided_diffusion.anofpdm.calibration import calibrate, choose_primary_w
+from guided_diffusion.anofpdm.forward import run_forward_process, sample_noise
+from guided_diffusion.anofpdm.segmentation import segment
+from guided_diffusion.anofpdm.translation import RUNTIME_SETTINGS, process_batch
+from guided_diffusion.anofpdm.translation_outputs import resolve_min_cc_size, setting_key
+from guided_diffusion.anofpdm.translation_runtime import SPLIT_CODES, load_model, slice_generators
 from guided_diffusion.configs.base import DiffusionConfig, ModelConfig
-
-if TYPE_CHECKING:
-    from guided_diffusion.experiments.learning_curves import CurvesConfig
+from guided_diffusion.configs.curves_config import CurvesConfig
+from guided_diffusion.configs.eval_configs import (
+    CheckpointConfig,
+    EvalConfig,
+    EvalRun,
+    ForwardConfig,
+    SegmentConfig,
+)
+from guided_diffusion.data.brats import get_eval_loader
+from guided_diffusion.metrics.evaluator import SegmentationEvaluator
+from guided_diffusion.script_util import create_gaussian_diffusion
 
 SPLITS = ("val", "test")
 _PURPOSE = {"loss": 101, "cond": 102}  # seed streams of the loss and conditioning draws
 
 
 def _generators(seed: int, split: str, ids: Sequence[int], purpose: str) -> list[torch.Generator]:
-    from guided_diffusion.anofpdm.translation_runtime import SPLIT_CODES
 
     out = []
     for i in ids:
@@ -40,7 +53,6 @@ def denoising_loss(model: Any, diffusion: Any, x: torch.Tensor, labels: torch.Te
                    gens: Sequence[torch.Generator], draws: int) -> torch.Tensor:
     """Per-slice training loss averaged over ``draws`` seeded (t, noise) pairs: x [B, C, H, W], labels [B]
     -> [B] (CPU). t uniform over the diffusion's steps, noise N(0, I), both from the slice's generator."""
-    from guided_diffusion.anofpdm.forward import sample_noise
 
     b, dev = x.shape[0], x.device
     t = torch.stack([torch.randint(diffusion.num_timesteps, (draws,), generator=g) for g in gens])  # [B, D]
@@ -57,7 +69,6 @@ def conditioning_strength(model: Any, diffusion: Any, x: torch.Tensor, gens: Seq
                           steps: int) -> torch.Tensor:
     """Per-slice mean over ``steps`` evenly spaced t of mean_pixels (eps(x_t, y=healthy) - eps(x_t, null))^2
     (one network call on 2B per t, as the forward process): x [B, C, H, W] -> [B] (CPU)."""
-    from guided_diffusion.anofpdm.forward import sample_noise
 
     b, dev = x.shape[0], x.device
     ts = torch.unique(torch.linspace(0, diffusion.num_timesteps - 1, steps).round().long())
@@ -89,7 +100,6 @@ def _cpu(fr: Any) -> Any:
 
 def _segment_val(run: Any, fr: Any, cal: Any, w: float) -> Any:
     """segmentation.segment of a validation batch with the settings translation.process_batch uses."""
-    from guided_diffusion.anofpdm.segmentation import segment
 
     seg = run.segment
     return segment(fr, w=w, thr_01=cal.thr_01, diff_max=cal.diff_max, t_e_ratio=seg.t_e_ratio[0],
@@ -118,13 +128,6 @@ def eval_run(m: ModelConfig, d: DiffusionConfig, c: CurvesConfig, data_dir: str,
              ema_rate: str) -> Any:
     """The translation EvalRun of one checkpoint: the curves flags as --w, --forward_steps, --modality,
     --timestep_respacing, --num_slices(_val), --batch_size(_val), --seed; the rest at its defaults."""
-    from guided_diffusion.configs.eval_configs import (
-        CheckpointConfig,
-        EvalConfig,
-        EvalRun,
-        ForwardConfig,
-        SegmentConfig,
-    )
 
     return EvalRun(
         model=m.replace(class_cond=True),
@@ -157,7 +160,6 @@ def _pass(c: CurvesConfig, m: ModelConfig, data_dir: str, split: str, model: Any
           forward: Any) -> _Split:
     """Loss and conditioning strength of every slice of the split's first N, and ``forward(x, ids)`` per
     batch (the AnoFPDM forward process, or translation.process_batch on the test split)."""
-    from guided_diffusion.data.brats import get_eval_loader
 
     loader, dataset = get_eval_loader(data_dir, split, c.eval_batch, num_slices=c.eval_slices,
                                       in_channels=m.in_channels, world_size=1, rank=0)
@@ -178,13 +180,6 @@ def _pass(c: CurvesConfig, m: ModelConfig, data_dir: str, split: str, model: Any
 def evaluate_checkpoint(m: ModelConfig, d: DiffusionConfig, c: CurvesConfig, data_dir: str, log_dir: str,
                         step: int, ema_rate: str) -> dict[str, Any]:
     """One row: the checkpoint of ``step`` measured on the first N validation and test slices."""
-    from guided_diffusion.anofpdm.calibration import calibrate, choose_primary_w
-    from guided_diffusion.anofpdm.forward import run_forward_process
-    from guided_diffusion.anofpdm.translation import RUNTIME_SETTINGS, process_batch
-    from guided_diffusion.anofpdm.translation_outputs import resolve_min_cc_size, setting_key
-    from guided_diffusion.anofpdm.translation_runtime import load_model, slice_generators
-    from guided_diffusion.metrics.evaluator import SegmentationEvaluator
-    from guided_diffusion.script_util import create_gaussian_diffusion
 
     t0 = time.perf_counter()
     run = eval_run(m, d, c, data_dir, log_dir, step, ema_rate)

@@ -26,6 +26,10 @@ from typing import Any
 
 import torch
 
+from guided_diffusion.resample import UniformSampler
+from guided_diffusion.script_util import create_model_and_diffusion
+from guided_diffusion.utils.io_util import atomic_write_json
+
 CPU_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
@@ -82,8 +86,6 @@ def measure_models(
 ) -> dict[str, dict[str, float]]:
     """{unet_ver: {"params", "step_s" (median), "peak_mib", "step_s_ratio", "peak_mib_ratio",
     "params_ratio"}}; ratios to the first of ``unet_vers`` (pass "v2" first)."""
-    from guided_diffusion.resample import UniformSampler
-    from guided_diffusion.script_util import create_model_and_diffusion
 
     if batch < 1 or reps < 1 or warmup < 0:
         raise ValueError(f"batch and reps must be >= 1 and warmup >= 0, got {batch}, {reps}, {warmup}")
@@ -134,7 +136,6 @@ def measure_models(
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m guided_diffusion.experiments.measure SPEC OUT``: SPEC is a JSON of measure_models'
     arguments."""
-    from guided_diffusion.utils.io_util import atomic_write_json
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if len(argv) != 2:

@@ -27,9 +27,17 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
+
 from guided_diffusion.cli import ArgumentParser
 from guided_diffusion.experiments import denoiser_comparison as dc
 from guided_diffusion.experiments import experiments as ex
+from guided_diffusion.experiments.table1_rows import (
+    ANOFPDM_ROWS,
+    anofpdm_command,
+    build_rows,
+    panel_and_tables,
+)
 
 _MODEL_COMMON = dc._MODEL_COMMON
 PRESETS: dict[str, dict[str, Any]] = {
@@ -68,25 +76,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         cfg_levels=[200, 300, 400], cfg_w=[1.0, 2.0, 3.0], thresholds=101, simplex_frequency=64.0,
         panel_slices=8, comparison_unet="v1"),
 }
-ANOFPDM_ROWS = {"anofpdm_ddim": ("ddim", False), "anofpdm_ddpm": ("ddpm", False),
-                "anofpdm_ddim_ste": ("ddim", True), "anofpdm_ddpm_ste": ("ddpm", True)}
 ROWS = ("anoddpm_gaussian", "anoddpm_simplex", "ddim_classifier", "ddim_cfg", *ANOFPDM_ROWS, "flair")
-DISPLAY = {"anoddpm_gaussian": "AnoDDPM (G)", "anoddpm_simplex": "AnoDDPM (S)",
-           "ddim_classifier": "DDIM + classifier guidance", "ddim_cfg": "DDIM + CFG",
-           "anofpdm_ddim": "AnoFPDM (DDIM)", "anofpdm_ddpm": "AnoFPDM (DDPM)",
-           "anofpdm_ddim_ste": "AnoFPDM (DDIM S_te)", "anofpdm_ddpm_ste": "AnoFPDM (DDPM S_te)",
-           "flair": "FLAIR intensity"}
-PIXEL_MARK = " †"
-COLUMNS = [
-    *[ex.Column(f"{s}.{m}", f"{s[:3]}. {m.upper()} (%)", 100, 1)
-      for s in ("mixed", "unhealthy") for m in ("dice", "iou", "auprc")],
-    ex.Column("volume.dice_3d_mean", "3-D DICE (%)", 100, 1),
-    ex.Column("volume.hd95_mm_mean", "HD95 (mm)", 1, 1),
-    ex.Column("volume.lesion_f1_mean", "lesion F1 (%)", 100, 1),
-    ex.Column("nfe_per_slice", "net evals / slice", 1, 0, False),
-    ex.Column("seconds_per_slice", "s / slice", 1, 3),
-    ex.Column("pixel_labels", "pixel labels", 1, 0, False),
-]
 # model key -> the rows that need it
 MODEL_USERS = {"fpdm": ("ddim_cfg", *ANOFPDM_ROWS), "anoddpm_gaussian": ("anoddpm_gaussian",),
                "anoddpm_simplex": ("anoddpm_simplex",), "clf_model": ("ddim_classifier",),
@@ -186,15 +176,6 @@ def train_commands(cfg: Mapping[str, Any], data_dir: str, prefix: list[str]) -> 
     return out
 
 
-def anofpdm_command(cfg: Mapping[str, Any], row: str, data_dir: str, model_dir: str, log_dir: str,
-                    seed: int, prefix: list[str]) -> list[str]:
-    """scripts/translation_FPDM.py for one AnoFPDM row (encoding, S_te = --last_only) and seed."""
-    encoding, last_only = ANOFPDM_ROWS[row]
-    return [*dc.eval_command(cfg, "v2", data_dir, model_dir, log_dir, seed, prefix),
-            "--modality", *map(str, cfg["modality"]), "--encoding", encoding, "--last_only", str(last_only),
-            "--save_data", "True"]
-
-
 def train_classifier_once(settings: Mapping[str, Any], cmd: Callable[[str], list[str]], models_dir: str,
                           steps: int, env: Mapping[str, str]) -> tuple[str, str]:
     """train_once for scripts/train_classifier.py (its checkpoint is classifier_<step>.pt)."""
@@ -219,7 +200,6 @@ def main(argv: list[str] | None = None) -> int:
     pypath = os.pathsep.join(filter(None, [str(dc.REPO), os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, PYTHONPATH=pypath)
     if args.threads:
-        import torch
 
         env["OMP_NUM_THREADS"] = str(args.threads)
         torch.set_num_threads(args.threads)  # the rows evaluated in this process
@@ -255,7 +235,6 @@ def main(argv: list[str] | None = None) -> int:
             models[key] = ex.train_once(key, cmd, settings, os.path.join(out, "models"), cfg["train_steps"],
                                         cfg["ema_rate"], str(dc.REPO), env)
     shas = {k: ex.file_sha256(ckpt) for k, (_, ckpt) in models.items()}
-    from guided_diffusion.experiments.table1_rows import build_rows, panel_and_tables
 
     base = {"preset": args.preset, "dataset": args.dataset, "data_dir": data_dir, "data_sha256": data_id}
     records = build_rows(cfg, base, models, shas, out, data_dir, prefix, env, args.recompute)

@@ -16,6 +16,7 @@ and mask of every method on the first test slices, seed 0).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import sys
@@ -24,12 +25,45 @@ from typing import Any
 
 import numpy as np
 
+from guided_diffusion.anofpdm import translation
 from guided_diffusion.baselines import table1_methods as tm
+from guided_diffusion.data.flair_baseline import flair_channel
+from guided_diffusion.experiments import denoiser_comparison as dc
 from guided_diffusion.experiments import experiments as ex
-from guided_diffusion.experiments.table1 import ANOFPDM_ROWS, COLUMNS, DISPLAY, PIXEL_MARK, anofpdm_command
+from guided_diffusion.experiments.denoiser_comparison import REPO
+from guided_diffusion.reporting.plots import _pyplot, _save
 
 TUNE_SEED = 0
 TEST_ONLY = ("num_test", "panel_slices")  # MethodConfig fields that leave the tuning alone
+
+# the Table 1 rows of AnoFPDM (encoding, S_te = --last_only), their display names and the table's columns
+ANOFPDM_ROWS = {"anofpdm_ddim": ("ddim", False), "anofpdm_ddpm": ("ddpm", False),
+                "anofpdm_ddim_ste": ("ddim", True), "anofpdm_ddpm_ste": ("ddpm", True)}
+DISPLAY = {"anoddpm_gaussian": "AnoDDPM (G)", "anoddpm_simplex": "AnoDDPM (S)",
+           "ddim_classifier": "DDIM + classifier guidance", "ddim_cfg": "DDIM + CFG",
+           "anofpdm_ddim": "AnoFPDM (DDIM)", "anofpdm_ddpm": "AnoFPDM (DDPM)",
+           "anofpdm_ddim_ste": "AnoFPDM (DDIM S_te)", "anofpdm_ddpm_ste": "AnoFPDM (DDPM S_te)",
+           "flair": "FLAIR intensity"}
+PIXEL_MARK = " †"
+COLUMNS = [
+    *[ex.Column(f"{s}.{m}", f"{s[:3]}. {m.upper()} (%)", 100, 1)
+      for s in ("mixed", "unhealthy") for m in ("dice", "iou", "auprc")],
+    ex.Column("volume.dice_3d_mean", "3-D DICE (%)", 100, 1),
+    ex.Column("volume.hd95_mm_mean", "HD95 (mm)", 1, 1),
+    ex.Column("volume.lesion_f1_mean", "lesion F1 (%)", 100, 1),
+    ex.Column("nfe_per_slice", "net evals / slice", 1, 0, False),
+    ex.Column("seconds_per_slice", "s / slice", 1, 3),
+    ex.Column("pixel_labels", "pixel labels", 1, 0, False),
+]
+
+
+def anofpdm_command(cfg: Mapping[str, Any], row: str, data_dir: str, model_dir: str, log_dir: str,
+                    seed: int, prefix: list[str]) -> list[str]:
+    """scripts/translation_FPDM.py for one AnoFPDM row (encoding, S_te = --last_only) and seed."""
+    encoding, last_only = ANOFPDM_ROWS[row]
+    return [*dc.eval_command(cfg, "v2", data_dir, model_dir, log_dir, seed, prefix),
+            "--modality", *map(str, cfg["modality"]), "--encoding", encoding, "--last_only", str(last_only),
+            "--save_data", "True"]
 
 
 def _method_config(cfg: Mapping[str, Any], method: str, data_dir: str, seed: int) -> tm.MethodConfig:
@@ -40,7 +74,6 @@ def _method_config(cfg: Mapping[str, Any], method: str, data_dir: str, seed: int
     levels, scales = grids[method]
     flair = 0
     if method == "flair":
-        from guided_diffusion.data.flair_baseline import flair_channel
 
         flair = flair_channel(data_dir, "test")
     return tm.MethodConfig(
@@ -128,7 +161,6 @@ def _anofpdm_row(cfg: Mapping[str, Any], base: Mapping[str, Any], row: str, seed
         ev = os.path.join(work, "eval")
         cmd = anofpdm_command(cfg, row, data_dir, model_dir, ev, seed, prefix)
         if prefix == [sys.executable]:  # no --launcher: the same evaluation in this process (no start-up)
-            from guided_diffusion.anofpdm import translation
 
             print("$ (in process) " + shlex.join(cmd[1:]), flush=True)
             translation.main(cmd[2:])
@@ -141,13 +173,11 @@ def _anofpdm_row(cfg: Mapping[str, Any], base: Mapping[str, Any], row: str, seed
 
 
 def tm_repo() -> str:
-    from guided_diffusion.experiments.denoiser_comparison import REPO
 
     return str(REPO)
 
 
 def _plain(mc: tm.MethodConfig) -> dict[str, Any]:
-    import dataclasses
 
     d = dataclasses.asdict(mc)
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
@@ -212,7 +242,6 @@ def panel_arrays(records: list[dict[str, Any]], out: str, seed: int) -> tuple[di
 def write_panel(records: list[dict[str, Any]], out: str, path: str, seed: int) -> None:
     """Fig. 4-style panel: rows = test slices; columns = input (channel 0), GT, then
     anomaly map and mask of each method."""
-    from guided_diffusion.reporting.plots import _pyplot, _save
 
     base, per = panel_arrays(records, out, seed)
     plt = _pyplot()

@@ -34,12 +34,24 @@ import struct
 import uuid
 import warnings
 from collections.abc import Mapping
+from dataclasses import asdict
 from typing import Any
 
 import torch
 
+from guided_diffusion import script_util as su
+from guided_diffusion.anofpdm.calibration import file_sha256, load_calibrations
 from guided_diffusion.cli import ArgumentParser
 from guided_diffusion.configs.eval_configs import evaluation_settings
+from guided_diffusion.export.model_card import model_card
+from guided_diffusion.script_util import create_model_and_diffusion
+from guided_diffusion.training.checkpoint import (
+    _guess_flags,
+    find_checkpoint,
+    load_state_dict_file,
+    parse_checkpoint_name,
+    read_saved_config,
+)
 from guided_diffusion.utils.io_util import atomic_write_bytes, atomic_write_json
 
 FORMAT = "hae-fpdm-export"
@@ -63,7 +75,6 @@ def flags_from_config(model_cfg: Mapping[str, Any], diffusion_cfg: Mapping[str, 
     -> resolutions, num_classes None -> class_cond False. Raises ValueError when the result does not
     resolve back to ``model_cfg`` (an edited or foreign config).
     """
-    from guided_diffusion import script_util as su
 
     known = set(su.model_and_diffusion_defaults())
     cfg = su.drop_foreign_options(model_cfg)  # older records also list other variants' (unused) options
@@ -96,7 +107,6 @@ def _sha256(data: bytes) -> str:
 
 
 def _select_weights(run_dir: str, weights: str, rate: str, step: int | None) -> tuple[str, int]:
-    from guided_diffusion.training.checkpoint import find_checkpoint, parse_checkpoint_name
 
     if weights not in ("ema", "model"):
         raise ValueError(f"--weights must be 'ema' or 'model', got {weights!r}")
@@ -115,9 +125,6 @@ def export_run(run_dir: str, out_dir: str, weights: str = "ema", rate: str = "0.
     """
     from safetensors.torch import save
 
-    from guided_diffusion.anofpdm.calibration import file_sha256
-    from guided_diffusion.script_util import create_model_and_diffusion
-    from guided_diffusion.training.checkpoint import load_state_dict_file, read_saved_config
 
     _check_out(out_dir, overwrite)
     path, found_step = _select_weights(run_dir, weights, rate, step)
@@ -152,7 +159,6 @@ def export_run(run_dir: str, out_dir: str, weights: str = "ema", rate: str = "0.
         _check_metrics_weights(metrics, metrics_data, w, weights, path)
         if "config" in (metrics_data.get("run") or {}):  # the settings an export-only evaluation starts from
             config["evaluation"] = evaluation_settings(metrics_data["run"]["config"], f"--metrics {metrics}")
-    from guided_diffusion.export.model_card import model_card
 
     files: dict[str, bytes | dict] = {
              CONFIG_FILE: config,
@@ -228,7 +234,6 @@ def _publish(out_dir: str, files: Mapping[str, bytes | dict]) -> None:
 
 def _weights_hint(checkpoint: str) -> str:
     """The export flags that select ``checkpoint`` (a model*/ema_* file name), or '' when unknown."""
-    from guided_diffusion.training.checkpoint import parse_checkpoint_name
 
     parsed = parse_checkpoint_name(os.path.basename(str(checkpoint)))
     if parsed is None or parsed[0] not in ("model", "ema"):
@@ -265,9 +270,7 @@ def _exported_calibration(cal_path: str, source: str, export_sha: str) -> str:
     extra["exported_from"]); one made with an export of the same weights (``export_sha``) is kept; one
     without a checkpoint_sha256 is kept as is (it cannot be verified: load_pretrained warns and a
     translation run recalibrates); one made with other weights is refused."""
-    from dataclasses import asdict
 
-    from guided_diffusion.anofpdm.calibration import file_sha256, load_calibrations
 
     src_sha = file_sha256(source)
     cals = load_calibrations(cal_path)
@@ -287,7 +290,6 @@ def _exported_calibration(cal_path: str, source: str, export_sha: str) -> str:
 
 def _read_inputs(run_dir: str, calibration: str | None, metrics: str | None) -> tuple[str | None, Any]:
     """(calibration path or None, metrics dict or None), checked before anything is written."""
-    from guided_diffusion.anofpdm.calibration import load_calibrations
 
     if calibration and not os.path.isfile(calibration):
         raise FileNotFoundError(f"--calibration {calibration} does not exist")
@@ -331,7 +333,6 @@ def _check_fits(model: torch.nn.Module, sd: Mapping[str, Any], path: str,
     """ValueError (one line) naming ``path``, the config field that disagrees with the weights when one
     can be read off them (else the fields that probably do) and ``cfg_path``, when ``sd`` does not fit
     ``model`` (missing, unexpected or mis-shaped tensors)."""
-    from guided_diffusion.training.checkpoint import _guess_flags
 
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
@@ -432,7 +433,6 @@ def load_pretrained(export_dir: str, device: str | torch.device = "cpu") -> tupl
     a field differs from the record in model.safetensors. A calibration of other weights is dropped with a
     warning.
     """
-    from guided_diffusion.script_util import create_model_and_diffusion
 
     cfg, blob = read_export(export_dir)
     cfg_path, wpath = os.path.join(export_dir, CONFIG_FILE), os.path.join(export_dir, WEIGHTS_FILE)
@@ -456,7 +456,6 @@ def load_pretrained(export_dir: str, device: str | torch.device = "cpu") -> tupl
 def _calibrations_of(cal_path: str, sha: str, wpath: str) -> dict[float, Any] | None:
     """The calibrations of ``cal_path`` made with the weights of sha256 ``sha`` (None when none is left);
     those of other weights are dropped with a warning, those that record no checkpoint kept with one."""
-    from guided_diffusion.anofpdm.calibration import load_calibrations
 
     cals = load_calibrations(cal_path)
     other = {w: c.checkpoint_sha256 for w, c in cals.items() if c.checkpoint_sha256 not in ("", sha)}

@@ -20,8 +20,23 @@ from typing import Any
 
 import torch
 
+from guided_diffusion.anofpdm.calibration import load_calibrations
 from guided_diffusion.configs.base import DiffusionConfig, ModelConfig, field_names
 from guided_diffusion.configs.eval_configs import EVALUATION_SECTIONS, CheckpointConfig, EvalRun
+from guided_diffusion.export.export import (
+    CALIBRATION_FILE,
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    _check_fits,
+    _sha256,
+    check_weights_record,
+    export_tensors,
+    flags_from_config,
+    is_export_dir,
+    read_export,
+)
+from guided_diffusion.script_util import create_from_configs, drop_foreign_options, model_config
+from guided_diffusion.utils import logger
 
 # learn_sigma is part of the resolved model config (it changes the output channels)
 DIFFUSION_FIELDS = ("diffusion_steps", "noise_schedule", "predict_xstart", "rescale_timesteps")
@@ -34,7 +49,6 @@ def export_run_sections(export_dir: str) -> dict[str, dict[str, Any]]:
     """The run-record sections an evaluation of the export folder starts from when no flag is given:
     "model" / "diffusion" from the exported network (its flags), overlaid with the settings of the
     evaluation its metrics came from (config.json "evaluation", when the export has one)."""
-    from guided_diffusion.export.export import CONFIG_FILE, flags_from_config, read_export
 
     cfg, _ = read_export(export_dir)
     where = os.path.join(export_dir, CONFIG_FILE)
@@ -60,7 +74,6 @@ def export_run_sections(export_dir: str) -> dict[str, dict[str, Any]]:
 def config_differences(cfg: dict[str, Any], model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig
                        ) -> list[str]:
     """'field: export X, this run Y' for every model / weight-defining diffusion field that differs."""
-    from guided_diffusion.script_util import drop_foreign_options, model_config
 
     want = model_config(model_cfg, diffusion_cfg)
     have = drop_foreign_options(cfg.get("model") or {})  # older exports list other variants' options
@@ -76,16 +89,6 @@ def load_export_model(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, ck
                       device: str | torch.device) -> tuple[torch.nn.Module, Any, str, str]:
     """(model in eval mode on ``device``, diffusion, model.safetensors path, its sha256) of the export
     folder ``ckpt.model_dir``, built from the run's configs; ValueError (one line) on a mismatch."""
-    from guided_diffusion.export.export import (
-        CONFIG_FILE,
-        WEIGHTS_FILE,
-        _check_fits,
-        _sha256,
-        check_weights_record,
-        export_tensors,
-        read_export,
-    )
-    from guided_diffusion.script_util import create_from_configs
 
     export_dir = ckpt.model_dir
     cfg, blob = read_export(export_dir)
@@ -114,9 +117,6 @@ def export_calibration_path(run: EvalRun, sha: str) -> str | None:
     """The export folder's calibration.json when ``run.checkpoint.model_dir`` is an export with one that
     matches the run (every w of the run, its statistics settings, checkpoint ``sha``); else None (the
     reason is logged when the file exists but does not match)."""
-    from guided_diffusion.anofpdm.calibration import load_calibrations
-    from guided_diffusion.export.export import CALIBRATION_FILE, is_export_dir
-    from guided_diffusion.utils import logger
 
     export_dir = run.checkpoint.model_dir
     path = os.path.join(export_dir, CALIBRATION_FILE)

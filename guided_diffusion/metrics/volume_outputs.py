@@ -19,7 +19,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from guided_diffusion.metrics.volume_metrics import HD_MAX_MM
+from guided_diffusion.metrics.volume_metrics import HD_MAX_MM, volume_metrics_from_records
 
 PATIENT_COLUMNS = ("n_slices_3d", "n_slices_missing", "spacing_z_mm", "spacing_y_mm", "spacing_x_mm",
                    "dice_3d", "iou_3d", "hd95_mm", "hd_mm", "asd_mm", "lesion_tp", "lesion_fp", "lesion_fn",
@@ -63,7 +63,6 @@ def volume_section(slice_ids: Sequence[tuple[Any, Any]], pred_masks: Sequence[An
         slice_ids: (patient, slice_number) of every evaluated slice; pred_masks / gt_masks: [H, W] each.
         setting: the setting's key (e.g. ``w=2,t_e_ratio=1``), recorded in the section.
     """
-    from guided_diffusion.metrics.volume_metrics import volume_metrics_from_records
 
     patients = sorted({str(p) for p, _ in slice_ids})
     assumed = [p for p in patients if not _has_meta(data_dir, split, p)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import pickle
 import re
@@ -239,7 +240,6 @@ def read_saved_config(model_dir: str, step: int | None = None) -> dict[str, Any]
             pass
     path = bf.join(model_dir, "config.json")
     if bf.exists(path):
-        import json
 
         with bf.BlobFile(path, "r") as f:
             return json.load(f)

@@ -9,101 +9,36 @@ configs to ``run_config.json`` in its log dir; ``--config FILE`` runs it again (
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any
+
+import torch
 
 from guided_diffusion.configs.base import (
-    Config,
     DiffusionConfig,
     ModelConfig,
-    require,
-    require_finite,
     save_run_config,
-    setting,
 )
+from guided_diffusion.configs.train_config import TrainConfig
+from guided_diffusion.data.brats import get_train_loader
+from guided_diffusion.hae_blocks import HybridCNNTransformerBlockBase, check_bottleneck_ratio
 from guided_diffusion.nn import count_parameters, format_param_count
+from guided_diffusion.reporting.previews import image_grid_png
+from guided_diffusion.reporting.training_plots import ScalarWriter, write_loss_curves_png
+from guided_diffusion.resample import create_named_schedule_sampler
 from guided_diffusion.script_util import create_from_configs, create_gaussian_diffusion, model_config
-from guided_diffusion.training.train_util import PRECISIONS, parse_ema_rates
+from guided_diffusion.simplex import simplex_noise_like
+from guided_diffusion.training.rng import seed_everything
+from guided_diffusion.training.train_resume import data_record
+from guided_diffusion.training.train_util import TrainLoop
+from guided_diffusion.training.training_flags import parse_configs_for_training
 from guided_diffusion.utils import dist_util, logger
+from guided_diffusion.utils.io_util import atomic_write_bytes
+from guided_diffusion.utils.run_lock import run_lock
 
-NOISE_TYPES = ("gaussian", "simplex")
 SYNTHETIC_HINT = "python scripts/make_synthetic_brats.py --out DIR"
 RUN_CONFIG = "run_config.json"
-NO_RUN_EFFECT: tuple[str, ...] = ()  # field metadata "changes" for settings that leave the weights alone
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig(Config):
-    """The training flags besides the model and diffusion ones (docs/method.md, 'Training')."""
-
-    SECTION: ClassVar[str] = "train"
-
-    data_dir: str = setting("", "preprocessed data root (data_splits/, npy_train/)", changes=NO_RUN_EFFECT)
-    log_dir: str = setting("", "logs and checkpoints (default $OPENAI_LOGDIR, else a new temp folder)",
-                           changes=NO_RUN_EFFECT)
-    image_dir: str = setting("", "preview images (default LOG_DIR/images)", changes=NO_RUN_EFFECT)
-    name: str = setting("brats", "dataset name used in preview file names", changes=NO_RUN_EFFECT)
-    mixed: bool = setting(True, "train on healthy and unhealthy slices (False: healthy slices only)")
-    ret_lab: bool = setting(True, "load the slice labels (a class-conditional model needs them)")
-    schedule_sampler: str = setting("uniform", "timestep sampler", choices=("uniform", "loss-second-moment"))
-    lr: float = setting(1e-4, "AdamW learning rate")
-    weight_decay: float = setting(0.0, "AdamW weight decay")
-    lr_anneal_steps: int = setting(0, "decay the learning rate linearly to 0 over N steps and stop (0: off)")
-    batch_size: int = setting(1, "global batch size (all processes together)")
-    microbatch: int = setting(-1, "split each process's batch into micro-batches of N (-1: off)")
-    ema_rate: str = setting("0.9999", "EMA rates in [0, 1), comma-separated (e.g. 0.999,0.9999)")
-    log_interval: int = setting(100, "log every N steps", changes=NO_RUN_EFFECT)
-    save_interval: int = setting(100, "write a checkpoint every N steps", changes=NO_RUN_EFFECT)
-    resume_checkpoint: str = setting("", "continue from this modelNNNNNN.pt (also upstream checkpoints)",
-                                     changes=NO_RUN_EFFECT)
-    resume: str = setting("auto", "auto: continue from the newest complete checkpoint in the log dir; "
-                          "never: start fresh (refused where checkpoints exist, see --clear_checkpoints)",
-                          choices=("auto", "never"), changes=NO_RUN_EFFECT)
-    clear_checkpoints: bool = setting(False, "with --resume never: delete the checkpoints in the log dir",
-                                      changes=NO_RUN_EFFECT)
-    precision: str = setting("fp32", "fp32 | bf16 (autocast) | fp16 (autocast + loss scaling)",
-                             choices=PRECISIONS)
-    compile: bool = setting(False, "torch.compile the network (eager fallback with one line where "
-                            "unsupported); checkpoints unchanged", changes=NO_RUN_EFFECT)
-    channels_last: bool = setting(False, "channels_last memory format for the network and its inputs",
-                                  changes=NO_RUN_EFFECT)
-    grad_clip: float = setting(0.0, "clip the global gradient norm to this value (0: off)")
-    n_unhealthy_patients: int = setting(-1, "use only the first N unhealthy patients (-1: all)")
-    n_healthy_patients: int = setting(-1, "use only the first N healthy patients (-1: all)")
-    total_epochs: int = setting(1000, "stop after N epochs (0: no epoch limit)", changes=NO_RUN_EFFECT)
-    max_steps: int = setting(0, "stop after N steps (0: no step limit)", changes=NO_RUN_EFFECT)
-    threshold: float = setting(-1.0, "label-dropout probability during training (<= 0: off; paper: 0.1)")
-    seed: int = setting(0, "seed of the weights, data order and noise")
-    noise_type: str = setting("gaussian", "training noise: gaussian, or multi-octave simplex (AnoDDPM (S))",
-                              choices=NOISE_TYPES)
-    simplex_frequency: float = setting(64.0, "simplex noise: first octave's wavelength in pixels "
-                                       "(upstream: 64 at 128 px)")
-    num_workers: int = setting(2, "data-loading worker processes", changes=NO_RUN_EFFECT)
-    preview_steps: int = setting(50, "sampling steps of the preview images", changes=NO_RUN_EFFECT)
-    ddpm_sampling: bool = setting(False, "previews with ancestral (DDPM) instead of DDIM sampling",
-                                  changes=NO_RUN_EFFECT)
-    sample_shape: tuple[int, ...] = setting((), "N C H W of preview samples at each save (empty: none)",
-                                            changes=NO_RUN_EFFECT)
-    w: tuple[float, ...] = setting((), "guidance strengths of the previews (empty or -1: no guidance)",
-                                   changes=NO_RUN_EFFECT)
-
-    def validate(self) -> None:
-        parse_ema_rates(self.ema_rate)
-        for name in ("lr", "weight_decay", "grad_clip", "threshold"):
-            require_finite(name, getattr(self, name))
-        require(self.lr > 0, f"--lr must be > 0, got {self.lr}")
-        require_finite("simplex_frequency", self.simplex_frequency)
-        require(self.simplex_frequency > 0, f"--simplex_frequency must be > 0, got {self.simplex_frequency}")
-        require(self.batch_size >= 1, f"--batch_size must be >= 1, got {self.batch_size}")
-        require(self.num_workers >= 0, f"--num_workers must be >= 0, got {self.num_workers}")
-        require(self.log_interval > 0 and self.save_interval > 0,
-                "--log_interval and --save_interval must be positive")
-        require(not self.sample_shape or (len(self.sample_shape) == 4 and min(self.sample_shape) > 0),
-                f"--sample_shape {list(self.sample_shape)}: expected 4 positive integers N C H W or nothing")
-
-
 
 
 def _validate(m: ModelConfig, t: TrainConfig) -> None:
@@ -142,7 +77,6 @@ def saved_config(m: ModelConfig, d: DiffusionConfig, t: TrainConfig) -> dict[str
     training flags; a resume compares it with the current one."""
     out = {"model": model_config(m, d), "diffusion": d.to_dict(), "train": t.to_dict()}
     if t.data_dir and os.path.isdir(t.data_dir):  # what a resume must have been trained on (train_resume)
-        from guided_diffusion.training.train_resume import data_record
 
         out["data"] = data_record(t.data_dir)
     return out
@@ -158,7 +92,6 @@ def train(m: ModelConfig, d: DiffusionConfig, t: TrainConfig) -> None:
     with contextlib.ExitStack() as stack:
         stack.callback(lambda: dist_util.cleanup(wait=finished))  # no rank waits on one that failed
         if log_dir and dist_util.is_main_process():
-            from guided_diffusion.utils.run_lock import run_lock
 
             stack.enter_context(run_lock(log_dir, "--log_dir"))
         logger.configure(dir=log_dir)
@@ -167,9 +100,6 @@ def train(m: ModelConfig, d: DiffusionConfig, t: TrainConfig) -> None:
 
 
 def _train_in(log_dir: str, m: ModelConfig, d: DiffusionConfig, t: TrainConfig) -> None:
-    from guided_diffusion.data.brats import get_train_loader
-    from guided_diffusion.training.train_util import TrainLoop, image_grid_png, seed_everything
-    from guided_diffusion.utils.io_util import atomic_write_bytes
 
     image_dir = t.image_dir or os.path.join(log_dir, "images")
     if m.num_classes and t.threshold <= 0:
@@ -230,7 +160,6 @@ class _ScalarOutput:
 def training_extras(log_dir: str, t: TrainConfig) -> Iterator[None]:
     """Rank 0: TensorBoard events under LOG_DIR/tb while training (when tensorboard is importable, else
     nothing) and LOG_DIR/loss_curves.png from progress.csv at the end of the run (issue 12)."""
-    from guided_diffusion.reporting.training_plots import ScalarWriter, write_loss_curves_png
 
     main_rank = dist_util.is_main_process()
     out = _ScalarOutput(ScalarWriter(os.path.join(log_dir, "tb"))) if main_rank else None
@@ -254,7 +183,6 @@ def training_extras(log_dir: str, t: TrainConfig) -> Iterator[None]:
 
 def _loop(TrainLoop: Any, model: Any, diffusion: Any, data: Any, log_dir: str, image_dir: str,
           preview_shape: list[int] | None, m: ModelConfig, d: DiffusionConfig, t: TrainConfig) -> None:
-    from guided_diffusion.resample import create_named_schedule_sampler
 
     schedule_sampler = create_named_schedule_sampler(t.schedule_sampler, diffusion)
     if t.noise_type == "simplex":
@@ -285,7 +213,6 @@ class SimplexTrainingDiffusion:
 
     def training_losses(self, model: Any, x_start: Any, t: Any, model_kwargs: dict | None = None,
                         noise: Any = None, generator: Any = None) -> dict[str, Any]:
-        from guided_diffusion.simplex import simplex_noise_like
 
         if noise is None:
             noise = simplex_noise_like(x_start, generator=generator, **self._kwargs)
@@ -298,7 +225,6 @@ HAE_V2_FORCED: dict[str, Any] = {"unet_ver": "hae_v2"}
 
 def main(argv: Sequence[str] | None = None, forced: Mapping[str, Any] | None = None) -> int:
     """Parse ``argv`` and train; errors propagate (``cli.run_cli`` prints expected ones as one line)."""
-    from guided_diffusion.training.training_flags import parse_configs_for_training
 
     train(*parse_configs_for_training(argv, forced))
     return 0
@@ -307,9 +233,7 @@ def main(argv: Sequence[str] | None = None, forced: Mapping[str, Any] | None = N
 def hae_v2_summary(m: ModelConfig, d: DiffusionConfig) -> str:
     """One line with the HAE V2 settings and the parameter counts of the model the configs build
     (built on the meta device: no memory used)."""
-    import torch
 
-    from guided_diffusion.hae_blocks import HybridCNNTransformerBlockBase, check_bottleneck_ratio
 
     check_bottleneck_ratio(m.bottleneck_ratio)
     with torch.device("meta"):
@@ -323,7 +247,6 @@ def hae_v2_summary(m: ModelConfig, d: DiffusionConfig) -> str:
 
 def main_hae_v2(argv: Sequence[str] | None = None) -> int:
     """``main`` with ``--unet_ver hae_v2`` fixed; prints the HAE V2 settings before training."""
-    from guided_diffusion.training.training_flags import parse_configs_for_training
 
     m, d, t = parse_configs_for_training(argv, HAE_V2_FORCED)
     print(hae_v2_summary(m, d), flush=True)

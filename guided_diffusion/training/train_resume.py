@@ -13,7 +13,10 @@ from typing import Any
 
 import blobfile as bf
 
+from guided_diffusion.data.fingerprint import data_fingerprint, explain
+from guided_diffusion.script_util import drop_foreign_options
 from guided_diffusion.training import checkpoint
+from guided_diffusion.training.rng import seed_everything, seed_for
 from guided_diffusion.utils import dist_util, logger
 
 # keys of the saved "train" section that change the trained weights (a resume must match them; the
@@ -89,7 +92,6 @@ def load_named(path: str, ema_rates: list[str]) -> checkpoint.TrainingCheckpoint
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """``part.key: checkpoint X, flags Y`` for every model/diffusion entry and run-changing train entry
     present in both configs that differs (entries an older checkpoint lacks are not compared)."""
-    from guided_diffusion.script_util import drop_foreign_options
 
     diffs = []
     for part in ("model", "diffusion", "train"):
@@ -108,7 +110,6 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
 def data_record(data_dir: str) -> dict[str, Any]:
     """The "data" section of the saved config: the content fingerprint of the training split
     (guided_diffusion/data/fingerprint.py), which a resume must match."""
-    from guided_diffusion.data.fingerprint import data_fingerprint
 
     return {"data_dir": os.path.abspath(data_dir), "splits": ["train"],
             "data_sha256": data_fingerprint(data_dir, ("train",)).digest}
@@ -121,7 +122,6 @@ def data_difference(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str
     old, new = a.get("data_sha256"), b.get("data_sha256")
     if not old or not new or old == new:
         return None
-    from guided_diffusion.data.fingerprint import data_fingerprint, explain
 
     data_dir = str(b.get("data_dir", ""))
     try:
@@ -149,7 +149,6 @@ def check_config(ck: checkpoint.TrainingCheckpoint, config: Mapping[str, Any], l
 
 def apply_checkpoint(loop: Any, ck: checkpoint.TrainingCheckpoint) -> None:
     """Load ``ck`` into ``loop`` (a TrainLoop): weights, EMA, optimizer, scaler, step, data position, RNG."""
-    from guided_diffusion.training.train_util import seed_everything, seed_for
 
     path = ck.paths[0] if ck.paths else "checkpoint"
     checkpoint.check_state_dict_fits(loop.model, ck.model, path, loop.config.get("model"))

@@ -11,58 +11,28 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-import random
 import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import blobfile as bf
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import BatchSampler, DataLoader, Sampler
+from tqdm import tqdm
 
-from guided_diffusion.reporting.previews import ema_copy, image_grid_png, write_previews
+from guided_diffusion.configs.train_config import parse_ema_rates
+from guided_diffusion.reporting.previews import ema_copy, write_previews
 from guided_diffusion.resample import UniformSampler
 from guided_diffusion.training import checkpoint, train_resume
+from guided_diffusion.training.rng import get_rng_state, seed_everything, seed_for, set_rng_state
 from guided_diffusion.training.train_logging import fetch_step_values, log_losses, log_step
 from guided_diffusion.utils import dist_util, logger
 from guided_diffusion.utils.io_util import atomic_write_json
+from guided_diffusion.utils.precision import PRECISIONS, autocast, maybe_compile, to_channels_last
 
-__all__ = ["TrainLoop", "image_grid_png", "loader_from_batch", "seed_everything", "seed_for"]
-
-PRECISIONS = ("fp32", "bf16", "fp16")
-
-
-def seed_for(*parts: int) -> int:
-    """A 63-bit seed derived from integers (e.g. seed, rank, step) via numpy's SeedSequence."""
-    state = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)
-    return int(state[0] >> np.uint64(1))
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def get_rng_state() -> dict[str, Any]:
-    """Global RNG states of this process (python, numpy, torch CPU and CUDA)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Mapping[str, Any]) -> None:
-    """Restore what ``get_rng_state`` returned."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+__all__ = ["TrainLoop", "loader_from_batch"]
 
 
 class _OffsetSampler(Sampler):
@@ -107,25 +77,6 @@ def loader_from_batch(loader: DataLoader, start_batch: int) -> Iterable[Any]:
     for _ in range(start_batch):
         next(it, None)
     return it
-
-
-def parse_ema_rates(ema_rate: float | str | Sequence[float]) -> list[str]:
-    """``--ema_rate`` ("0.9999" or "0.999,0.9999" or numbers) as rate strings, each a number in [0, 1)."""
-    rates = ema_rate.split(",") if isinstance(ema_rate, str) else (
-        [ema_rate] if isinstance(ema_rate, int | float) else list(ema_rate))
-    out = [str(r).strip() for r in rates if str(r).strip()]
-    if not out:
-        raise ValueError(f"--ema_rate {ema_rate!r}: expected one or more rates in [0, 1), e.g. 0.9999")
-    for r in out:
-        try:
-            value = float(r)
-        except ValueError:
-            raise ValueError(f"--ema_rate {ema_rate!r}: {r!r} is not a number; expected comma-separated "
-                             "rates in [0, 1), e.g. 0.9999 or 0.999,0.9999") from None
-        if not (0.0 <= value < 1.0):
-            raise ValueError(f"--ema_rate {r}: must be in [0, 1) (1 or more never moves or diverges), "
-                             "e.g. 0.9999")
-    return out
 
 
 def check_loop_settings(*, precision: str, resume: str, max_steps: int, total_epochs: int,
@@ -180,7 +131,6 @@ def progress_bar(loop: Any) -> Any:
     """A tqdm bar over the loop's steps on rank 0 at a terminal, else None."""
     if not (dist_util.is_main_process() and sys.stdout.isatty()):
         return None
-    from tqdm import tqdm
 
     total = total_steps(loop.max_steps, loop.lr_anneal_steps, loop.total_epochs, loop.batches_per_epoch())
     return tqdm(total=total, initial=loop.step, desc="train", dynamic_ncols=True)
@@ -191,20 +141,11 @@ def wrap_network(model: torch.nn.Module, device: torch.device, world_size: int, 
     """The callable the loop trains through: ``model`` converted in place to channels_last (optional),
     in DDP when ``world_size > 1``, then torch.compile'd (optional, eager fallback). ``model`` itself
     stays the module whose state_dict is saved, so the checkpoint keys never carry ``_orig_mod.``."""
-    from guided_diffusion.utils.precision import maybe_compile, to_channels_last
 
     if channels_last:
         to_channels_last(model)
     net = wrap_ddp(model, device) if world_size > 1 else model
     return maybe_compile(net, compile, log=logger.log)
-
-
-def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """The autocast context of ``precision`` (none for fp32)."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def update_ema(ema_by_rate: Mapping[str, dict[str, torch.Tensor]], names: Sequence[str],
@@ -390,7 +331,7 @@ class TrainLoop:
             t, weights = self.schedule_sampler.sample(xb.shape[0], self.device, generator=gen)
             sync = self.ddp_model.no_sync() if self.world_size > 1 and not last else contextlib.nullcontext()
             with sync:
-                with autocast(self.precision, self.device):
+                with autocast(self.device, self.precision):
                     losses = self.diffusion.training_losses(self.ddp_model, xb, t, model_kwargs=kwargs,
                                                             generator=gen)
                 if hasattr(self.schedule_sampler, "update_with_local_losses"):
@@ -465,4 +406,4 @@ class TrainLoop:
         return write_previews(self.ema_model(), self.preview_diffusion, self.preview_shape, self.preview_w,
                               step=self.step, image_dir=self.image_dir, noise_seed=seed_for(self.seed, 7919),
                               device=self.device, num_classes=self.num_classes, ddpm=self.ddpm_preview,
-                              autocast=autocast(self.precision, self.device))
+                              autocast=autocast(self.device, self.precision))

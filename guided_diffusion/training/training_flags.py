@@ -19,7 +19,7 @@ from guided_diffusion.configs.config_flags import (
     recorded_section,
     resolve_compat,
 )
-from guided_diffusion.training.run import TrainConfig
+from guided_diffusion.configs.train_config import TrainConfig
 
 DESCRIPTION = """Train a (classifier-free guided) diffusion model on preprocessed BraTS/ATLAS slices.
 
