@@ -48,8 +48,8 @@ import numpy as np
 import torch
 
 from guided_diffusion.anofpdm import translation
-from guided_diffusion.anofpdm.calibration import load_calibrations, save_calibrations
 from guided_diffusion.cli import run_cli
+from guided_diffusion.configs.calibration import load_calibrations, save_calibrations
 from guided_diffusion.data.brats import ShardSampler
 from guided_diffusion.utils import dist_util
 from guided_diffusion.utils.io_util import atomic_write_json

@@ -17,8 +17,8 @@ from torch import nn
 
 from guided_diffusion import gaussian_diffusion as gd
 from guided_diffusion import variants
-from guided_diffusion.cli import add_dict_to_argparser, args_to_dict
-from guided_diffusion.configs.base import DiffusionConfig, ModelConfig, str2bool
+from guided_diffusion.cli import add_dict_to_argparser, args_to_dict, str2bool
+from guided_diffusion.configs.base import DiffusionConfig, ModelConfig
 from guided_diffusion.registry import (
     MODEL_REGISTRY,
     all_options,

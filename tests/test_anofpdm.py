@@ -8,15 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from guided_diffusion.anofpdm.calibration import (
-    Q_GRID,
-    Calibration,
-    calibrate,
-    cos_threshold,
-    select_guidance,
-)
+from guided_diffusion.anofpdm.calibration import Q_GRID, calibrate, cos_threshold, select_guidance
 from guided_diffusion.anofpdm.forward import forward_result_from_stacks, run_forward_process
 from guided_diffusion.anofpdm.segmentation import QUANTILE_GRID, aggregation_steps, quantile_index, segment
+from guided_diffusion.configs.calibration import Calibration
 from guided_diffusion.gaussian_diffusion import (
     GaussianDiffusion,
     LossType,

@@ -14,8 +14,8 @@ import pytest
 from tiny_eval import core, make_run, run_argv, write_checkpoint
 
 from guided_diffusion.anofpdm import translation
-from guided_diffusion.anofpdm.calibration import load_calibrations
 from guided_diffusion.cli import run_cli
+from guided_diffusion.configs.calibration import load_calibrations
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from guided_diffusion.anofpdm.calibration import Calibration, file_sha256, save_calibrations
+from guided_diffusion.configs.calibration import Calibration, save_calibrations
 from guided_diffusion.export.export import export_run, load_pretrained
 from guided_diffusion.script_util import create_model_and_diffusion, diffusion_defaults, model_config
 from guided_diffusion.training import checkpoint
+from guided_diffusion.utils.io_util import file_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 FLAGS = dict(image_size=16, in_channels=2, num_channels=8, num_res_blocks=1, channel_mult="1,2",

@@ -13,10 +13,11 @@ import pytest
 import torch
 from test_export import _out, _run_dir
 
-from guided_diffusion.anofpdm.calibration import Calibration, file_sha256, save_calibrations
 from guided_diffusion.cli import run_cli
+from guided_diffusion.configs.calibration import Calibration, save_calibrations
 from guided_diffusion.export import export
 from guided_diffusion.export.export import export_run, load_pretrained, main
+from guided_diffusion.utils.io_util import file_sha256
 
 
 def _tree(folder: Path) -> dict[str, bytes]:

@@ -10,7 +10,8 @@ import pytest
 import tiny_eval as helpers
 
 from guided_diffusion.anofpdm import translation
-from guided_diffusion.anofpdm.calibration import load_calibrations, select_guidance
+from guided_diffusion.anofpdm.calibration import select_guidance
+from guided_diffusion.configs.calibration import load_calibrations
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from guided_diffusion.cli import UsageError
-from guided_diffusion.experiments.table1 import ANOFPDM_ROWS, DISPLAY, PIXEL_MARK, PRESETS, ROWS
+from guided_diffusion.experiments.table1 import PRESETS, ROWS
+from guided_diffusion.experiments.table1_rows import ANOFPDM_ROWS, DISPLAY, PIXEL_MARK
 from guided_diffusion.simplex import simplex_noise_like
 from guided_diffusion.training import run as training
 from guided_diffusion.training import training_flags

@@ -345,7 +345,7 @@ def test_one_vs_two_processes_equal_metrics(setup):
 
 
 def test_min_cc_size_scales_with_image_size(setup):
-    from guided_diffusion.anofpdm.translation_outputs import resolve_min_cc_size
+    from guided_diffusion.configs.eval_configs import resolve_min_cc_size
 
     assert resolve_min_cc_size(-1, 128) == 40 and resolve_min_cc_size(-1, 64) == 10
     assert resolve_min_cc_size(-1, 256) == 160 and resolve_min_cc_size(-1, 32) == 3  # 2.5 rounds up

@@ -30,12 +30,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from guided_diffusion.anofpdm.gradient_sam import gradient_sam_scale
+from guided_diffusion.configs.eval_configs import ENCODINGS, UGP_MODES
 from guided_diffusion.gaussian_diffusion import clamp_to_spatial_quantile
 from guided_diffusion.guidance import guided_eps
 from guided_diffusion.utils.precision import autocast, check_precision
 
-ENCODINGS = ("ddim", "ddpm")
-UGP_MODES = ("null", "healthy_w0")
 CALL_PATTERNS = ("batched", "upstream")
 
 GeneratorLike = torch.Generator | Sequence[torch.Generator] | None

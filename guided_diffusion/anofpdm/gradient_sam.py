@@ -13,19 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-SAM_MODES = ("default", "gradient", "gradient_para")
-
-
-def sam_mode_from_flags(use_gradient_sam: bool, use_gradient_para_sam: bool) -> str:
-    """--use_gradient_sam / --use_gradient_para_sam -> a SAM_MODES value (para needs gradient, as upstream
-    ignores it otherwise; refused rather than silently ignored)."""
-    if use_gradient_para_sam and not use_gradient_sam:
-        raise ValueError(
-            "--use_gradient_para_sam True needs --use_gradient_sam True (upstream silently ignores it alone)"
-        )
-    if use_gradient_sam:
-        return "gradient_para" if use_gradient_para_sam else "gradient"
-    return "default"
+from guided_diffusion.configs.eval_configs import SAM_MODES
 
 
 def gradient_sam_scale(

@@ -33,13 +33,10 @@ import torch
 from tqdm.auto import tqdm
 
 from guided_diffusion.anofpdm.calibration import (
-    Calibration,
     calibrate,
     check_calibration_data,
     choose_primary_w,
     guidance_selection,
-    load_calibrations,
-    save_calibrations,
 )
 from guided_diffusion.anofpdm.eval_resume import data_key, open_shared, save_batch
 from guided_diffusion.anofpdm.forward import run_forward_process
@@ -60,6 +57,7 @@ from guided_diffusion.anofpdm.translation_runtime import (
     run_session,
     slice_generators,
 )
+from guided_diffusion.configs.calibration import Calibration, load_calibrations, save_calibrations
 from guided_diffusion.configs.eval_configs import EvalRun, SegmentConfig
 from guided_diffusion.data.brats import BrainDataset, get_eval_loader
 from guided_diffusion.data.read_ahead import read_ahead

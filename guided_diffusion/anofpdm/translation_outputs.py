@@ -22,7 +22,6 @@ image size by area, ``round(40 * (image_size / 128) ** 2)`` rounded half up (10 
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -30,8 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from guided_diffusion.anofpdm.calibration import Calibration
-from guided_diffusion.configs.eval_configs import EvalRun
+from guided_diffusion.configs.calibration import Calibration
+from guided_diffusion.configs.eval_configs import EvalRun, resolve_min_cc_size
 from guided_diffusion.data.brats import get_eval_loader
 from guided_diffusion.metrics.evaluator import SegmentationEvaluator
 from guided_diffusion.metrics.metrics_legacy import LegacyRunningMetrics
@@ -40,25 +39,11 @@ from guided_diffusion.reporting import report
 from guided_diffusion.reporting.run_summary import add_run_summary
 
 MODALITY_NAMES = {4: ["FLAIR", "T1", "T1ce", "T2"], 1: ["T1"]}
-PAPER_MIN_CC_SIZE = 40  # px at the paper's 128 x 128 slices (docs/method.md, 'Metrics')
-PAPER_IMAGE_SIZE = 128
 
 
 def setting_key(w: float, ratio: float) -> str:
     """Name of one (guidance strength, t_e ratio) setting, e.g. ``w=2,t_e_ratio=1``."""
     return f"w={w:g},t_e_ratio={ratio:g}"
-
-
-def resolve_min_cc_size(min_cc_size: int, image_size: int) -> int:
-    """CC-filter size in pixels for ``--min_cc_size`` (-1: the paper's 40 px at 128² scaled by area)."""
-    if min_cc_size == -1:
-        return int(math.floor(PAPER_MIN_CC_SIZE * (image_size / PAPER_IMAGE_SIZE) ** 2 + 0.5))
-    if min_cc_size < -1:
-        raise ValueError(
-            f"--min_cc_size must be -1 (scale the paper's 40 px at 128 px to --image_size) or >= 0, "
-            f"got {min_cc_size}"
-        )
-    return int(min_cc_size)
 
 
 def write_outputs(

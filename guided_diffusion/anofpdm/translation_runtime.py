@@ -23,7 +23,6 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from guided_diffusion.anofpdm.calibration import file_sha256
 from guided_diffusion.anofpdm.forward import run_forward_process
 from guided_diffusion.configs.base import DiffusionConfig, ModelConfig, save_run_config
 from guided_diffusion.configs.eval_configs import CheckpointConfig, EvalRun
@@ -33,6 +32,7 @@ from guided_diffusion.script_util import create_from_configs, model_config
 from guided_diffusion.training.checkpoint import find_checkpoint, load_model_checkpoint, parse_checkpoint_name
 from guided_diffusion.utils import dist_util, logger
 from guided_diffusion.utils.batch_size import auto_batch_size
+from guided_diffusion.utils.io_util import file_sha256
 from guided_diffusion.utils.precision import check_precision, compile_mode, maybe_compile
 from guided_diffusion.utils.run_lock import run_lock
 

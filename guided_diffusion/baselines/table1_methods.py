@@ -31,16 +31,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from guided_diffusion.anofpdm.translation_outputs import resolve_min_cc_size
 from guided_diffusion.baselines import methods
 from guided_diffusion.baselines.classifier import classifier_defaults, create_classifier
 from guided_diffusion.configs.base import DiffusionConfig, ModelConfig
+from guided_diffusion.configs.eval_configs import resolve_min_cc_size
 from guided_diffusion.data.brats import get_eval_loader
 from guided_diffusion.data.read_ahead import read_ahead
-from guided_diffusion.experiments.experiments import VOLUME_METRICS
 from guided_diffusion.metrics.evaluator import SegmentationEvaluator
 from guided_diffusion.metrics.slice_metrics import cc_filter
-from guided_diffusion.metrics.volume_outputs import volume_section
+from guided_diffusion.metrics.volume_outputs import VOLUME_METRICS, volume_section
 from guided_diffusion.script_util import create_from_configs, drop_foreign_options, model_config
 from guided_diffusion.training.checkpoint import load_model_checkpoint
 from guided_diffusion.utils.io_util import atomic_write_bytes

@@ -23,6 +23,7 @@ import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
+from guided_diffusion.cli import str2bool
 from guided_diffusion.utils.io_util import atomic_write_json
 
 C = TypeVar("C", bound="Config")
@@ -48,18 +49,6 @@ def setting(
     if isinstance(default, (list, dict, set)):
         raise TypeError("setting defaults must be immutable (use a tuple)")
     return dataclasses.field(default=default, metadata=meta)
-
-
-def str2bool(v: str | bool) -> bool:
-    """Parse a command-line boolean: yes/true/t/y/1 or no/false/f/n/0 (case-insensitive)."""
-    if isinstance(v, bool):
-        return v
-    text = str(v).strip().lower()
-    if text in ("yes", "true", "t", "y", "1"):
-        return True
-    if text in ("no", "false", "f", "n", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"boolean value expected (true/false, yes/no, 1/0); got {v!r}")
 
 
 def field_kind(tp: Any) -> tuple[type, bool, bool]:

@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
+from guided_diffusion.cli import str2bool
 from guided_diffusion.configs.base import (
     COMPAT,
     CompatFlag,
@@ -24,10 +25,9 @@ from guided_diffusion.configs.base import (
     field_kind,
     field_names,
     load_run_config,
-    str2bool,
     type_hints,
 )
-from guided_diffusion.script_util import drop_foreign_options
+from guided_diffusion.registry import drop_foreign_options
 
 C = TypeVar("C", bound=Config)
 COMPAT_PREFIX = "compat__"

@@ -8,10 +8,10 @@ change the statistics); the resume fingerprint of the per-slice results is their
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, ClassVar
 
-from guided_diffusion.anofpdm.forward import ENCODINGS, UGP_MODES
-from guided_diffusion.anofpdm.gradient_sam import sam_mode_from_flags
+from guided_diffusion.cli import str2bool
 from guided_diffusion.configs.base import (
     RESULT,
     STATS,
@@ -24,12 +24,44 @@ from guided_diffusion.configs.base import (
     require,
     require_finite,
     setting,
-    str2bool,
 )
 from guided_diffusion.utils.batch_size import parse_batch_size
 from guided_diffusion.utils.precision import PRECISIONS
 
 _BOTH = (STATS, RESULT)
+# the forward process's encodings and unguided-prediction modes, the SAM modes of the segmentation
+ENCODINGS = ("ddim", "ddpm")
+UGP_MODES = ("null", "healthy_w0")
+SAM_MODES = ("default", "gradient", "gradient_para")
+
+
+
+def sam_mode_from_flags(use_gradient_sam: bool, use_gradient_para_sam: bool) -> str:
+    """--use_gradient_sam / --use_gradient_para_sam -> a SAM_MODES value (para needs gradient, as upstream
+    ignores it otherwise; refused rather than silently ignored)."""
+    if use_gradient_para_sam and not use_gradient_sam:
+        raise ValueError(
+            "--use_gradient_para_sam True needs --use_gradient_sam True (upstream silently ignores it alone)"
+        )
+    if use_gradient_sam:
+        return "gradient_para" if use_gradient_para_sam else "gradient"
+    return "default"
+
+
+PAPER_MIN_CC_SIZE = 40  # px at the paper's 128 x 128 slices (docs/method.md, 'Metrics')
+PAPER_IMAGE_SIZE = 128
+
+
+def resolve_min_cc_size(min_cc_size: int, image_size: int) -> int:
+    """CC-filter size in pixels for ``--min_cc_size`` (-1: the paper's 40 px at 128² scaled by area)."""
+    if min_cc_size == -1:
+        return int(math.floor(PAPER_MIN_CC_SIZE * (image_size / PAPER_IMAGE_SIZE) ** 2 + 0.5))
+    if min_cc_size < -1:
+        raise ValueError(
+            f"--min_cc_size must be -1 (scale the paper's 40 px at 128 px to --image_size) or >= 0, "
+            f"got {min_cc_size}"
+        )
+    return int(min_cc_size)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,13 +24,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from guided_diffusion.utils.io_util import atomic_write_text
+from guided_diffusion.utils.io_util import atomic_write_text, file_sha256
 
 CACHE_NAME = ".data_fingerprint.json"
 CACHE_VERSION = 1
 HISTORY = 3  # earlier states kept in the cache for ``explain``
 ALL_SPLITS = ("train", "val", "test")
-_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -65,15 +64,6 @@ def _split_files(root: str, split: str) -> list[str]:
     if os.path.isfile(os.path.join(root, scans)):
         rels.append(scans)
     return sorted(r.replace(os.sep, "/") for r in rels)
-
-
-def file_sha256(path: str) -> str:
-    """sha256 hex of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def split_digest(files: Mapping[str, str], rels: Iterable[str]) -> str:

@@ -41,7 +41,8 @@ from typing import Any
 import numpy as np
 
 from guided_diffusion.data.fingerprint import data_fingerprint, explain
-from guided_diffusion.utils.io_util import atomic_write_json, atomic_write_text
+from guided_diffusion.metrics.volume_outputs import VOLUME_METRICS
+from guided_diffusion.utils.io_util import atomic_write_json, atomic_write_text, file_sha256
 
 ROW_VERSION = 1
 STD_NOTE = "mean ± population std (ddof=0) over evaluation seeds"
@@ -68,15 +69,6 @@ def _plain(obj: Any) -> Any:
 def fingerprint(settings: Mapping[str, Any]) -> str:
     """sha256 hex of the canonical JSON of ``settings``."""
     return hashlib.sha256(canonical_json(settings).encode("utf-8")).hexdigest()
-
-
-def file_sha256(path: str, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file (streamed)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def checkpoint_settings(settings: Mapping[str, Any], checkpoint: str) -> dict[str, Any]:
@@ -426,9 +418,6 @@ def _models_on_other_data(models_dir: str, name: str, settings: Mapping[str, Any
 # ---------------------------------------------------------------------------------------------- AnoFPDM
 TABLE_METRICS = tuple(f"{s}.{m}" for s in ("mixed", "unhealthy") for m in ("dice", "iou", "auprc"))
 # per-patient 3-D means of metrics.json "volume" (None for an evaluation made before they existed)
-VOLUME_METRICS = ("dice_3d_mean", "iou_3d_mean", "hd95_mm_mean", "asd_mm_mean", "lesion_f1_mean",
-                  "lesion_dice_mean", "lesion_f1_pooled", "n_patients")
-
 
 def read_anofpdm_metrics(eval_dir: str) -> dict[str, Any]:
     """The metrics a table needs from a translation_FPDM.py log dir (its metrics.json).

@@ -39,7 +39,6 @@ from typing import Any
 
 import numpy as np
 
-from guided_diffusion.anofpdm.calibration import file_sha256
 from guided_diffusion.cli import ArgumentParser
 from guided_diffusion.configs.base import (
     RESULT,
@@ -60,7 +59,7 @@ from guided_diffusion.training import run as training
 from guided_diffusion.training.checkpoint import find_checkpoint, list_checkpoints
 from guided_diffusion.training.train_resume import RUN_CHANGING_TRAIN_KEYS
 from guided_diffusion.training.training_flags import build_arg_parser, parse_configs_for_training
-from guided_diffusion.utils.io_util import atomic_write_json
+from guided_diffusion.utils.io_util import atomic_write_json, file_sha256
 from guided_diffusion.utils.run_lock import run_lock
 
 __all__ = ["CurvesConfig", "conditioning_strength", "denoising_loss", "evaluate_checkpoint", "main",

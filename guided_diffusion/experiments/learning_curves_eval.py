@@ -19,7 +19,7 @@ from guided_diffusion.anofpdm.calibration import calibrate, choose_primary_w
 from guided_diffusion.anofpdm.forward import run_forward_process, sample_noise
 from guided_diffusion.anofpdm.segmentation import segment
 from guided_diffusion.anofpdm.translation import RUNTIME_SETTINGS, process_batch
-from guided_diffusion.anofpdm.translation_outputs import resolve_min_cc_size, setting_key
+from guided_diffusion.anofpdm.translation_outputs import setting_key
 from guided_diffusion.anofpdm.translation_runtime import SPLIT_CODES, load_model, slice_generators
 from guided_diffusion.configs.base import DiffusionConfig, ModelConfig
 from guided_diffusion.configs.curves_config import CurvesConfig
@@ -29,6 +29,7 @@ from guided_diffusion.configs.eval_configs import (
     EvalRun,
     ForwardConfig,
     SegmentConfig,
+    resolve_min_cc_size,
 )
 from guided_diffusion.data.brats import get_eval_loader
 from guided_diffusion.metrics.evaluator import SegmentationEvaluator

@@ -38,6 +38,7 @@ from guided_diffusion.experiments.table1_rows import (
     build_rows,
     panel_and_tables,
 )
+from guided_diffusion.utils.io_util import file_sha256
 
 _MODEL_COMMON = dc._MODEL_COMMON
 PRESETS: dict[str, dict[str, Any]] = {
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             models[key] = ex.train_once(key, cmd, settings, os.path.join(out, "models"), cfg["train_steps"],
                                         cfg["ema_rate"], str(dc.REPO), env)
-    shas = {k: ex.file_sha256(ckpt) for k, (_, ckpt) in models.items()}
+    shas = {k: file_sha256(ckpt) for k, (_, ckpt) in models.items()}
 
     base = {"preset": args.preset, "dataset": args.dataset, "data_dir": data_dir, "data_sha256": data_id}
     records = build_rows(cfg, base, models, shas, out, data_dir, prefix, env, args.recompute)

@@ -40,8 +40,8 @@ from typing import Any
 import torch
 
 from guided_diffusion import script_util as su
-from guided_diffusion.anofpdm.calibration import file_sha256, load_calibrations
 from guided_diffusion.cli import ArgumentParser
+from guided_diffusion.configs.calibration import load_calibrations
 from guided_diffusion.configs.eval_configs import evaluation_settings
 from guided_diffusion.export.model_card import model_card
 from guided_diffusion.script_util import create_model_and_diffusion
@@ -52,7 +52,7 @@ from guided_diffusion.training.checkpoint import (
     parse_checkpoint_name,
     read_saved_config,
 )
-from guided_diffusion.utils.io_util import atomic_write_bytes, atomic_write_json
+from guided_diffusion.utils.io_util import atomic_write_bytes, atomic_write_json, file_sha256
 
 FORMAT = "hae-fpdm-export"
 VERSION = 1

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from guided_diffusion.anofpdm.calibration import load_calibrations
 from guided_diffusion.configs.base import DiffusionConfig, ModelConfig, field_names
+from guided_diffusion.configs.calibration import load_calibrations
 from guided_diffusion.configs.eval_configs import EVALUATION_SECTIONS, CheckpointConfig, EvalRun
 from guided_diffusion.export.export import (
     CALIBRATION_FILE,

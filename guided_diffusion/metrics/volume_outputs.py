@@ -42,6 +42,10 @@ CONVENTIONS = {
              "above); lesion_tp / fp / fn summed over patients, lesion_f1_pooled from the sums",
 }
 
+# the per-patient means of the volume section that run tables report
+VOLUME_METRICS = ("dice_3d_mean", "iou_3d_mean", "hd95_mm_mean", "asd_mm_mean", "lesion_f1_mean",
+                  "lesion_dice_mean", "lesion_f1_pooled", "n_patients")
+
 
 def _has_meta(data_dir: str, split: str, patient: str) -> bool:
     return os.path.isfile(os.path.join(data_dir, f"npy_{split}", f"patient_{patient}", "meta.json"))

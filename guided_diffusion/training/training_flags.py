@@ -9,8 +9,8 @@ import argparse
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from guided_diffusion.cli import ArgumentParser
-from guided_diffusion.configs.base import CompatFlag, DiffusionConfig, ModelConfig, load_run_config, str2bool
+from guided_diffusion.cli import ArgumentParser, str2bool
+from guided_diffusion.configs.base import CompatFlag, DiffusionConfig, ModelConfig, load_run_config
 from guided_diffusion.configs.config_flags import (
     add_compat_flags,
     add_config_flag,

@@ -6,6 +6,7 @@ new complete file, never a truncated one. Works for local paths and any blobfile
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -75,3 +76,12 @@ def _json_default(value: Any) -> Any:
     if hasattr(value, "item"):
         return value.item()
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def file_sha256(path: str, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file (streamed)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
