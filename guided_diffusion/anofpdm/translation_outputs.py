@@ -159,7 +159,6 @@ def _volume(data_dir: str, cache, filtered, key) -> tuple[dict, list[dict]]:
 
 
 def _write_arrays(records, order, keys, filtered, log_dir) -> None:
-
     for k in keys:
         outs = [records[i]["out"][k] for i in order]
         report.save_arrays(
@@ -179,7 +178,6 @@ def _write_arrays(records, order, keys, filtered, log_dir) -> None:
 
 
 def _write_panels(run: EvalRun, records, cache, filtered, key, results, log_dir) -> None:
-
     order = sorted(records)
     unhealthy = [i for i in order if int(cache[i][0][2]) == 1]
     healthy = [i for i in order if int(cache[i][0][2]) != 1]
@@ -226,7 +224,6 @@ def _spread(ids: list[int], n: int) -> list[int]:
 
 
 def _write_nifti(data_dir: str, records, cache, filtered, key, log_dir) -> None:
-
     by_patient: dict[str, list[int]] = {}
     for i in sorted(records):
         by_patient.setdefault(str(cache[i][1][0]), []).append(i)

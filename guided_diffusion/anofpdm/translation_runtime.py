@@ -89,7 +89,6 @@ def load_model(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, ckpt: Che
     ``ckpt.model_dir`` is a training log dir or an export folder (guided_diffusion.export.export_load)."""
 
     if is_export_dir(ckpt.model_dir):
-
         return load_export_model(model_cfg, diffusion_cfg, ckpt, dist_util.dev())
     model, diffusion = create_from_configs(model_cfg, diffusion_cfg)
     if not os.path.isdir(ckpt.model_dir):

@@ -226,7 +226,6 @@ def evaluate_method(cfg: MethodConfig, models: Models, tuned: Mapping[str, Any],
     res = ev.results()
     volume = volume_means(ids, pred_masks, gt_masks, cfg.data_dir, cfg.method)
     if work_dir and panel:
-
         panel.sort(key=lambda r: r[1])
         buf = _npz_bytes(index=np.array([r[1] for r in panel]), x=np.stack([r[2] for r in panel]),
                          gt=np.stack([r[3] for r in panel]), anomaly_map=np.stack([r[4] for r in panel]),
@@ -256,7 +255,6 @@ def volume_means(slice_ids: Sequence[tuple[Any, Any]], pred_masks: Sequence[np.n
 
 
 def _npz_bytes(**arrays: np.ndarray) -> bytes:
-
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     return buf.getvalue()

@@ -65,7 +65,6 @@ class Calibration:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def save(self, path: str) -> None:
-
         atomic_write_text(self.to_json(), path)
 
     @classmethod

@@ -264,7 +264,6 @@ INFERENCE_IGNORED = ("clf_free", "dropout", "use_checkpoint", "class_cond", "use
 
 
 def _enc(value: str) -> str:
-
     return "ddim" if str2bool(value) else "ddpm"
 
 

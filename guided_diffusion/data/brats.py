@@ -330,7 +330,6 @@ def check_image_size(dataset: BrainDataset, image_size: int) -> None:
 def world_info() -> tuple[int, int]:
     """(world_size, rank) from dist_util if present, else torch.distributed if initialised, else (1, 0)."""
     try:
-
         return int(dist_util.get_world_size()), int(dist_util.get_rank())
     except (ImportError, AttributeError):
         pass

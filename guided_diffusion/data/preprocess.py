@@ -1,7 +1,6 @@
 """BraTS21 / ATLAS NIfTI volumes -> the 2-D slice layout of docs/method.md, 'Preprocessing'.
 
 Output layout (``R`` = output root)::
-
     R/data_splits/{train,val,test}/scans.csv          subject folder names, one per line, no header
     R/npy_{split}/patient_{id}/slice_{k}.npz          x [1, C, S, S] float32, y [1, 1, S, S] float32
     R/npy_{split}/patient_{id}/meta.json              affine, raw shape, kept slice range, modalities

@@ -141,7 +141,6 @@ def generate_subject(
     if style not in STYLES:
         raise ValueError(f"--style {style!r} is not valid; choose one of {STYLES}")
     if style == "brats_like":
-
         return generate_brats_like(seed, index, healthy)
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(index)]))
     brain, inside, pts, gm, wm, depth = warped_brain(rng)
@@ -283,7 +282,6 @@ def _build_into(root: Path, subjects: int, seed: int, image_size: int, raw_nifti
     t0 = time.perf_counter()
     order = [(sp, sid) for sp in SPLITS for sid in splits[sp]]
     if progress:
-
         order = tqdm(order, desc="synthetic", unit="subject")
     for split, sid in order:
         image, seg = generate_subject(seed, ids.index(sid), sid in healthy, style=style)
@@ -296,7 +294,6 @@ def _build_into(root: Path, subjects: int, seed: int, image_size: int, raw_nifti
         stats[split]["unhealthy_slices"] += int((y.reshape(y.shape[0], -1).max(1) > 0.5).sum())
     stats["seconds_per_subject"] = round((time.perf_counter() - t0) / subjects, 3)
     if baseline:
-
         for split in SPLITS:
             has = stats[split]["unhealthy_slices"] > 0
             stats[split]["flair_baseline"] = flair_threshold_baseline(root, split) if has else None

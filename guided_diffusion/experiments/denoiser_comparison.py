@@ -249,12 +249,10 @@ def build_synthetic(data_dir: str, cfg: Mapping[str, Any], env: Mapping[str, str
 
 
 def _default_device() -> str:
-
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _measure(cost_set: Mapping[str, Any], work: str, env: Mapping[str, str]) -> dict[str, Any]:
-
     flags = {**cost_set["model"], "timestep_respacing": cost_set["timestep_respacing"], "class_cond": True}
     spec = {"flags": flags, "unet_vers": cost_set["unet_vers"], "batch": cost_set["batch"],
             "reps": cost_set["reps"], "device": cost_set["device"],

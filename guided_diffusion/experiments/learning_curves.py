@@ -153,7 +153,6 @@ def write_png(data: Mapping[str, Any], path: str, title: str = "") -> None:
 
 # ---------------------------------------------------------------------------------------------- driver
 def _newest_step(log_dir: str) -> int:
-
     steps = list_checkpoints(log_dir)
     return steps[-1] if steps else 0
 
@@ -219,7 +218,6 @@ def run_curves(m: ModelConfig, d: DiffusionConfig, t: Any, c: CurvesConfig) -> d
 
 
 def _checkpoint_path(log_dir: str, step: int, ema: bool, ema_rate: str) -> str | None:
-
     try:
         return find_checkpoint(log_dir, step=step, ema_rate=ema_rate if ema else None)
     except FileNotFoundError:
@@ -227,7 +225,6 @@ def _checkpoint_path(log_dir: str, step: int, ema: bool, ema_rate: str) -> str |
 
 
 def _sha(path: str) -> str:
-
     return file_sha256(path)
 
 

@@ -40,7 +40,6 @@ _PURPOSE = {"loss": 101, "cond": 102}  # seed streams of the loss and conditioni
 
 
 def _generators(seed: int, split: str, ids: Sequence[int], purpose: str) -> list[torch.Generator]:
-
     out = []
     for i in ids:
         state = np.random.SeedSequence([int(seed), SPLIT_CODES[split], int(i), _PURPOSE[purpose]])

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from guided_diffusion.cli import ArgumentParser, run_cli
 from guided_diffusion.resample import UniformSampler
 from guided_diffusion.script_util import create_model_and_diffusion
 from guided_diffusion.utils.io_util import atomic_write_json
@@ -137,9 +138,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m guided_diffusion.experiments.measure SPEC OUT``: SPEC is a JSON of measure_models'
     arguments."""
 
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if len(argv) != 2:
-        raise ValueError("usage: python -m guided_diffusion.experiments.measure SPEC.json OUT.json")
+    p = ArgumentParser(prog="python -m guided_diffusion.experiments.measure",
+                       description="Measure the networks of a spec in this (fresh) process.")
+    p.add_argument("spec", help="JSON file of measure_models' keyword arguments (+ threads)")
+    p.add_argument("out", help="JSON file the measurements are written to")
+    args = p.parse_args(argv)
+    argv = [args.spec, args.out]
     with open(argv[0], encoding="utf-8") as f:
         spec = json.load(f)
     if spec.get("threads"):
@@ -150,6 +154,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from guided_diffusion.cli import run_cli
-
     sys.exit(run_cli(main))

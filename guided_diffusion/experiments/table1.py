@@ -201,7 +201,6 @@ def main(argv: list[str] | None = None) -> int:
     pypath = os.pathsep.join(filter(None, [str(dc.REPO), os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, PYTHONPATH=pypath)
     if args.threads:
-
         env["OMP_NUM_THREADS"] = str(args.threads)
         torch.set_num_threads(args.threads)  # the rows evaluated in this process
     prefix = shlex.split(args.launcher) if args.launcher else [sys.executable]

@@ -74,7 +74,6 @@ def _method_config(cfg: Mapping[str, Any], method: str, data_dir: str, seed: int
     levels, scales = grids[method]
     flair = 0
     if method == "flair":
-
         flair = flair_channel(data_dir, "test")
     return tm.MethodConfig(
         method=method, data_dir=data_dir, levels=tuple(int(v) for v in levels),
@@ -173,12 +172,10 @@ def _anofpdm_row(cfg: Mapping[str, Any], base: Mapping[str, Any], row: str, seed
 
 
 def tm_repo() -> str:
-
     return str(REPO)
 
 
 def _plain(mc: tm.MethodConfig) -> dict[str, Any]:
-
     d = dataclasses.asdict(mc)
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
 

@@ -107,7 +107,6 @@ def _sha256(data: bytes) -> str:
 
 
 def _select_weights(run_dir: str, weights: str, rate: str, step: int | None) -> tuple[str, int]:
-
     if weights not in ("ema", "model"):
         raise ValueError(f"--weights must be 'ema' or 'model', got {weights!r}")
     path = find_checkpoint(run_dir, step=step, ema_rate=rate if weights == "ema" else None)

@@ -240,7 +240,6 @@ def read_saved_config(model_dir: str, step: int | None = None) -> dict[str, Any]
             pass
     path = bf.join(model_dir, "config.json")
     if bf.exists(path):
-
         with bf.BlobFile(path, "r") as f:
             return json.load(f)
     return None

@@ -92,7 +92,6 @@ def train(m: ModelConfig, d: DiffusionConfig, t: TrainConfig) -> None:
     with contextlib.ExitStack() as stack:
         stack.callback(lambda: dist_util.cleanup(wait=finished))  # no rank waits on one that failed
         if log_dir and dist_util.is_main_process():
-
             stack.enter_context(run_lock(log_dir, "--log_dir"))
         logger.configure(dir=log_dir)
         _train_in(logger.get_dir(), m, d, t)
@@ -100,7 +99,6 @@ def train(m: ModelConfig, d: DiffusionConfig, t: TrainConfig) -> None:
 
 
 def _train_in(log_dir: str, m: ModelConfig, d: DiffusionConfig, t: TrainConfig) -> None:
-
     image_dir = t.image_dir or os.path.join(log_dir, "images")
     if m.num_classes and t.threshold <= 0:
         logger.warn("--threshold <= 0: the null condition is never trained, so classifier-free guidance "
