@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_train import write_fake_brats
+from tests.training.test_train import write_fake_brats
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -670,7 +670,8 @@ def _crash_cmd(data: Path, out: Path) -> list[str]:
 
 def _crash_env() -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+               PYTHONPATH=os.pathsep.join(
+                   filter(None, [str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH")])))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PMI_RANK", "OPENAI_LOGDIR",
                 "TRAIN_DEBUG"):
         env.pop(key, None)

@@ -11,7 +11,7 @@ from torch import nn
 from guided_diffusion.cli import run_cli
 from guided_diffusion.training import checkpoint, train_util
 from guided_diffusion.training import run as training
-from tests.test_train import make_loop, write_fake_brats
+from tests.training.test_train import make_loop, write_fake_brats
 
 FLAGS = ["--image_size", "16", "--num_channels", "32", "--in_channels", "2", "--num_classes", "2",
          "--channel_mult", "1,2", "--attention_resolutions", "8", "--num_heads", "1", "--num_res_blocks",

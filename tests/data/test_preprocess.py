@@ -22,7 +22,7 @@ from guided_diffusion.data.preprocess import (
 )
 from guided_diffusion.data.synthetic import build_synthetic_dataset
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SIZE = 32
 
 

@@ -17,7 +17,7 @@ import torch
 from guided_diffusion.training import checkpoint
 from guided_diffusion.utils import dist_util, logger
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 WORKER = str(REPO / "tests" / "test_train.py")
 TIMEOUT = 180
@@ -27,7 +27,8 @@ def _env() -> dict:
     import os
 
     env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+               PYTHONPATH=os.pathsep.join(
+                   filter(None, [str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH")])))
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
               "PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK", "OPENAI_LOGDIR"):
         env.pop(k, None)

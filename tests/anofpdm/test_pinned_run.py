@@ -1,8 +1,8 @@
 """No behaviour change: a tiny seeded translation run reproduces the metrics and slices.csv stored in
-tests/data/pinned_translation.json (computed with the code before the typed-config refactor; floats
+tests/fixtures/pinned_translation.json (computed with the code before the typed-config refactor; floats
 within rounding across CPU types).
 
-Regenerate only on an intended change of results: ``python tests/test_pinned_run.py OUT.json``.
+Regenerate only on an intended change of results: ``python tests/anofpdm/test_pinned_run.py OUT.json``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 from near_golden import assert_near, csv_rows
 from tiny_eval import make_run, run_argv
 
-PINNED = Path(__file__).resolve().parent / "data" / "pinned_translation.json"
+PINNED = Path(__file__).resolve().parents[1] / "fixtures" / "pinned_translation.json"
 
 
 def pinned_view(out: Path) -> dict:

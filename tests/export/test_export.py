@@ -14,7 +14,7 @@ from guided_diffusion.script_util import create_model_and_diffusion, diffusion_d
 from guided_diffusion.training import checkpoint
 from guided_diffusion.utils.io_util import file_sha256
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FLAGS = dict(image_size=16, in_channels=2, num_channels=8, num_res_blocks=1, channel_mult="1,2",
              attention_resolutions="8", num_heads=1, diffusion_steps=30, num_classes=2, class_cond=True)
 

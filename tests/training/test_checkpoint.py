@@ -14,7 +14,7 @@ from guided_diffusion import script_util as su
 from guided_diffusion.training import checkpoint
 from guided_diffusion.utils import logger
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _save(tmp_path, step, model=None, rates=("0.9999",)):

@@ -13,7 +13,7 @@ from guided_diffusion.anofpdm import translation
 from guided_diffusion.anofpdm.calibration import select_guidance
 from guided_diffusion.configs.calibration import load_calibrations
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # TODO(cfg): the selection's main belongs in the package (scripts are not importable); until it moves

@@ -17,7 +17,7 @@ from guided_diffusion.anofpdm import translation
 from guided_diffusion.cli import run_cli
 from guided_diffusion.configs.calibration import load_calibrations
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from guided_diffusion.data.synthetic import (
 )
 from guided_diffusion.metrics.slice_metrics import dice_per_sample, foreground_auroc_auprc
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SIZE = 32
 
 
@@ -184,7 +184,7 @@ def _dataset_fingerprint(root):
 def test_classic_style_reproduces_the_original(tmp_path, run_script):
     """--style classic reproduces the generator as it was before brats_like existed: labels bit for bit,
     images within float rounding (their last bits differ between CPU types; see tests/near_golden.py)."""
-    ref = json.loads((REPO / "tests" / "data" / "synthetic_classic_fingerprint.json").read_text())
+    ref = json.loads((REPO / "tests" / "fixtures" / "synthetic_classic_fingerprint.json").read_text())
     out = tmp_path / "classic"
     res = run_script("scripts/make_synthetic_brats.py", "--out", out, "--subjects", "3", "--seed", "0",
                      "--image_size", "16", "--slice_step", "4", "--style", "classic", "--quiet")

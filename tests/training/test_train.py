@@ -2,7 +2,8 @@
 fp16/bf16 steps, previews and scripts/train.py end to end.
 
 This file doubles as the worker for subprocess tests (here and in test_dist.py):
-``python tests/test_train.py OUT_DIR MAX_STEPS SAVE_INTERVAL`` trains the tiny model with the stand-in
+``python tests/training/test_train.py OUT_DIR MAX_STEPS SAVE_INTERVAL`` trains the tiny model
+with the stand-in
 data under whatever launcher started it and writes ``params-rank{r}.json`` (sum and hash of the
 parameters) for every rank.
 """
@@ -32,7 +33,7 @@ from guided_diffusion.training.rng import get_rng_state
 from guided_diffusion.training.train_util import TrainLoop, loader_from_batch
 from guided_diffusion.utils import dist_util, logger
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 SUBPROCESS_TIMEOUT = 180
 # CUDA runs are bitwise reproducible only with deterministic kernels (cuBLAS reads this at first use)
@@ -105,7 +106,8 @@ def worker(out: str, max_steps: int, save_interval: int) -> None:
 
 def subprocess_env() -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+               PYTHONPATH=os.pathsep.join(
+                   filter(None, [str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH")])))
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PMI_RANK", "OPENAI_LOGDIR"):
         env.pop(k, None)
     return env
@@ -322,7 +324,7 @@ def test_train_script_end_to_end(tmp_path, capsys):
     assert status == 2 and "channels" in err and "Traceback" not in err
 
 
-GOLDEN = REPO / "tests" / "data" / "train_golden_fingerprint.json"
+GOLDEN = REPO / "tests" / "fixtures" / "train_golden_fingerprint.json"
 
 
 def tree_digest(obj) -> str:
@@ -353,7 +355,7 @@ def pinned_run_fingerprints(tmp_path) -> dict:
 
 def test_short_run_checkpoints_match_pinned_values(tmp_path):
     """Same seed -> the same checkpoints as the code before training moved into the package. Those files'
-    sha256 were pinned first; the values (tests/data/train_golden_fingerprint.json, recorded with code
+    sha256 were pinned first; the values (tests/fixtures/train_golden_fingerprint.json, recorded with code
     bit-identical to it) now compare within float rounding, as the last bits differ between CPU types."""
     got = json.loads(json.dumps(pinned_run_fingerprints(tmp_path)))
     assert_near(got, json.loads(GOLDEN.read_text()), "training checkpoints vs the pinned run",

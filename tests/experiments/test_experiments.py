@@ -16,7 +16,7 @@ from guided_diffusion.experiments import experiments as ex
 from guided_diffusion.experiments.measure import measure_models
 from guided_diffusion.reporting import plots
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class Counter:

@@ -17,7 +17,7 @@ from guided_diffusion.anofpdm import translation
 from guided_diffusion.script_util import create_model_and_diffusion
 from guided_diffusion.utils.dist_util import find_free_port
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODEL_FLAGS = [
     "--image_size",
     "32",

@@ -142,7 +142,8 @@ def test_an_export_alone_is_enough_to_evaluate(exported, monkeypatch):
     settings of the evaluation its metrics came from; the same numbers as that evaluation."""
     root, data, first, export = exported
     evaluation = json.loads((export / "config.json").read_text())["evaluation"]
-    assert evaluation["forward"]["forward_steps"] == 5 and evaluation["diffusion"]["timestep_respacing"] == "10"
+    assert evaluation["forward"]["forward_steps"] == 5
+    assert evaluation["diffusion"]["timestep_respacing"] == "10"
     assert evaluation["eval"]["seed"] == 5 and "data_dir" not in evaluation["eval"]
     calls = []
     real = translation.run_forward_process
@@ -172,4 +173,5 @@ def test_an_export_without_an_evaluation_record_names_the_missing_setting(export
     assert run_cli(export_main, [str(root / "train"), "--out", str(bare)]) == 0
     assert "evaluation" not in json.loads((bare / "config.json").read_text())
     with pytest.raises(ValueError, match="--w"):
-        translation.main(["--model_dir", str(bare), "--data_dir", str(data), "--log_dir", str(tmp_path / "o")])
+        translation.main(["--model_dir", str(bare), "--data_dir", str(data),
+                          "--log_dir", str(tmp_path / "o")])

@@ -20,7 +20,7 @@ from guided_diffusion.simplex import simplex_noise_like
 from guided_diffusion.training import run as training
 from guided_diffusion.training import training_flags
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 METRICS = [f"{s}.{m}" for s in ("mixed", "unhealthy") for m in ("dice", "iou", "auprc")]
 
 
