@@ -35,8 +35,7 @@ from guided_diffusion.cli import ArgumentParser
 from guided_diffusion.data.brats import get_eval_loader
 from guided_diffusion.metrics.slice_metrics import NAN, cc_filter, dice_per_sample
 from guided_diffusion.reporting.plots import _pyplot, _save
-from guided_diffusion.reporting.report import _jsonable
-from guided_diffusion.utils.io_util import atomic_write_json
+from guided_diffusion.utils.io_util import atomic_write_json, strict_json
 
 PRODUCER = "guided_diffusion.anofpdm.anofpdm_plots.make_plots (scripts/plot_anofpdm.py)"
 PLOT_FILES = {"te_ratio": "te_ratio.png", "thresholds": "thresholds.png", "mse_curves": "mse_curves.png"}
@@ -382,7 +381,7 @@ def make_plots(log_dir: str, data_dir: str | None = None, out_dir: str | None = 
                 os.remove(stale)
             log(f"{PLOT_FILES[name]} skipped: {why}")
 
-    atomic_write_json(_jsonable(result), os.path.join(out_dir, "plots.json"))
+    atomic_write_json(strict_json(result), os.path.join(out_dir, "plots.json"))
     log(f"plots of {log_dir} ({key}) in {out_dir}: {', '.join(result['files'].values()) or 'none'}")
     return result
 

@@ -23,7 +23,8 @@ from guided_diffusion.utils.io_util import atomic_torch_save, atomic_write_json
 FINGERPRINT = "fingerprint.json"
 
 
-def _jsonable(value: Any) -> Any:
+def _json_roundtrip(value: Any) -> Any:
+    """``value`` as it reads back from JSON (sorted keys, tuples as lists, other objects as str)."""
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
@@ -78,7 +79,7 @@ def open_cache(folder: str, prefix: str, fingerprint: Mapping[str, Any], *, resu
 
     Without ``resume`` the folder is emptied. ``write``: only one process (rank 0) writes the fingerprint.
     """
-    fp = _jsonable(dict(fingerprint))
+    fp = _json_roundtrip(dict(fingerprint))
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, FINGERPRINT)
     has_files = any(n.startswith(prefix + "_") and n.endswith(".pt") for n in os.listdir(folder))

@@ -93,7 +93,7 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-friendly dict (tuples as lists)."""
-        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        return {f.name: _tuple_as_list(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
 
     @classmethod
     def from_dict(cls: type[C], data: Mapping[str, Any], source: str = "") -> C:
@@ -107,7 +107,7 @@ class Config:
 
     def settings(self, changes: str) -> dict[str, Any]:
         """The fields that change ``changes`` (STATS or RESULT), as a JSON-friendly dict."""
-        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)  # type: ignore[arg-type]
+        return {f.name: _tuple_as_list(getattr(self, f.name)) for f in dataclasses.fields(self)  # type: ignore[arg-type]
                 if changes in f.metadata.get("changes", ())}
 
 
@@ -165,7 +165,7 @@ def _coerce(value: Any, item: type, seq: bool, name: str) -> Any:
     return value
 
 
-def _jsonable(value: Any) -> Any:
+def _tuple_as_list(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 

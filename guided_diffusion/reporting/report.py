@@ -56,7 +56,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
-from guided_diffusion.utils.io_util import atomic_write_bytes, atomic_write_json, atomic_write_text
+from guided_diffusion.utils.io_util import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    strict_json,
+)
 
 __all__ = [
     "write_metrics_json",
@@ -85,27 +90,9 @@ def _np(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def _jsonable(obj: Any) -> Any:
-    """Recursively convert to strict-JSON types (NaN/inf -> None)."""
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if hasattr(obj, "detach") or isinstance(obj, np.ndarray):
-        return _jsonable(_np(obj).tolist())
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    raise ValueError(f"cannot write a value of type {type(obj).__name__} to the metrics JSON; "
-                     "convert it to a number, string, list or dict first")
-
-
 def write_metrics_json(path: str, metrics: Mapping[str, Any]) -> str:
     """Write a (nested) metrics dict as strict JSON (NaN/inf become null). Returns the path."""
-    atomic_write_json(_jsonable(metrics), os.fspath(path))
+    atomic_write_json(strict_json(metrics), os.fspath(path))
     return os.fspath(path)
 
 

@@ -9,11 +9,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 import blobfile as bf
+import numpy as np
 import torch
 
 
@@ -85,3 +88,32 @@ def file_sha256(path: str, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def _as_numpy(x: Any) -> np.ndarray:
+    """A tensor (any device, bf16 as float32) or array-like as a numpy array."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+        if str(x.dtype) == "torch.bfloat16":
+            x = x.float()
+        x = x.numpy()
+    return np.asarray(x)
+
+
+def strict_json(obj: Any) -> Any:
+    """``obj`` converted recursively to strict-JSON types: mappings, sequences, tensors and numpy values
+    become dicts, lists and numbers; NaN and inf become None; anything else is a ValueError."""
+    if isinstance(obj, Mapping):
+        return {str(k): strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    if hasattr(obj, "detach") or isinstance(obj, np.ndarray):
+        return strict_json(_as_numpy(obj).tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise ValueError(f"cannot write a value of type {type(obj).__name__} to the metrics JSON; "
+                     "convert it to a number, string, list or dict first")
