@@ -34,7 +34,7 @@ from guided_diffusion.experiments.measure import CPU_ENV
 from guided_diffusion.reporting import plots
 from guided_diffusion.utils.io_util import atomic_write_json
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DENOISERS = ("v2", "hae", "hae_lite", "hae_v2")
 
 _MODEL_COMMON = dict(in_channels=4, num_classes=2, dropout=0.0, diffusion_steps=1000, noise_schedule="linear")

@@ -8,7 +8,7 @@
 3. the ``anofpdm_*`` rows: scripts/translation_FPDM.py (label-free) per seed (a subprocess through the
    ``--launcher``, or ``translation.main`` in this process when none is given), read back with
    ``experiments.read_anofpdm_metrics``; network evaluations per slice = 2 x forward steps (one network
-   call on the doubled batch per forward step, anofpdm.py).
+   call on the doubled batch per forward step, anofpdm/forward.py).
 
 ``panel_and_tables`` writes table1.md / .csv / .json and fig4_panel.png (input, GT, then the anomaly map
 and mask of every method on the first test slices, seed 0).

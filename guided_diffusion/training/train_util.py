@@ -29,8 +29,9 @@ from guided_diffusion.training import checkpoint, train_resume
 from guided_diffusion.training.rng import get_rng_state, seed_everything, seed_for, set_rng_state
 from guided_diffusion.training.train_logging import fetch_step_values, log_losses, log_step
 from guided_diffusion.utils import dist_util, logger
+from guided_diffusion.utils import precision as precision_util
 from guided_diffusion.utils.io_util import atomic_write_json
-from guided_diffusion.utils.precision import PRECISIONS, autocast, maybe_compile, to_channels_last
+from guided_diffusion.utils.precision import PRECISIONS, autocast
 
 __all__ = ["TrainLoop", "loader_from_batch"]
 
@@ -143,9 +144,9 @@ def wrap_network(model: torch.nn.Module, device: torch.device, world_size: int, 
     stays the module whose state_dict is saved, so the checkpoint keys never carry ``_orig_mod.``."""
 
     if channels_last:
-        to_channels_last(model)
+        precision_util.to_channels_last(model)
     net = wrap_ddp(model, device) if world_size > 1 else model
-    return maybe_compile(net, compile, log=logger.log)
+    return precision_util.maybe_compile(net, compile, log=logger.log)  # looked up per call (tests patch it)
 
 
 def update_ema(ema_by_rate: Mapping[str, dict[str, torch.Tensor]], names: Sequence[str],

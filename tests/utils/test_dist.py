@@ -19,7 +19,7 @@ from guided_diffusion.utils import dist_util, logger
 
 REPO = Path(__file__).resolve().parents[2]
 
-WORKER = str(REPO / "tests" / "test_train.py")
+WORKER = str(REPO / "tests" / "training" / "test_train.py")
 TIMEOUT = 180
 
 
