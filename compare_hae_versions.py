@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"{a['bottleneck_ratio']:>8g} {a['total']:>15,} {a['vs_fpdm_pct']:>+8.2f}% "
                   f"{b['total']:>15,} {b['vs_fpdm_pct']:>+8.2f}%")
     if args.json:
-        from guided_diffusion.io_util import atomic_write_json
+        from guided_diffusion.utils.io_util import atomic_write_json
 
         atomic_write_json(result, args.json)
         print(f"\nwrote {args.json}")
@@ -177,8 +177,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def quality(argv: list[str]) -> int:
-    """``--quality``: the denoiser comparison (guided_diffusion.denoiser_comparison) with the other flags."""
-    from guided_diffusion.denoiser_comparison import main as compare_main
+    """``--quality``: the denoiser comparison (guided_diffusion.experiments.denoiser_comparison) with the
+    other flags."""
+    from guided_diffusion.experiments.denoiser_comparison import main as compare_main
 
     return run_cli(compare_main, [a for a in argv if a != "--quality"])
 

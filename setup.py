@@ -28,7 +28,7 @@ setup(
     extras_require={
         # mpi4py is imported only when the process was started by mpiexec.
         "mpi": ["mpi4py>=3.1", "mpich"],
-        # TensorBoard events during training (guided_diffusion.training_plots.ScalarWriter)
+        # TensorBoard events during training (guided_diffusion.reporting.training_plots.ScalarWriter)
         "tensorboard": ["tensorboard>=2.10"],
         "test": ["pytest>=7", "ruff>=0.4", "mpi4py>=3.1", "mpich"],
     },

@@ -146,7 +146,7 @@ def test_scripts_exist_and_import():
         res = subprocess.run([sys.executable, str(ROOT / rel), "--help"], capture_output=True, text=True,
                              env=env, timeout=300)
         assert res.returncode == 0 and "--unet_ver" in res.stdout, (rel, res.stderr[-2000:])
-    from guided_diffusion.training import HAE_V2_FORCED
+    from guided_diffusion.training.run import HAE_V2_FORCED
 
     assert HAE_V2_FORCED == {"unet_ver": "hae_v2"}
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Evaluation modes of issue 11 on a trained model and the real test split: agreement with fp32 and speed.
 
-Every mode is one full AnoFPDM evaluation (``guided_diffusion.translation.main``, the pipeline of
+Every mode is one full AnoFPDM evaluation (``guided_diffusion.anofpdm.translation.main``, the pipeline of
 scripts/translation_FPDM.py) on the same model, data, slices and seed; only the mode flag differs:
   fp32            --precision fp32 (a second fp32 run: the determinism / calibration-reuse check)
   bf16, fp16      --precision bf16 / fp16 (autocast of the network; fp16 needs CUDA, else skipped)
@@ -47,11 +47,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from guided_diffusion import dist_util, translation
-from guided_diffusion.calibration import load_calibrations, save_calibrations
+from guided_diffusion.anofpdm import translation
 from guided_diffusion.cli import run_cli
+from guided_diffusion.configs.calibration import load_calibrations, save_calibrations
 from guided_diffusion.data.brats import ShardSampler
-from guided_diffusion.io_util import atomic_write_json
+from guided_diffusion.utils import dist_util
+from guided_diffusion.utils.io_util import atomic_write_json
 
 MODE_FLAGS: dict[str, dict[str, str]] = {
     "fp32": {"precision": "fp32"},

@@ -60,13 +60,13 @@ from typing import Any
 
 import torch
 
-from guided_diffusion.anofpdm import run_forward_process
+from guided_diffusion.anofpdm.forward import run_forward_process
+from guided_diffusion.anofpdm.segmentation import segment
 from guided_diffusion.cli import run_cli
-from guided_diffusion.io_util import atomic_write_json
-from guided_diffusion.measure import device_description
-from guided_diffusion.precision import compile_mode, maybe_compile
+from guided_diffusion.experiments.measure import device_description
 from guided_diffusion.script_util import create_model_and_diffusion
-from guided_diffusion.segmentation import segment
+from guided_diffusion.utils.io_util import atomic_write_json
+from guided_diffusion.utils.precision import compile_mode, maybe_compile
 
 CONFIGS: dict[str, dict[str, Any]] = {
     # the paper's BraTS network (docs/method.md, 'Paper configuration'), 128 px, 1000 linear steps

@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["profile"] = text
     result["wall_s"] = time.perf_counter() - t0
     if args.json:
-        from guided_diffusion.io_util import atomic_write_json
+        from guided_diffusion.utils.io_util import atomic_write_json
 
         atomic_write_json(result, args.json)
         print(f"wrote {args.json}")

@@ -29,9 +29,9 @@ from typing import Any
 import torch
 
 from guided_diffusion import script_util as su
-from guided_diffusion.io_util import atomic_write_json
-from guided_diffusion.measure import device_description
-from guided_diffusion.precision import autocast, maybe_compile, to_channels_last
+from guided_diffusion.experiments.measure import device_description
+from guided_diffusion.utils.io_util import atomic_write_json
+from guided_diffusion.utils.precision import autocast, maybe_compile, to_channels_last
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "tiny": dict(image_size=16, num_channels=16, in_channels=4, channel_mult="1,2", attention_resolutions="8",
@@ -62,8 +62,8 @@ def train_loop_step(model: torch.nn.Module, diffusion: Any, x: torch.Tensor, y: 
                     opts: dict[str, Any], log_dir: str) -> Callable[[], torch.Tensor]:
     """One step of the training library itself (TrainLoop.run_step: label dropout 0.1, EMA 0.9999,
     logging), on the host batch ``x`` [B,C,H,W], ``y`` [B] (pinned on CUDA, as the loader gives it)."""
-    from guided_diffusion import logger
-    from guided_diffusion.train_util import TrainLoop
+    from guided_diffusion.training.train_util import TrainLoop
+    from guided_diffusion.utils import logger
 
     logger.configure(log_dir, [])
     loop = TrainLoop(model=model, diffusion=diffusion, data=[], batch_size=x.shape[0], lr=1e-4,

@@ -36,10 +36,10 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from guided_diffusion.cli import run_cli
-from guided_diffusion.io_util import atomic_write_json
-from guided_diffusion.measure import device_description
-from guided_diffusion.precision import autocast, to_channels_last
+from guided_diffusion.experiments.measure import device_description
 from guided_diffusion.script_util import create_model_and_diffusion
+from guided_diffusion.utils.io_util import atomic_write_json
+from guided_diffusion.utils.precision import autocast, to_channels_last
 
 
 def _bench_inference_configs() -> dict[str, dict[str, Any]]:

@@ -92,7 +92,7 @@ def add_dict_to_argparser(parser: argparse.ArgumentParser, default_dict: Mapping
     """Add ``--key`` for every entry (bool -> str2bool, None -> str, tuple/list -> nargs='*')."""
     for k, v in default_dict.items():
         if isinstance(v, bool):
-            parser.add_argument(f"--{k}", default=v, type=_str2bool)
+            parser.add_argument(f"--{k}", default=v, type=str2bool)
         elif v is None:
             parser.add_argument(f"--{k}", default=v, type=str)
         elif isinstance(v, (tuple, list)):
@@ -111,7 +111,13 @@ def args_to_dict(args: argparse.Namespace, keys: Iterable[str]) -> dict[str, Any
     return {k: getattr(args, k) for k in keys}
 
 
-def _str2bool(v: str | bool) -> bool:
-    from .configs import str2bool
-
-    return str2bool(v)
+def str2bool(v: str | bool) -> bool:
+    """Parse a command-line boolean: yes/true/t/y/1 or no/false/f/n/0 (case-insensitive)."""
+    if isinstance(v, bool):
+        return v
+    text = str(v).strip().lower()
+    if text in ("yes", "true", "t", "y", "1"):
+        return True
+    if text in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"boolean value expected (true/false, yes/no, 1/0); got {v!r}")

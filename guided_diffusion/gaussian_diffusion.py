@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .guidance import cfg_model_outputs, guided_eps
-from .nn import checks_on_host
+from guided_diffusion.guidance import cfg_model_outputs, guided_eps
+from guided_diffusion.nn import checks_on_host
 
 
 def get_named_beta_schedule(name: str, num_diffusion_timesteps: int) -> np.ndarray:

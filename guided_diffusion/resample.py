@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .gaussian_diffusion import GaussianDiffusion
+from guided_diffusion.gaussian_diffusion import GaussianDiffusion
 
 
 def create_named_schedule_sampler(name: str, diffusion: GaussianDiffusion) -> ScheduleSampler:

@@ -15,10 +15,11 @@ from typing import Any
 
 from torch import nn
 
-from . import variants
-from .cli import add_dict_to_argparser, args_to_dict
-from .configs import DiffusionConfig, ModelConfig, str2bool
-from .registry import (
+from guided_diffusion import gaussian_diffusion as gd
+from guided_diffusion import variants
+from guided_diffusion.cli import add_dict_to_argparser, args_to_dict, str2bool
+from guided_diffusion.configs.base import DiffusionConfig, ModelConfig
+from guided_diffusion.registry import (
     MODEL_REGISTRY,
     all_options,
     drop_foreign_options,
@@ -26,6 +27,7 @@ from .registry import (
     register_model,
     variant_options,
 )
+from guided_diffusion.respace import SpacedDiffusion, space_timesteps
 
 # re-exported from registry / configs / cli (the guided-diffusion names)
 __all__ = ["MODEL_REGISTRY", "add_dict_to_argparser", "args_to_dict", "drop_foreign_options",
@@ -201,8 +203,6 @@ def create_gaussian_diffusion(
     if isinstance(steps, DiffusionConfig):
         flags = steps.to_dict()
         return create_gaussian_diffusion(steps=flags.pop("diffusion_steps"), **flags)
-    from . import gaussian_diffusion as gd
-    from .respace import SpacedDiffusion, space_timesteps
 
     betas = gd.get_named_beta_schedule(noise_schedule, steps)
     if use_kl:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nn import (
+from guided_diffusion.nn import (
     attention_channels_first,
     avg_pool_nd,
     checkpoint,

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .nn import (
+from guided_diffusion.nn import (
     attention_channels_first,
     checks_on_host,
     conv_nd,
@@ -26,8 +26,8 @@ from .nn import (
     timestep_embedding,
     zero_module,
 )
-from .registry import register_model
-from .unet import (
+from guided_diffusion.registry import register_model
+from guided_diffusion.unet import (
     AttentionBlock,
     Downsample,
     ResBlock,

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import unet_hae, unet_hae_lite, unet_hae_v2, unet_v1
-from .registry import MODEL_REGISTRY, Builder, get_builder, register_model
-from .unet import UNetModel
+from guided_diffusion import unet_hae, unet_hae_lite, unet_hae_v2, unet_v1
+from guided_diffusion.registry import MODEL_REGISTRY, Builder, get_builder, register_model
+from guided_diffusion.unet import UNetModel
 
 VARIANT_MODULES = (unet_hae, unet_hae_lite, unet_hae_v2, unet_v1)  # imported for their registration
 

@@ -3,7 +3,8 @@
 Writes to ``--out``: model.safetensors (EMA weights by default), config.json (the run's saved model and
 diffusion config), calibration.json (from RUN_DIR or ``--calibration``, when present) and a README.md
 model card (with the metrics of ``--metrics METRICS_JSON`` when given). Load it with
-``guided_diffusion.export.load_pretrained(DIR)``. ``--out`` must be new or empty (``--overwrite`` replaces an
+``guided_diffusion.export.export.load_pretrained(DIR)``. ``--out`` must be new or empty (``--overwrite``
+replaces an
 earlier export there, as a whole); ``--metrics`` and ``--calibration`` must come from the exported weights
 (the sha256 they record). What is checked, and how a bad value ends: docs/edges.md.
 
@@ -14,7 +15,7 @@ Example:
 import sys
 
 from guided_diffusion.cli import run_cli
-from guided_diffusion.export import main
+from guided_diffusion.export.export import main
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))

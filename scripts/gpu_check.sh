@@ -155,7 +155,7 @@ run_stage translation 30 "$PY" - <<'PY'
 import json, os, time
 import torch
 from guided_diffusion import script_util as su
-from guided_diffusion.anofpdm import run_forward_process
+from guided_diffusion.anofpdm.forward import run_forward_process
 
 dry = os.environ["GPU_CHECK_DRY_RUN"] == "1"
 dev = torch.device("cpu" if dry or not torch.cuda.is_available() else "cuda")

@@ -19,11 +19,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from guided_diffusion import dist_util, logger
-from guided_diffusion.cli import run_cli
-from guided_diffusion.eval_configs import EvalRun
-from guided_diffusion.io_util import atomic_write_json
-from guided_diffusion.translation import (
+from guided_diffusion.anofpdm.translation import (
     calibrate_run,
     guidance_selection,
     load_model,
@@ -31,7 +27,11 @@ from guided_diffusion.translation import (
     run_session,
     save_calibrations,
 )
-from guided_diffusion.translation_flags import create_selection_argparser, parse_run
+from guided_diffusion.anofpdm.translation_flags import create_selection_argparser, parse_run
+from guided_diffusion.cli import run_cli
+from guided_diffusion.configs.eval_configs import EvalRun
+from guided_diffusion.utils import dist_util, logger
+from guided_diffusion.utils.io_util import atomic_write_json
 
 create_argparser = create_selection_argparser  # the model / checkpoint / forward / validation flags
 

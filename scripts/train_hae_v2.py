@@ -8,7 +8,7 @@ parameter count of the network the flags describe (counted on the meta device, n
 import sys
 
 from guided_diffusion.cli import run_cli
-from guided_diffusion.training import main_hae_v2
+from guided_diffusion.training.run import main_hae_v2
 
 if __name__ == "__main__":
     sys.exit(run_cli(main_hae_v2))

@@ -1,6 +1,6 @@
 """AnoFPDM evaluation: calibrate on the validation split, segment the test split, write metrics/reports.
 
-Thin entry point; the logic lives in ``guided_diffusion.translation`` (see its module docstring and
+Thin entry point; the logic lives in ``guided_diffusion.anofpdm.translation`` (see its module docstring and
 ``--help``). Bad input ends with one ``error: ...`` line and exit status 2 (``--debug``: traceback).
 Example:
     python scripts/translation_FPDM.py --data_dir DATA --model_dir LOGS/model --log_dir OUT --w 2 \
@@ -10,8 +10,8 @@ Re-run a finished run from its record: ``--config OUT/config.json`` (flags given
 
 import sys
 
+from guided_diffusion.anofpdm.translation import main
 from guided_diffusion.cli import run_cli
-from guided_diffusion.translation import main
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))

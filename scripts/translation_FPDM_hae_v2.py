@@ -5,8 +5,8 @@ refused."""
 
 import sys
 
+from guided_diffusion.anofpdm.translation import main
 from guided_diffusion.cli import run_cli
-from guided_diffusion.translation import main
 
 HAE_V2_OVERRIDES = {"unet_ver": "hae_v2", "use_hae": True}
 

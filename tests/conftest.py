@@ -26,7 +26,7 @@ def pytest_collection_modifyitems(config, items):
 
 def script_env() -> dict:
     """Environment for running a script of this checkout in a subprocess (its package first)."""
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    path = os.pathsep.join(filter(None, [str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH")]))
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_train import write_fake_brats
+from tests.training.test_train import write_fake_brats
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,7 +78,7 @@ def test_bench_train_models_and_base_mode(tmp_path):
 def test_bench_train_loop_mode_runs_the_training_library(monkeypatch):
     """"+loop" goes through TrainLoop.run_step (EMA, label dropout, logging) on the same seeded network;
     the bare step does not."""
-    from guided_diffusion import train_util
+    from guided_diffusion.training import train_util
 
     calls = []
     run_step = train_util.TrainLoop.run_step

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from guided_diffusion import logger
 from guided_diffusion import script_util as su
+from guided_diffusion.utils import logger
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,7 +66,7 @@ def no_tf32():
 @pytest.mark.parametrize("ver", ["v2", "hae_v2"])
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_mixed_precision_training_step(ver, precision, tmp_path):
-    from guided_diffusion.train_util import TrainLoop
+    from guided_diffusion.training.train_util import TrainLoop
 
     model = build(ver, perturb=False)
     logger.configure(str(tmp_path), ["log"])
@@ -89,7 +89,7 @@ def test_mixed_precision_training_step(ver, precision, tmp_path):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_forward_process_on_cuda(precision):
-    from guided_diffusion.anofpdm import run_forward_process
+    from guided_diffusion.anofpdm.forward import run_forward_process
 
     model = build("hae_v2").eval()
     x, _ = batch()
@@ -107,7 +107,7 @@ def test_forward_process_on_cuda(precision):
 def test_forward_process_steps_do_not_synchronise(ver):
     """torch.cuda.set_sync_debug_mode("error") raises on any host-device synchronisation (``.item()``,
     ``.cpu()``, a value-dependent Python branch): the step loop must run without one (issue 11)."""
-    from guided_diffusion.anofpdm import run_forward_process
+    from guided_diffusion.anofpdm.forward import run_forward_process
 
     model = build(ver).eval()
     x, _ = batch()
@@ -126,8 +126,8 @@ def test_forward_process_steps_do_not_synchronise(ver):
 
 @pytest.mark.parametrize("ver", ["v2", "hae_v2"])
 def test_cpu_and_cuda_anomaly_maps_agree(ver):
-    from guided_diffusion.anofpdm import run_forward_process
-    from guided_diffusion.segmentation import segment
+    from guided_diffusion.anofpdm.forward import run_forward_process
+    from guided_diffusion.anofpdm.segmentation import segment
 
     diffusion = su.create_gaussian_diffusion(steps=1000)
     results = {}
@@ -156,7 +156,7 @@ def test_cpu_and_cuda_anomaly_maps_agree(ver):
 def test_nccl_single_rank_process_group():
     import torch.distributed as dist
 
-    from guided_diffusion.dist_util import find_free_port
+    from guided_diffusion.utils.dist_util import find_free_port
 
     if not dist.is_nccl_available():
         pytest.fail("this torch build has no NCCL backend")

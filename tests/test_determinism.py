@@ -6,7 +6,8 @@
   generator, and a train forward without dropout with a generator, leave ``torch.get_rng_state()``
   unchanged (and the check is shown to be able to fail: dropout in train mode does consume it).
 * Same seed -> bit-identical anomaly maps and metrics from the full evaluation pipeline
-  (``guided_diffusion.translation.main``) for the HAE variants; tests/test_translation.py covers v2.
+  (``guided_diffusion.anofpdm.translation.main``) for the HAE variants;
+  tests/anofpdm/test_translation.py covers v2.
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ def _metrics_without_run_info(path: Path) -> dict:
 
 @pytest.mark.parametrize("ver", ["hae", "hae_lite", "hae_v2"])
 def test_translation_bit_identical_for_hae_variants(ver, eval_data):
-    from guided_diffusion import translation
+    from guided_diffusion.anofpdm import translation
 
     model_dir = eval_data / f"model_{ver}"
     model_dir.mkdir()

@@ -20,7 +20,8 @@ Training (1 process vs ``torchrun --nproc-per-node 2``, global batch 4 both time
         max |p1 - p2| <= 1e-3 = one Adam step (measured ~6e-5). A wrong shard or a missing all-reduce fails
         the gradient check; a loss scale error is invisible to Adam but fails the gradient check too.
 Evaluation: metrics and calibration of ``scripts/translation_FPDM.py`` are identical (bitwise JSON) with one
-plain process and with ``mpiexec -n 2`` (tests/test_translation.py compares torchrun 1 vs 2): every slice has
+plain process and with ``mpiexec -n 2``
+(tests/anofpdm/test_translation.py compares torchrun 1 vs 2): every slice has
 its own noise generator, seeded from (seed, split, dataset index), so sharding does not change any number.
 
 This file is also the training worker: ``python tests/test_equivalence.py OUT_DIR``.
@@ -83,9 +84,9 @@ class KeyedDiffusion:
 def train_worker(out: str) -> None:
     from torch.utils.data import DataLoader, DistributedSampler
 
-    from guided_diffusion import dist_util, logger
     from guided_diffusion import script_util as su
-    from guided_diffusion.train_util import TrainLoop
+    from guided_diffusion.training.train_util import TrainLoop
+    from guided_diffusion.utils import dist_util, logger
 
     torch.set_num_threads(1)
     dist_util.setup_dist()
@@ -127,7 +128,8 @@ def train_worker(out: str) -> None:
 # ---------------------------------------------------------------------------------------------- helpers
 def subprocess_env() -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+               PYTHONPATH=os.pathsep.join(
+                   filter(None, [str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH")])))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                 "PMI_RANK", "OMPI_COMM_WORLD_RANK", "OPENAI_LOGDIR", "TRAIN_DEBUG"):
         env.pop(key, None)
@@ -153,7 +155,7 @@ def run_all(jobs: list[tuple[list[str], str]]) -> None:
 
 
 def torchrun(nproc: int, *args: str) -> list[str]:
-    from guided_diffusion.dist_util import find_free_port
+    from guided_diffusion.utils.dist_util import find_free_port
 
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
             "--master-port", str(find_free_port()), *args]

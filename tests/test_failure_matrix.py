@@ -32,13 +32,15 @@ import numpy as np
 import pytest
 import torch
 
-from guided_diffusion import checkpoint, logger, training
 from guided_diffusion import script_util as su
-from guided_diffusion.anofpdm import run_forward_process
+from guided_diffusion.anofpdm.forward import run_forward_process
 from guided_diffusion.cli import run_cli
 from guided_diffusion.data import preprocess
 from guided_diffusion.data.brats import BrainDataset, get_train_loader
-from guided_diffusion.train_util import TrainLoop
+from guided_diffusion.training import checkpoint
+from guided_diffusion.training import run as training
+from guided_diffusion.training.train_util import TrainLoop
+from guided_diffusion.utils import logger
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -668,7 +670,8 @@ def _crash_cmd(data: Path, out: Path) -> list[str]:
 
 def _crash_env() -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+               PYTHONPATH=os.pathsep.join(
+                   filter(None, [str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH")])))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PMI_RANK", "OPENAI_LOGDIR",
                 "TRAIN_DEBUG"):
         env.pop(key, None)

@@ -31,7 +31,7 @@ def _one_line(capsys) -> str:
 
 
 def test_training_refuses_an_image_size_other_than_the_data(tmp_path, capsys):
-    from guided_diffusion.training import main as train_main
+    from guided_diffusion.training.run import main as train_main
 
     data = write_fake_brats(tmp_path / "data", size=16)
     log = tmp_path / "log"
@@ -46,7 +46,7 @@ def test_training_refuses_an_image_size_other_than_the_data(tmp_path, capsys):
 
 
 def test_evaluation_refuses_an_image_size_other_than_the_data(tmp_path, capsys, monkeypatch):
-    from guided_diffusion import translation
+    from guided_diffusion.anofpdm import translation
 
     data, mdir = make_run(tmp_path)  # 16 px slices, a 16 px checkpoint (its tensors fit a 32 px network)
     def no_forward(*a, **k):

@@ -1,10 +1,12 @@
 """The code base stays ruff clean (the configuration lives in pyproject.toml)."""
 
 import ast
+import os
 import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO
@@ -67,3 +69,31 @@ def test_no_sys_path_manipulation():
     hits = [str(p.relative_to(REPO)) for p in REPO.rglob("*.py")
             if ".venv" not in p.parts and statement.search(p.read_text(encoding="utf-8"))]
     assert not hits, f"sys.path.insert in {hits}: the package is installed (pip install -e .)"
+
+
+def test_import_layers_hold():
+    """The import-linter contracts of pyproject.toml (layers, no cycles; docs/architecture.md) hold."""
+    exe = shutil.which("lint-imports") or str(Path(sys.executable).with_name("lint-imports"))
+    if not Path(exe).exists():
+        pytest.fail("lint-imports is not installed: pip install -r requirements.txt")
+    result = subprocess.run([exe, "--config", str(REPO / "pyproject.toml")], cwd=REPO, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, f"lint-imports:\n{result.stdout[-4000:]}\n{result.stderr[-2000:]}"
+
+
+# libraries a module may import inside a function: optional or heavy ones, imported only where used
+LAZY_OK = {"monai", "matplotlib", "mpi4py", "scipy", "safetensors", "nibabel", "nilearn", "PIL",
+           "torch.utils.tensorboard"}
+
+
+def test_function_local_imports_only_for_optional_libraries():
+    offenders = []
+    for path in _package_files():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for fn in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
+            for node in (n for n in ast.walk(fn) if isinstance(n, (ast.Import, ast.ImportFrom))):
+                name = ("." * node.level + (node.module or "")) if isinstance(node, ast.ImportFrom) \
+                    else node.names[0].name
+                if not any(name == ok or name.startswith(ok + ".") for ok in LAZY_OK):
+                    offenders.append(f"{path.relative_to(REPO)}:{node.lineno} {name}")
+    assert not offenders, f"imports inside functions (move them to the module's top): {offenders}"

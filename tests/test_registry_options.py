@@ -18,21 +18,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from guided_diffusion import config_flags as cfl
-from guided_diffusion import configs as cf
 from guided_diffusion import registry
 from guided_diffusion import script_util as su
 from guided_diffusion.cli import run_cli
-from guided_diffusion.export import flags_from_config
-from guided_diffusion.export_load import config_differences as export_differences
+from guided_diffusion.configs import base as cf
+from guided_diffusion.configs import config_flags as cfl
+from guided_diffusion.export.export import flags_from_config
+from guided_diffusion.export.export_load import config_differences as export_differences
 from guided_diffusion.hae_blocks import (
     HAEUNetBase,
     HybridCNNTransformerBlockBase,
     MultiScaleSparseTransformerBlockBase,
     TokenMLP,
 )
-from guided_diffusion.train_resume import config_differences as resume_differences
-from guided_diffusion.training_flags import parse_configs_for_training
+from guided_diffusion.training.train_resume import config_differences as resume_differences
+from guided_diffusion.training.training_flags import parse_configs_for_training
 from guided_diffusion.unet_hae import (
     HAEUNetModel,
     HybridCNNTransformerBlock,
@@ -350,7 +350,7 @@ def test_the_parameter_count_tools_sweep_the_ratio_of_hae_v2_only(monkeypatch):
 def test_a_table1_run_config_written_the_old_way_loads(tmp_path):
     """run_config.json (ModelConfig.to_dict) of a v2 run with --bottleneck_ratio/--use_hae given, back when
     v2 accepted and ignored them: table1's loader rebuilds the same v2 network and loads its weights."""
-    from guided_diffusion.table1_methods import load_trained
+    from guided_diffusion.baselines.table1_methods import load_trained
 
     small = cf.ModelConfig(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2",
                            attention_resolutions="8", num_heads=2, num_classes=2, class_cond=True)

@@ -21,7 +21,7 @@ from guided_diffusion.unet import (
     Upsample,
 )
 
-SPEC = Path(__file__).resolve().parent / "data"  # state-dict key listings of upstream-built FPDM UNets
+SPEC = Path(__file__).resolve().parent / "fixtures"  # state-dict key listings of upstream-built FPDM UNets
 
 FULL_CONFIGS = {
     # the first line of each key list gives these; attention "32,16,8" at 128 px -> ds {4, 8, 16}

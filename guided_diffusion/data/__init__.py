@@ -1,19 +1,7 @@
-"""Brain MRI slice data: preprocessing, synthetic BraTS-like data, datasets and loaders."""
+"""Brain MRI slices: NIfTI preprocessing, the embedded synthetic BraTS-like dataset, datasets and
+loaders, the data fingerprint, the FLAIR-threshold baseline and the evaluation read-ahead.
 
-from guided_diffusion.data.brats import (
-    BrainDataset,
-    ShardSampler,
-    get_eval_loader,
-    get_train_loader,
-    process_slice,
-    world_info,
-)
+May import: metrics, configs, cli, utils.
 
-__all__ = [
-    "BrainDataset",
-    "ShardSampler",
-    "get_eval_loader",
-    "get_train_loader",
-    "process_slice",
-    "world_info",
-]
+The layers are checked by ``lint-imports`` (pyproject.toml; docs/architecture.md).
+"""

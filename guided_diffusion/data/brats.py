@@ -9,6 +9,7 @@ of ``x`` min-max rescaled to [-1, 1] on its own. Subjects are sorted, then shuff
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import random
 import re
 import warnings
@@ -18,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from guided_diffusion.utils import dist_util
 
 SYNTHETIC_HINT = (
     "create one with `python scripts/make_synthetic_brats.py --out DIR --subjects 20 --seed 0 "
@@ -264,7 +267,6 @@ class BrainDataset(Dataset):
         """Share the all-zero warning and its count between this process and its DataLoader workers (each
         worker reads into its own copy of the dataset): one warning per run, and ``data_summary`` in the
         main process counts the reads of every worker."""
-        import multiprocessing as mp
 
         self._shared_zero = (mp.Value("b", 0), mp.Value("q", 0))
 
@@ -328,8 +330,6 @@ def check_image_size(dataset: BrainDataset, image_size: int) -> None:
 def world_info() -> tuple[int, int]:
     """(world_size, rank) from dist_util if present, else torch.distributed if initialised, else (1, 0)."""
     try:
-        from guided_diffusion import dist_util
-
         return int(dist_util.get_world_size()), int(dist_util.get_rank())
     except (ImportError, AttributeError):
         pass

@@ -24,11 +24,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from guided_diffusion.utils.io_util import atomic_write_text, file_sha256
+
 CACHE_NAME = ".data_fingerprint.json"
 CACHE_VERSION = 1
 HISTORY = 3  # earlier states kept in the cache for ``explain``
 ALL_SPLITS = ("train", "val", "test")
-_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -65,15 +66,6 @@ def _split_files(root: str, split: str) -> list[str]:
     return sorted(r.replace(os.sep, "/") for r in rels)
 
 
-def file_sha256(path: str) -> str:
-    """sha256 hex of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def split_digest(files: Mapping[str, str], rels: Iterable[str]) -> str:
     """sha256 over the lines ``path NUL sha256`` of ``rels`` (in the given order)."""
     h = hashlib.sha256()
@@ -105,7 +97,6 @@ def _read_cache(root: str) -> dict[str, Any]:
 
 def _write_cache(root: str, cache: Mapping[str, Any]) -> bool:
     """Write the cache atomically; False (nothing written) when the data root is not writable."""
-    from ..io_util import atomic_write_text
 
     try:
         atomic_write_text(json.dumps(cache, sort_keys=True, separators=(",", ":")) + "\n",

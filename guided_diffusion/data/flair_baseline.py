@@ -12,8 +12,8 @@ Definition used here (and reported by the synthetic generator for every dataset 
 * ``dice_at_075``: the same mean Dice at ``t = 0.75``; ``pooled_dice_best``: Dice of all unhealthy-slice
   pixels pooled, at its own best ``t``;
 * ``auroc`` / ``auprc``: pixel-level, pooled over the brain-foreground pixels (as the evaluator,
-  :func:`guided_diffusion.metrics.foreground_mask`: channel mean of the [-1, 1] slice > -0.95) of the
-  unhealthy slices; ``auroc_mixed`` / ``auprc_mixed``: the same over every slice of the split. Exact
+  :func:`guided_diffusion.metrics.slice_metrics.foreground_mask`: channel mean of the [-1, 1] slice > -0.95)
+  of the unhealthy slices; ``auroc_mixed`` / ``auprc_mixed``: the same over every slice of the split. Exact
   (scikit-learn ``roc_auc_score`` / ``average_precision_score``, as the evaluator) up to ``max_exact``
   foreground pixels, else from a ``bins``-bin histogram (streaming, for BraTS-sized splits); ``auc_method``
   says which. The histogram ties the per-slice maxima (all within 1e-5 of 1 after min-max), which the
@@ -29,8 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from guided_diffusion.data.brats import BrainDataset
+from guided_diffusion.metrics.slice_metrics import auroc_auprc
 
-FG_THRESHOLD = -0.95  # brain foreground as guided_diffusion.metrics.FG_THRESHOLD
+FG_THRESHOLD = -0.95  # brain foreground as guided_diffusion.metrics.slice_metrics.FG_THRESHOLD
 
 
 def flair_channel(data_dir: str | Path, split: str) -> int:
@@ -69,7 +70,6 @@ def _auc_from_hist(pos: np.ndarray, neg: np.ndarray) -> tuple[float, float]:
 
 def _auc_exact(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[float, float]:
     """(AUROC, AUPRC) with scikit-learn over the concatenated (scores, labels) parts; NaN for one class."""
-    from guided_diffusion.metrics import auroc_auprc
 
     out = auroc_auprc(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
     return out["auroc"], out["auprc"]

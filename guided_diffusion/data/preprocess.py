@@ -1,7 +1,6 @@
 """BraTS21 / ATLAS NIfTI volumes -> the 2-D slice layout of docs/method.md, 'Preprocessing'.
 
 Output layout (``R`` = output root)::
-
     R/data_splits/{train,val,test}/scans.csv          subject folder names, one per line, no header
     R/npy_{split}/patient_{id}/slice_{k}.npz          x [1, C, S, S] float32, y [1, 1, S, S] float32
     R/npy_{split}/patient_{id}/meta.json              affine, raw shape, kept slice range, modalities
@@ -40,8 +39,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
-from guided_diffusion.io_util import atomic_write_bytes, atomic_write_text
+from guided_diffusion.utils.io_util import atomic_write_bytes, atomic_write_text
 
 BRATS_MODALITIES = ("flair", "t1", "t1ce", "t2")
 MOD_CHOICES = ("all", "flair", "t1", "t1ce", "t2")
@@ -435,7 +435,6 @@ def preprocess(
     when every subject succeeded, so a bad scan found mid-run leaves no partial output (an existing output
     root stays as it was; after success it is replaced as a whole).
     """
-    from tqdm import tqdm
 
     mods = modality_list(name, mod)
     if shape <= 0:

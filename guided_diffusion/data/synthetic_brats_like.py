@@ -22,7 +22,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from guided_diffusion.data import synthetic as S
+from guided_diffusion.data import synthetic_anatomy as S
 
 # rows: csf, gm, wm, oedema, enhancing, necrosis; columns: flair, t1, t1ce, t2
 CONTRAST_BL = np.array(

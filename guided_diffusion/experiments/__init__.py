@@ -1,0 +1,7 @@
+"""Runners of whole studies: Table 1, the denoiser comparison, the learning curves, their resumable
+rows (experiments) and the model measurements (measure).
+
+May import: anything in guided_diffusion (the top layer).
+
+The layers are checked by ``lint-imports`` (pyproject.toml; docs/architecture.md).
+"""
