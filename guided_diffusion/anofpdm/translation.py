@@ -40,14 +40,14 @@ from guided_diffusion.anofpdm.calibration import (
 )
 from guided_diffusion.anofpdm.eval_resume import data_key, open_shared, save_batch
 from guided_diffusion.anofpdm.forward import run_forward_process
-from guided_diffusion.anofpdm.segmentation import segment
+from guided_diffusion.anofpdm.pipeline import AnoFPDMPipeline, setting_key, slice_generators
 from guided_diffusion.anofpdm.translation_flags import (
     add_calibration_flags,
     create_argparser,
     parse_args,
     parse_run,
 )
-from guided_diffusion.anofpdm.translation_outputs import setting_key, write_outputs
+from guided_diffusion.anofpdm.translation_outputs import write_outputs
 from guided_diffusion.anofpdm.translation_runtime import (
     checkpoint_step,
     load_model,
@@ -55,10 +55,9 @@ from guided_diffusion.anofpdm.translation_runtime import (
     peak_memory,
     prepare_inference,
     run_session,
-    slice_generators,
 )
 from guided_diffusion.configs.calibration import Calibration, load_calibrations, save_calibrations
-from guided_diffusion.configs.eval_configs import EvalRun, SegmentConfig
+from guided_diffusion.configs.eval_configs import EvalRun
 from guided_diffusion.data.brats import BrainDataset, get_eval_loader
 from guided_diffusion.data.read_ahead import read_ahead
 from guided_diffusion.export.export_load import export_calibration_path
@@ -295,62 +294,19 @@ def _check_validation_pass(cal: Calibration, run: EvalRun, path: str, hint: str)
 
 
 # ---------------------------------------------------------------------------------------------- test loop
+def pipeline_of(run: EvalRun, model, diffusion, cals: Mapping[float, Calibration]) -> AnoFPDMPipeline:
+    """The AnoFPDM pipeline of the run's test split on this rank's device (progress bar on rank 0 only),
+    running the forward process this module runs on the validation split."""
+    return AnoFPDMPipeline.from_run(run, model, diffusion, cals, device=dist_util.dev(),
+                                    progress=run.eval.progress and dist_util.get_rank() == 0,
+                                    forward_process=run_forward_process)
+
+
 def process_batch(run: EvalRun, model, diffusion, cals: Mapping[float, Calibration], x: torch.Tensor,
                   idx: Sequence[int]) -> list[dict]:
-    """Forward process + segmentation of one batch -> one record per slice (CPU numpy/scalars)."""
-    seg_cfg: SegmentConfig = run.segment
-    fr = run_forward_process(
-        model,
-        diffusion,
-        x.to(dist_util.dev(), non_blocking=True),
-        ws=list(run.forward.w),
-        generator=slice_generators(run.eval.seed, "test", idx),
-        subset_interval=seg_cfg.subset_interval,
-        keep_sam_stack=any(r != 1 for r in seg_cfg.t_e_ratio),
-        progress=run.eval.progress and dist_util.get_rank() == 0,
-        sam_mode=seg_cfg.sam_mode,
-        legacy_gradient_schedule=seg_cfg.legacy_segmentation,
-        **run.forward.settings_kwargs(),
-    )
-    steps_run = int(fr.steps_run if fr.steps_run is not None else run.forward.forward_steps)
-    records = [
-        {
-            "idx": int(i),
-            "steps_run": steps_run,
-            "out": {},
-            "mse_h": fr.mse_h[b].cpu().numpy(),
-            "mse_null": fr.mse_null[b].cpu().numpy(),
-            "div": fr.div[b].cpu().numpy(),
-        }
-        for b, i in enumerate(idx)
-    ]
-    for w in run.forward.w:
-        cal = cals[float(w)]
-        for ratio in seg_cfg.t_e_ratio:
-            seg = segment(
-                fr,
-                w=w,
-                thr_01=cal.thr_01,
-                diff_max=cal.diff_max,
-                t_e_ratio=ratio,
-                median_filter=seg_cfg.median_filter,
-                last_only=seg_cfg.last_only,
-                subset_interval=seg_cfg.subset_interval,
-                legacy=seg_cfg.legacy_segmentation,
-                sam_mode=seg_cfg.sam_mode,
-            )
-            for b, rec in enumerate(records):
-                rec["out"][setting_key(w, ratio)] = {
-                    "mask": seg.mask[b, 0].numpy().astype(bool),
-                    "mask_all": seg.mask_all[b, 0].numpy().astype(bool),
-                    "map": seg.anomaly_map[b, 0].numpy().astype(np.float32),
-                    "pred_lab": int(seg.pred_lab[b]),
-                    "cos": float(seg.cos[b]),
-                    "end_steps": seg.end_steps[b].numpy(),
-                    "threshold": float(seg.threshold[b]),
-                    "quantile": seg.quantile[b].numpy(),
-                }
-    return records
+    """Forward process + segmentation of one test batch -> one record per slice (CPU numpy/scalars);
+    ``pipeline_of(...)(x, idx).records()`` for callers that hold no pipeline."""
+    return pipeline_of(run, model, diffusion, cals)(x, idx).records()
 
 
 def results_fingerprint(run: EvalRun, sha: str, cals: Mapping[float, Calibration]) -> dict[str, Any]:
@@ -381,6 +337,7 @@ def run_test(
         run.eval.data_dir, "test", run.eval.batch_size, num_slices=run.eval.num_slices,
         in_channels=run.model.in_channels, image_size=run.model.image_size,
     )
+    pipeline = pipeline_of(run, model, diffusion, cals)
     mine: dict[int, dict] = {}
     n_new, t0, steps = 0, time.time(), []
     for x, _gt, _lab, idx in _batches(loader, "test batches", run.eval.progress):
@@ -388,7 +345,7 @@ def run_test(
         if all(i in done for i in ids):
             mine.update({i: done[i] for i in ids})
             continue
-        records = process_batch(run, model, diffusion, cals, x, ids)
+        records = pipeline(x, ids).records()
         save_batch(results_dir, "slices", records)
         mine.update({r["idx"]: r for r in records})
         n_new += len(ids)

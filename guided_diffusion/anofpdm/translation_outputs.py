@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from guided_diffusion.anofpdm.pipeline import setting_key
 from guided_diffusion.configs.calibration import Calibration
 from guided_diffusion.configs.eval_configs import EvalRun, resolve_min_cc_size
 from guided_diffusion.data.brats import get_eval_loader
@@ -39,11 +40,6 @@ from guided_diffusion.reporting import report
 from guided_diffusion.reporting.run_summary import add_run_summary
 
 MODALITY_NAMES = {4: ["FLAIR", "T1", "T1ce", "T2"], 1: ["T1"]}
-
-
-def setting_key(w: float, ratio: float) -> str:
-    """Name of one (guidance strength, t_e ratio) setting, e.g. ``w=2,t_e_ratio=1``."""
-    return f"w={w:g},t_e_ratio={ratio:g}"
 
 
 def write_outputs(

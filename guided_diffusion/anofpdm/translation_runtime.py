@@ -18,9 +18,8 @@ import dataclasses
 import json
 import os
 import resource
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
-import numpy as np
 import torch
 
 from guided_diffusion.anofpdm.forward import run_forward_process
@@ -36,19 +35,7 @@ from guided_diffusion.utils.io_util import file_sha256
 from guided_diffusion.utils.precision import check_precision, compile_mode, maybe_compile
 from guided_diffusion.utils.run_lock import run_lock
 
-SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 CPU_BATCH = 8  # --batch_size auto on CPU: larger batches are not faster per slice there
-
-
-def slice_generators(seed: int, split: str, indices: Sequence[int]) -> list[torch.Generator]:
-    """One CPU generator per slice, seeded from (seed, split, dataset index)."""
-    out = []
-    for i in indices:
-        state = np.random.SeedSequence([int(seed), SPLIT_CODES.get(split, 9), int(i)]).generate_state(
-            2, np.uint32
-        )
-        out.append(torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1])))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- session

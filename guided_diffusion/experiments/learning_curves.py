@@ -12,7 +12,7 @@ trained in chunks of K steps in ``--log_dir``, each chunk resuming exactly from 
   ``--cond_steps`` evenly spaced t of the training chain of mean_pixels (eps(x_t, healthy) - eps(x_t,
   null))^2, averaged over the healthy / unhealthy slices (x_t from seeded noise as above);
 * AnoFPDM at the calibrated w, with the evaluation pipeline's own functions: ``anofpdm.run_forward_process``
-  per batch (noise from ``translation_runtime.slice_generators``, as scripts/translation_FPDM.py),
+  per batch (noise from ``anofpdm.pipeline.slice_generators``, as scripts/translation_FPDM.py),
   ``calibration.calibrate`` per ``--eval_w`` on the validation statistics and ``calibration.
   choose_primary_w`` (the paper's rule), ``segmentation.segment`` (test split: ``translation.
   process_batch``), ``evaluator.SegmentationEvaluator``: ``image_accuracy`` / ``image_recall`` /

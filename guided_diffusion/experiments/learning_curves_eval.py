@@ -17,10 +17,10 @@ import torch
 
 from guided_diffusion.anofpdm.calibration import calibrate, choose_primary_w
 from guided_diffusion.anofpdm.forward import run_forward_process, sample_noise
+from guided_diffusion.anofpdm.pipeline import SPLIT_CODES, setting_key, slice_generators
 from guided_diffusion.anofpdm.segmentation import segment
 from guided_diffusion.anofpdm.translation import RUNTIME_SETTINGS, process_batch
-from guided_diffusion.anofpdm.translation_outputs import setting_key
-from guided_diffusion.anofpdm.translation_runtime import SPLIT_CODES, load_model, slice_generators
+from guided_diffusion.anofpdm.translation_runtime import load_model
 from guided_diffusion.configs.base import DiffusionConfig, ModelConfig
 from guided_diffusion.configs.curves_config import CurvesConfig
 from guided_diffusion.configs.eval_configs import (
