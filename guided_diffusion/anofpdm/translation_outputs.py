@@ -22,6 +22,7 @@ image size by area, ``round(40 * (image_size / 128) ** 2)`` rounded half up (10 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -33,9 +34,10 @@ from guided_diffusion.anofpdm.pipeline import setting_key
 from guided_diffusion.configs.calibration import Calibration
 from guided_diffusion.configs.eval_configs import EvalRun, resolve_min_cc_size
 from guided_diffusion.data.brats import get_eval_loader
+from guided_diffusion.metrics.base import SliceBatch
 from guided_diffusion.metrics.evaluator import SegmentationEvaluator
 from guided_diffusion.metrics.metrics_legacy import LegacyRunningMetrics
-from guided_diffusion.metrics.volume_outputs import merge_patient_rows, volume_section
+from guided_diffusion.metrics.volume_outputs import merge_patient_rows, volume_metric, volume_section_of
 from guided_diffusion.reporting import report
 from guided_diffusion.reporting.run_summary import add_run_summary
 
@@ -69,8 +71,14 @@ def write_outputs(
     min_cc = resolve_min_cc_size(seg.min_cc_size, run.model.image_size)
     order = sorted(records)
     keys = [setting_key(w, r) for w in ws for r in seg.t_e_ratio]
+    primary = setting_key(ws[0] if primary_w is None else primary_w, seg.t_e_ratio[0])
+    if primary not in keys:
+        raise ValueError(f"primary setting {primary} is not one of the evaluated settings {keys}")
+    # every metric is a CumulativeMetric (metrics/base.py) fed the same SliceBatch per chunk and setting;
+    # the 3-D metrics of the primary setting score the evaluator's CC-filtered gated masks
     evals = {k: SegmentationEvaluator(min_cc_size=min_cc) for k in keys}
     legacy = {k: LegacyRunningMetrics() for k in keys} if seg.legacy_metrics else {}
+    volume = volume_metric(ev.data_dir, split="test")
     filtered: dict[str, dict[int, np.ndarray]] = {k: {} for k in keys}
     cache: dict[int, tuple] = {}
     for start in range(0, len(order), ev.batch_size):
@@ -85,15 +93,14 @@ def write_outputs(
         for k in keys:
             outs = [records[i]["out"][k] for i in chunk]
             stack = {f: np.stack([o[f] for o in outs]) for f in ("mask", "mask_all", "map")}
-            pred = np.array([o["pred_lab"] for o in outs])
-            res = evals[k].add_batch(
+            batch = SliceBatch(
                 pred_mask_gated=stack["mask"],
                 pred_mask_all=stack["mask_all"],
                 anomaly_map=stack["map"],
                 gt=gt,
                 source=src,
                 label=lab,
-                pred_label=pred,
+                pred_label=np.array([o["pred_lab"] for o in outs]),
                 slice_ids=ids,
                 extra={
                     "index": chunk,
@@ -101,14 +108,14 @@ def write_outputs(
                     "t_e": [int(np.max(o["end_steps"])) for o in outs],
                 },
             )
+            res = evals[k].accumulate(batch)
             for i, m in zip(chunk, res["pred_mask_gated"]):
                 filtered[k][i] = m
             if k in legacy:
-                legacy[k].add_batch(gt, stack["mask"], stack["mask_all"], src, stack["map"], lab, pred)
-    results = {k: evals[k].results() for k in keys}
-    primary = setting_key(ws[0] if primary_w is None else primary_w, seg.t_e_ratio[0])
-    if primary not in results:
-        raise ValueError(f"primary setting {primary} is not one of the evaluated settings {keys}")
+                legacy[k].accumulate(batch)
+            if k == primary:
+                volume.accumulate(dataclasses.replace(batch, pred_mask_gated=res["pred_mask_gated"]))
+    results = {k: evals[k].aggregate() for k in keys}
     metrics = {
         **results[primary],
         "primary_setting": primary,
@@ -124,12 +131,11 @@ def write_outputs(
             **extra,
         },
     }
-    volume, volume_rows = _volume(ev.data_dir, cache, filtered[primary], primary)
-    metrics["volume"] = volume
+    metrics["volume"], volume_rows = volume_section_of(volume, primary)
     if guidance_selection is not None:
         metrics["guidance_selection"] = dict(guidance_selection)
     if legacy:
-        metrics["legacy"] = {k: v.running() for k, v in legacy.items()}
+        metrics["legacy"] = {k: v.aggregate() for k, v in legacy.items()}
     report.write_metrics_json(os.path.join(log_dir, "metrics.json"), metrics)
     slice_rows, patient_rows = [], []
     for k in keys:
@@ -145,13 +151,6 @@ def write_outputs(
     if ev.save_data:
         _write_arrays(records, order, keys, filtered, log_dir)
     return metrics
-
-
-def _volume(data_dir: str, cache, filtered, key) -> tuple[dict, list[dict]]:
-    """The "volume" section and per-patient 3-D rows of setting ``key`` (its filtered gated masks)."""
-    order = sorted(filtered)
-    return volume_section([cache[i][1] for i in order], [filtered[i] for i in order],
-                          [cache[i][0][1] for i in order], data_dir, key, split="test")
 
 
 def _write_arrays(records, order, keys, filtered, log_dir) -> None:

@@ -11,6 +11,8 @@ docs/method.md, 'Several end-step ratios')
     ev.state_dict() -> picklable dict;  SegmentationEvaluator.from_states([state, ...]) -> merged evaluator
     ev.merge(other_evaluator_or_state);  ev.gather(all_gather_object) -> evaluator merged over ranks
     ev.results() -> {"settings", "counts", "mixed", "unhealthy", "patient", "patient_all", "image"}
+    The CumulativeMetric interface (metrics/base.py): ev.accumulate(SliceBatch(...)) is add_batch,
+    ev.aggregate() is results() (ValueError when empty), ev.reset() forgets every slice.
     ev.slice_records() -> list[dict] (sorted by (patient, slice));  ev.patient_records() -> list[dict]
     len(ev) -> number of slices added.
     Results are independent of batch order and sharding: everything is keyed by slice id and pooled in
@@ -33,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from guided_diffusion.metrics.base import CumulativeMetric, SliceBatch
 from guided_diffusion.metrics.slice_metrics import (
     DEFAULT_MIN_CC_SIZE,
     FG_THRESHOLD,
@@ -61,7 +64,7 @@ _SliceKey = tuple[str, int]
 _SETTINGS_KEYS = ("min_cc_size", "cc_filter", "cc_fill_holes", "fg_threshold", "score_dtype")
 
 
-class SegmentationEvaluator:
+class SegmentationEvaluator(CumulativeMetric):
     """Accumulate per-slice results over a whole split and report dataset-level metrics.
 
     Setups (docs/method.md, 'Image-level classification'), binary predictions CC-filtered when ``cc_filter``:
@@ -93,6 +96,23 @@ class SegmentationEvaluator:
 
     def __len__(self) -> int:
         return len(self._records)
+
+    def reset(self) -> None:
+        """Forget every slice (the settings stay)."""
+        self._records.clear()
+        self._pixels.clear()
+
+    def accumulate(self, batch: SliceBatch) -> dict[str, Any]:
+        """``add_batch`` with the fields of ``batch`` (all but ``extra`` are required)."""
+        batch.require("SegmentationEvaluator", "pred_mask_gated", "pred_mask_all", "anomaly_map", "gt",
+                      "source", "label", "pred_label", "slice_ids")
+        return self.add_batch(pred_mask_gated=batch.pred_mask_gated, pred_mask_all=batch.pred_mask_all,
+                              anomaly_map=batch.anomaly_map, gt=batch.gt, source=batch.source,
+                              label=batch.label, pred_label=batch.pred_label, slice_ids=batch.slice_ids,
+                              extra=batch.extra)
+
+    def _aggregate(self) -> dict[str, Any]:
+        return self.results()
 
     # ---------------------------------------------------------------------------------- accumulation
     def _cc(self, masks: np.ndarray) -> np.ndarray:

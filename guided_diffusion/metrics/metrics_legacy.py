@@ -14,6 +14,8 @@ docs/method.md, 'Per-batch running metrics')
         dice, iou, precision, recall, AUC, AUPRC (mixed: unweighted mean of per-batch values),
         dice_ano, ... AUPRC_ano (sum_b metric_b * n_ano_b / n_ano_total), cls_acc, cls_recall,
         cls_precision, num_ano.
+    As a CumulativeMetric (metrics/base.py): accumulate(SliceBatch) is add_batch, aggregate() is running()
+    (ValueError before the first batch), reset() forgets every batch; len() counts batches.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from skimage.measure import label as sk_label
 from skimage.measure import regionprops
 from sklearn.metrics import auc, average_precision_score, roc_curve
 
+from guided_diffusion.metrics.base import CumulativeMetric, SliceBatch
 from guided_diffusion.metrics.slice_metrics import (
     DEFAULT_MIN_CC_SIZE,
     FG_THRESHOLD,
@@ -136,7 +139,7 @@ def legacy_get_stats(Y: Sequence[Any], PRED_Y: Sequence[Any]) -> dict[str, Any]:
 _LEGACY_KEYS = ("dice", "iou", "precision", "recall", "AUC", "AUPRC")
 
 
-class LegacyRunningMetrics:
+class LegacyRunningMetrics(CumulativeMetric):
     """Upstream ``logging_metrics`` running values (docs/method.md, 'Per-batch running metrics'); one instance
     per t_e_ratio.
 
@@ -148,6 +151,10 @@ class LegacyRunningMetrics:
     def __init__(self, cc_filter: bool = True, cc_thr: int = DEFAULT_MIN_CC_SIZE):
         self.cc_filter = cc_filter
         self.cc_thr = cc_thr
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every batch (cc_filter and cc_thr stay)."""
         self.batches: list[dict[str, Any]] = []
         self.weighted_ano: dict[str, float] = {k: 0.0 for k in _LEGACY_KEYS}
         self.Y: list[np.ndarray] = []
@@ -176,6 +183,20 @@ class LegacyRunningMetrics:
         cls = legacy_get_stats(self.Y, self.PRED_Y)
         running = self.update(batch, batch_ano, cls)
         return {"batch": batch, "batch_ano": batch_ano, "cls": cls, "running": running}
+
+    def accumulate(self, batch: SliceBatch) -> dict[str, Any]:
+        """``add_batch`` with the fields of ``batch`` (slice_ids and extra are not used)."""
+        batch.require("LegacyRunningMetrics", "gt", "pred_mask_gated", "pred_mask_all", "source",
+                      "anomaly_map", "label", "pred_label")
+        return self.add_batch(batch.gt, batch.pred_mask_gated, batch.pred_mask_all, batch.source,
+                              batch.anomaly_map, batch.label, batch.pred_label)
+
+    def __len__(self) -> int:
+        """The number of batches added (the running values are per-batch means)."""
+        return len(self.batches)
+
+    def _aggregate(self) -> dict[str, Any]:
+        return self.running()
 
     def running(self) -> dict[str, float]:
         """Current running values with upstream names (``*_ano`` = unhealthy setup, ``cls_*`` image level)."""

@@ -20,6 +20,10 @@ smaller than ``min_lesion_voxels`` are dropped before matching (BraTS-GLI: 50 at
 Per TP lesion, Dice = Dice(GT lesion, union of the predicted components touching its region);
 lesion-wise Dice = sum of those Dice / (TP + FN + FP) (every FN and FP scores 0);
 lesion-wise F1 = 2 TP / (2 TP + FP + FN).  No lesions in either mask: lesion Dice = F1 = 1.
+
+``VolumeMetrics`` is the same computation as a CumulativeMetric (metrics/base.py): it collects the slices
+of SliceBatches (slice_ids, a predicted mask, gt) and aggregates them with
+``volume_metrics_from_records``.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from guided_diffusion.metrics.base import CumulativeMetric, SliceBatch
+
 HD_MAX_MM = 373.13
 STRUCT_26 = np.ones((3, 3, 3), dtype=bool)
 ROW_COLUMNS = ("dice_3d", "iou_3d", "hd95_mm", "hd_mm", "asd_mm", "lesion_tp", "lesion_fp", "lesion_fn",
@@ -43,7 +49,7 @@ SUMMARY_COLUMNS = ("dice_3d", "iou_3d", "hd95_mm", "asd_mm", "lesion_f1", "lesio
 
 __all__ = ["HD_MAX_MM", "ROW_COLUMNS", "SUMMARY_COLUMNS", "grid_spacing", "spacing_from_meta",
            "stack_slices", "overlap_metrics", "surface_metrics", "lesion_metrics", "patient_metrics",
-           "evaluate_volumes", "volume_metrics_from_records"]
+           "evaluate_volumes", "volume_metrics_from_records", "VolumeMetrics"]
 
 
 def _as_volume(x: Any, name: str) -> np.ndarray:
@@ -297,3 +303,64 @@ def volume_metrics_from_records(slice_ids: Sequence[tuple[Any, Any]], pred_masks
             raise ValueError(f"patient {pid!r}: no meta.json at {path} for the voxel spacing; pass "
                              "default_spacing=(z, y, x) mm or re-run the preprocessing")
     return evaluate_volumes(groups, spacing, steps, dilation, min_lesion_voxels)
+
+
+def _slice_array(x: Any) -> np.ndarray:
+    """A copy of one slice's mask (the caller may reuse its buffers)."""
+    return x.detach().cpu().numpy().copy() if isinstance(x, torch.Tensor) else np.array(x, copy=True)
+
+
+class VolumeMetrics(CumulativeMetric):
+    """Per-patient 3-D metrics accumulated slice batch by slice batch (a CumulativeMetric).
+
+    Args:
+        data_dir / split: where each patient's ``npy_{split}/patient_{id}/meta.json`` (spacing, slice step)
+            is read; None: every patient uses ``default_spacing``.
+        default_spacing: (z, y, x) mm of a patient without meta.json (None: such a patient is an error).
+        dilation / min_lesion_voxels: the lesion-wise matching (``lesion_metrics``).
+        mask: the predicted mask of the batch that is scored, "pred_mask_gated" or "pred_mask_all".
+
+    accumulate(batch) keeps each slice's (patient, slice number), mask [H, W] and GT, refusing a slice
+    added twice; aggregate() is ``volume_metrics_from_records`` over them: {"patients": rows,
+    "summary": means}. len() counts slices.
+    """
+
+    def __init__(self, data_dir: str | None = None, split: str = "test",
+                 default_spacing: Sequence[float] | None = None, dilation: int = 0,
+                 min_lesion_voxels: int = 0, mask: str = "pred_mask_gated"):
+        if mask not in ("pred_mask_gated", "pred_mask_all"):
+            raise ValueError(f"mask must be 'pred_mask_gated' or 'pred_mask_all', got {mask!r}")
+        self.data_dir, self.split, self.mask = data_dir, split, mask
+        self.default_spacing = default_spacing
+        self.dilation, self.min_lesion_voxels = int(dilation), int(min_lesion_voxels)
+        self._slices: dict[tuple[str, int], tuple[Any, np.ndarray, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return len(self._slices)
+
+    def reset(self) -> None:
+        self._slices.clear()
+
+    def patients(self) -> list[str]:
+        """The patients accumulated so far, sorted."""
+        return sorted({p for p, _ in self._slices})
+
+    def accumulate(self, batch: SliceBatch) -> None:
+        """Keep the batch's slices (fields slice_ids, gt and the chosen mask)."""
+        batch.require("VolumeMetrics", "slice_ids", "gt", self.mask)
+        ids, preds, gts = list(batch.slice_ids), getattr(batch, self.mask), batch.gt
+        if not (len(ids) == len(preds) == len(gts)):
+            raise ValueError(f"slice_ids ({len(ids)}), {self.mask} ({len(preds)}) and gt ({len(gts)}) "
+                             "must have one entry per slice")
+        keys = [(str(p), int(n)) for p, n in ids]
+        dup = [k for k in keys if k in self._slices] + [k for k in set(keys) if keys.count(k) > 1]
+        if dup:
+            raise ValueError(f"slices added twice to VolumeMetrics: {dup[:5]}")
+        for key, sid, p, g in zip(keys, ids, preds, gts):
+            self._slices[key] = (sid, _slice_array(p), _slice_array(g))
+
+    def _aggregate(self) -> dict[str, Any]:
+        ids, preds, gts = zip(*self._slices.values())
+        return volume_metrics_from_records(list(ids), list(preds), list(gts), self.data_dir, split=self.split,
+                                           default_spacing=self.default_spacing, dilation=self.dilation,
+                                           min_lesion_voxels=self.min_lesion_voxels)

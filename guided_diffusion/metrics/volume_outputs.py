@@ -19,13 +19,15 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from guided_diffusion.metrics.volume_metrics import HD_MAX_MM, volume_metrics_from_records
+from guided_diffusion.metrics.base import SliceBatch
+from guided_diffusion.metrics.volume_metrics import HD_MAX_MM, VolumeMetrics, evaluate_volumes
 
 PATIENT_COLUMNS = ("n_slices_3d", "n_slices_missing", "spacing_z_mm", "spacing_y_mm", "spacing_x_mm",
                    "dice_3d", "iou_3d", "hd95_mm", "hd_mm", "asd_mm", "lesion_tp", "lesion_fp", "lesion_fn",
                    "lesion_f1", "lesion_dice")
 LESION_DILATION = 0
 MIN_LESION_VOXELS = 0
+ASSUMED_SPACING = (1.0, 1.0, 1.0)  # (z, y, x) mm of a patient without meta.json
 CONVENTIONS = {
     "volume": "a patient's evaluated test slices stacked in slice order (slices of the range that were not "
               "evaluated are empty in prediction and GT); masks: gated and CC-filtered, as slices.csv",
@@ -59,20 +61,21 @@ def _spacing_source(n_assumed: int, n_patients: int) -> str:
     return "meta.json; assumed 1 mm isotropic for spacing_assumed_patients (no meta.json)"
 
 
-def volume_section(slice_ids: Sequence[tuple[Any, Any]], pred_masks: Sequence[Any], gt_masks: Sequence[Any],
-                   data_dir: str, setting: str, split: str = "test") -> tuple[dict[str, Any], list[dict]]:
-    """(metrics.json "volume" section, per-patient rows) of one setting's per-slice masks.
+def volume_metric(data_dir: str, split: str = "test") -> VolumeMetrics:
+    """The accumulator of the "volume" section: gated masks, ASSUMED_SPACING where meta.json is missing."""
+    return VolumeMetrics(data_dir, split=split, default_spacing=ASSUMED_SPACING, dilation=LESION_DILATION,
+                         min_lesion_voxels=MIN_LESION_VOXELS)
 
-    Args:
-        slice_ids: (patient, slice_number) of every evaluated slice; pred_masks / gt_masks: [H, W] each.
-        setting: the setting's key (e.g. ``w=2,t_e_ratio=1``), recorded in the section.
-    """
 
-    patients = sorted({str(p) for p, _ in slice_ids})
+def volume_section_of(metric: VolumeMetrics, setting: str) -> tuple[dict[str, Any], list[dict]]:
+    """(metrics.json "volume" section, per-patient rows) of the slices accumulated in ``metric`` (made by
+    ``volume_metric``); ``setting`` is the setting's key (e.g. ``w=2,t_e_ratio=1``), recorded in the
+    section. No slices: n_patients 0 and NaN means (the section is still written)."""
+
+    patients = metric.patients()
+    data_dir, split = metric.data_dir or "", metric.split
     assumed = [p for p in patients if not _has_meta(data_dir, split, p)]
-    res = volume_metrics_from_records(slice_ids, pred_masks, gt_masks, data_dir, split=split,
-                                      default_spacing=(1.0, 1.0, 1.0) if assumed else None,
-                                      dilation=LESION_DILATION, min_lesion_voxels=MIN_LESION_VOXELS)
+    res = metric.aggregate() if len(metric) else evaluate_volumes({}, ASSUMED_SPACING)
     section = {
         "produced_by": "guided_diffusion.metrics.volume_outputs.volume_section "
                        "(volume_metrics, monai.metrics)",
@@ -85,6 +88,20 @@ def volume_section(slice_ids: Sequence[tuple[Any, Any]], pred_masks: Sequence[An
         "conventions": dict(CONVENTIONS),
     }
     return section, res["patients"]
+
+
+def volume_section(slice_ids: Sequence[tuple[Any, Any]], pred_masks: Sequence[Any], gt_masks: Sequence[Any],
+                   data_dir: str, setting: str, split: str = "test") -> tuple[dict[str, Any], list[dict]]:
+    """``volume_section_of`` for one setting's per-slice masks given at once.
+
+    Args:
+        slice_ids: (patient, slice_number) of every evaluated slice; pred_masks / gt_masks: [H, W] each.
+    """
+
+    metric = volume_metric(data_dir, split)
+    metric.accumulate(SliceBatch(slice_ids=list(slice_ids), pred_mask_gated=list(pred_masks),
+                                 gt=list(gt_masks)))
+    return volume_section_of(metric, setting)
 
 
 def merge_patient_rows(rows: Sequence[Mapping[str, Any]], volume_rows: Sequence[Mapping[str, Any]],
