@@ -2,10 +2,11 @@
 upstream differences: docs/method.md, 'Upstream deviations').
 
 Flow: setup_dist -> logger.configure -> model from the flags + checkpoint -> calibration on the validation
-split (or ``--calibration FILE``) -> test split (rank-sharded, deterministic order) -> forward process +
-segmentation per batch, each batch's per-slice results saved atomically under ``LOGDIR/results`` (so
-``--resume`` skips them) -> gathered on rank 0 -> metrics.json, slices.csv, patients.csv, calibration.json,
-panels/ (PNG + index.html), nifti/ (``--save_nifti``), arrays/ (``--save_data``). The flags live in
+split (or ``--calibration FILE``) -> test split (rank-sharded, deterministic order) -> the AnoFPDM pipeline
+(``guided_diffusion.anofpdm.pipeline``: forward process + segmentation) per batch, each batch's per-slice
+results saved atomically under ``LOGDIR/results`` (so ``--resume`` skips them) -> gathered on rank 0 ->
+metrics.json, slices.csv, patients.csv, calibration.json, panels/ (PNG + index.html), nifti/
+(``--save_nifti``), arrays/ (``--save_data``). The flags live in
 ``guided_diffusion.anofpdm.translation_flags``, the writers in
 ``guided_diffusion.anofpdm.translation_outputs``.
 

@@ -56,7 +56,7 @@ def write_outputs(
     """Rank 0: metrics (E1 evaluator), CSVs, panels, NIfTI, arrays. Returns the metrics dict.
 
     Args:
-        records: {dataset index: record of translation.process_batch} for the whole test split.
+        records: {dataset index: record of PipelineOutput.records()} for the whole test split.
         run: the run's configs (not modified).
         cals: {w: Calibration} for every w of ``run.forward.w``.
         extra: merged into metrics["run"] (forward settings, timing, checkpoint, ...).
