@@ -18,6 +18,7 @@ trained alike; all other flags are those of scripts/compare_denoisers.py).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from typing import Any
@@ -149,6 +150,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     for r in args.bottleneck_ratio:
         check_bottleneck_ratio(r)
+    if args.json and os.path.isdir(args.json):
+        raise IsADirectoryError(f"--json {args.json} is a folder; expected the path of a JSON file to write")
     result: dict[str, Any] = {"configs": {}, "bottleneck_sweep": {},
                               "seed_quoted_millions": SEED_QUOTED_M, "seed_note": SEED_NOTE}
     for config in CONFIGS:

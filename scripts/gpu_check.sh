@@ -35,6 +35,22 @@ cd "$(dirname "$0")/.." || exit 1
 OUT_DIR="${OUT:-gpu_check_out}"
 DRY="${GPU_CHECK_DRY_RUN:-0}"
 PY="${PYTHON:-python3}"
+# the environment is checked before anything is written: a misspelt stage would skip every stage and
+# report "ok", a non-numeric count would fail only in the summary
+KNOWN_STAGES="env pytest_cuda inference_v2 inference_hae_v2 profile train translation bench_models"
+for stage in ${GPU_CHECK_ONLY:-}; do
+    if [[ " $KNOWN_STAGES " != *" $stage "* ]]; then
+        echo "error: GPU_CHECK_ONLY names an unknown stage '$stage'; expected some of: $KNOWN_STAGES" >&2
+        exit 2
+    fi
+done
+for var in TIMED_STEPS INFER_BATCH; do
+    value="${!var:-1}"
+    if ! [[ "$value" =~ ^[1-9][0-9]*$ ]]; then
+        echo "error: $var must be a positive integer, got '$value'" >&2
+        exit 2
+    fi
+done
 STAGES="$OUT_DIR/stages"
 mkdir -p "$STAGES" || exit 1
 rm -f "$STAGES"/*.json "$STAGES"/*.status "$STAGES"/*.log

@@ -23,7 +23,14 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from guided_diffusion.anofpdm.translation_flags import parse_run
 from guided_diffusion.cli import ArgumentParser, run_cli
+from guided_diffusion.configs.base import require, require_finite
+from guided_diffusion.data.synthetic import check_build_options
+from guided_diffusion.script_util import create_from_configs
+from guided_diffusion.training.training_flags import parse_configs_for_training
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,13 +61,53 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class StageFailed(Exception):
+    """A stage's command exited non-zero (it printed its own error)."""
+
+    def __init__(self, cmd: list[str], status: int):
+        super().__init__(f"{cmd[1] if len(cmd) > 1 else cmd[0]} exited with status {status}")
+        self.status = status
+
+
 def run(cmd: list[str], env: dict) -> None:
     print("$ " + shlex.join(cmd), flush=True)
-    subprocess.run(cmd, cwd=REPO, env=env, check=True)
+    status = subprocess.run(cmd, cwd=REPO, env=env).returncode
+    if status:
+        raise StageFailed(cmd, status)
+
+
+def check_flags(args: argparse.Namespace, train_argv: list[str], seg_argv: list[str]) -> None:
+    """Every flag checked before the first stage starts (ValueError naming this script's flag): a value
+    a later stage would refuse must not cost the data build and the training first."""
+    check_build_options(args.subjects, args.image_size, args.slice_step, args.seed)
+    require(args.train_steps >= 1, f"--train_steps must be >= 1, got {args.train_steps}")
+    require_finite("label_dropout", args.label_dropout, 0.0, 1.0)
+    require(args.num_slices is None or args.num_slices >= 1,
+            f"--num_slices must be >= 1, got {args.num_slices}")
+    require(args.threads >= 0, f"--threads must be >= 0, got {args.threads}")
+    m, d, _ = parse_configs_for_training(train_argv)  # the flags train.py gets, checked as it checks them
+    evaluation = parse_run(seg_argv)
+    with torch.device("meta"):  # the network is built (image size vs levels, heads, ...) without memory
+        create_from_configs(m, d)
+        _, diffusion = create_from_configs(evaluation.model, evaluation.diffusion)
+    require(args.forward_steps < diffusion.num_timesteps,
+            f"--forward_steps {args.forward_steps} must be < the {diffusion.num_timesteps} steps of "
+            f"--timestep_respacing {args.timestep_respacing}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise NotADirectoryError(f"--out {args.out} is a file; expected a folder")
+    try:
+        return _main(args)
+    except StageFailed as err:  # the stage printed its one line; no traceback of this script on top
+        print(f"error: {err} (its message is above); fix it and rerun this command, which continues "
+              "where it stopped", file=sys.stderr)
+        return err.status
+
+
+def _main(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     data_dir, train_dir, eval_dir = out / "data", out / "train", out / "segment"
     env = dict(os.environ)
@@ -69,6 +116,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     py = sys.executable
+    model_flags = [
+        "--image_size", str(args.image_size), "--in_channels", "4", "--num_classes", "2",
+        "--num_channels", str(args.num_channels), "--channel_mult", args.channel_mult,
+        "--attention_resolutions", args.attention_resolutions, "--num_heads", "4",
+        "--diffusion_steps", "1000", "--noise_schedule", "linear", "--unet_ver", args.unet_ver,
+    ]
+    train = [py, "scripts/train.py", "--data_dir", str(data_dir), "--log_dir", str(train_dir), *model_flags,
+             "--dropout", "0.0",
+             "--batch_size", str(args.batch_size), "--lr", str(args.lr), "--ema_rate", args.ema_rate,
+             "--threshold", str(args.label_dropout), "--max_steps", str(args.train_steps),
+             "--save_interval", "200", "--log_interval", "100", "--seed", str(args.seed)]
+    seg = [py, "scripts/translation_FPDM.py", "--data_dir", str(data_dir), "--model_dir", str(train_dir),
+           "--log_dir", str(eval_dir), *model_flags, "--timestep_respacing", args.timestep_respacing,
+           "--ema", "True", "--ema_rate", args.ema_rate, "--forward_steps", str(args.forward_steps),
+           "--w", *[str(w) for w in args.w], "--modality", "0", "3", "--batch_size", "32",
+           "--batch_size_val", "32", "--seed", str(args.seed), "--resume", "True", "--save_nifti", "True"]
+    if args.num_slices is not None:
+        seg += ["--num_slices", str(args.num_slices)]
+    check_flags(args, train[2:], seg[2:])
     start = time.time()
     stage_times = {}
 
@@ -79,28 +145,11 @@ def main(argv: list[str] | None = None) -> int:
              str(args.slice_step), "--quiet", "--overwrite"], env)
     stage_times["data_s"] = time.time() - t0
 
-    model_flags = [
-        "--image_size", str(args.image_size), "--in_channels", "4", "--num_classes", "2",
-        "--num_channels", str(args.num_channels), "--channel_mult", args.channel_mult,
-        "--attention_resolutions", args.attention_resolutions, "--num_heads", "4",
-        "--diffusion_steps", "1000", "--noise_schedule", "linear", "--unet_ver", args.unet_ver,
-    ]
     t0 = time.time()
-    run([py, "scripts/train.py", "--data_dir", str(data_dir), "--log_dir", str(train_dir), *model_flags,
-         "--dropout", "0.0",
-         "--batch_size", str(args.batch_size), "--lr", str(args.lr), "--ema_rate", args.ema_rate,
-         "--threshold", str(args.label_dropout), "--max_steps", str(args.train_steps),
-         "--save_interval", "200", "--log_interval", "100", "--seed", str(args.seed)], env)
+    run(train, env)
     stage_times["train_s"] = time.time() - t0
 
     t0 = time.time()
-    seg = [py, "scripts/translation_FPDM.py", "--data_dir", str(data_dir), "--model_dir", str(train_dir),
-           "--log_dir", str(eval_dir), *model_flags, "--timestep_respacing", args.timestep_respacing,
-           "--ema", "True", "--ema_rate", args.ema_rate, "--forward_steps", str(args.forward_steps),
-           "--w", *[str(w) for w in args.w], "--modality", "0", "3", "--batch_size", "32",
-           "--batch_size_val", "32", "--seed", str(args.seed), "--resume", "True", "--save_nifti", "True"]
-    if args.num_slices:
-        seg += ["--num_slices", str(args.num_slices)]
     run(seg, env)
     stage_times["segment_s"] = time.time() - t0
 

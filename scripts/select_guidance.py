@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None, overrides: Mapping[str, Any] | None 
 def select(run: EvalRun) -> dict | None:
     """Calibrate every w of ``run`` in one (resumable) validation pass and apply the paper's rule.
     Rank 0 holds the run lock on the log dir for the whole run."""
-    with run_session(run) as log_dir:
+    with run_session(run, kind="guidance selection") as log_dir:
         return _select_in(run, log_dir)
 
 

@@ -395,4 +395,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--setting", default=None, help="setting of the array plots, e.g. 'w=2,t_e_ratio=1'")
     p.add_argument("--n_thresholds", type=int, default=41, help="size of the fixed-threshold grid")
     a = p.parse_args(list(argv) if argv is not None else None)
+    if a.data_dir is not None and not os.path.isdir(a.data_dir):
+        raise FileNotFoundError(f"--data_dir {a.data_dir} is not a folder; pass the run's preprocessed data "
+                                "root, or omit it to use the run's own --data_dir")
+    if a.out is not None and os.path.exists(a.out) and not os.path.isdir(a.out):
+        raise NotADirectoryError(f"--out {a.out} is a file; expected a folder")
     return make_plots(a.log_dir, a.data_dir, a.out, a.setting, a.n_thresholds)

@@ -26,25 +26,31 @@ from guided_diffusion.anofpdm.forward import run_forward_process
 from guided_diffusion.configs.base import DiffusionConfig, ModelConfig, save_run_config
 from guided_diffusion.configs.eval_configs import CheckpointConfig, EvalRun
 from guided_diffusion.export.export import WEIGHTS_FILE, is_export_dir, read_export
-from guided_diffusion.export.export_load import load_export_model
+from guided_diffusion.export.export_load import DIFFUSION_FIELDS, load_export_model
 from guided_diffusion.script_util import create_from_configs, model_config
-from guided_diffusion.training.checkpoint import find_checkpoint, load_model_checkpoint, parse_checkpoint_name
+from guided_diffusion.training.checkpoint import (
+    find_checkpoint,
+    load_model_checkpoint,
+    parse_checkpoint_name,
+    read_saved_config,
+)
 from guided_diffusion.utils import dist_util, logger
 from guided_diffusion.utils.batch_size import auto_batch_size
 from guided_diffusion.utils.io_util import file_sha256
 from guided_diffusion.utils.precision import check_precision, compile_mode, maybe_compile
-from guided_diffusion.utils.run_lock import run_lock
+from guided_diffusion.utils.run_lock import refuse_other_runs, run_lock
 
 CPU_BATCH = 8  # --batch_size auto on CPU: larger batches are not faster per slice there
 
 
 # ---------------------------------------------------------------------------------------------- session
 @contextlib.contextmanager
-def run_session(run: EvalRun) -> Iterator[str]:
+def run_session(run: EvalRun, kind: str = "evaluation") -> Iterator[str]:
     """setup_dist, ``--precision`` checked for the device, the run lock (rank 0 holds it on the log dir
     until the block ends), logger.configure, the resolved run config written to LOGDIR/config.json;
     yields the log dir. A second run on a locked folder stops at once with a RunLockError naming the
-    holder (pid, host)."""
+    holder (pid, host); a log dir holding another kind of run (``run_lock.RUN_KINDS``: a training run, an
+    export, an evaluation for a ``kind`` "guidance selection") is refused before anything is written."""
 
     dist_util.setup_dist()
     # the process group is destroyed on the way out, error or not: left to the interpreter's exit, gloo's
@@ -56,6 +62,7 @@ def run_session(run: EvalRun) -> Iterator[str]:
         wanted = run.eval.log_dir or os.environ.get("OPENAI_LOGDIR") or None
         main = dist_util.get_rank() == 0
         if wanted and main:
+            refuse_other_runs(wanted, kind)
             stack.enter_context(run_lock(wanted, "--log_dir"))
         logger.configure(dir=wanted)
         log_dir = logger.get_dir()
@@ -84,8 +91,29 @@ def load_model(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, ckpt: Che
         )
     path = find_checkpoint(ckpt.model_dir, step=ckpt.model_num, ema_rate=ckpt.ema_rate if ckpt.ema else None)
     load_model_checkpoint(model, path, config=model_config(model_cfg, diffusion_cfg))
+    check_trained_like(path, model_cfg, diffusion_cfg)
     model.to(dist_util.dev()).eval()
     return model, diffusion, path, file_sha256(path)
+
+
+def check_trained_like(path: str, model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig) -> None:
+    """ValueError naming every network / diffusion flag that differs from the config saved with the
+    checkpoint ``path`` by its training run: the ones no tensor shape shows (``--num_heads``,
+    ``--image_size``, ``--diffusion_steps``, ``--noise_schedule``, ...) would otherwise load and run with
+    another meaning. A checkpoint without a saved config (upstream) is not checked."""
+    parsed = parse_checkpoint_name(os.path.basename(path))
+    saved = read_saved_config(os.path.dirname(path) or ".", parsed[2] if parsed else None)
+    if not isinstance(saved, dict) or "forward" in saved:  # none, or an evaluation's record
+        return
+    have, want = saved.get("model"), model_config(model_cfg, diffusion_cfg)
+    diffs = [f"--{k} {want[k]} (trained with {have[k]})" for k in sorted(want)
+             if isinstance(have, dict) and k in have and have[k] != want[k]]
+    have_d, want_d = saved.get("diffusion"), diffusion_cfg.to_dict()
+    diffs += [f"--{k} {want_d[k]} (trained with {have_d[k]})" for k in DIFFUSION_FIELDS
+              if isinstance(have_d, dict) and k in have_d and have_d[k] != want_d[k]]
+    if diffs:
+        raise ValueError(f"{path} was trained with other settings than these flags: {'; '.join(diffs)}; "
+                         "pass the training run's values (its run_config.json)")
 
 
 def checkpoint_step(path: str) -> int | None:

@@ -11,6 +11,7 @@ and ``classifier_config.json`` to --log_dir, and a ``step loss acc`` line every 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 
 from guided_diffusion.baselines.classifier import classifier_defaults, classifier_loss, create_classifier
 from guided_diffusion.cli import ArgumentParser
+from guided_diffusion.configs.base import require, require_finite
 from guided_diffusion.data.brats import get_train_loader
 from guided_diffusion.script_util import add_dict_to_argparser, create_gaussian_diffusion
 from guided_diffusion.utils.io_util import atomic_torch_save, atomic_write_json
@@ -37,13 +39,36 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_options(o: Mapping[str, Any]) -> None:
+    """ValueError naming the flag for a value the training loop cannot run with (``o``: the parsed flags as
+    a dict); --log_dir must not hold the checkpoints of an earlier run (they would be written over)."""
+    for flag in ("max_steps", "batch_size", "log_interval", "save_interval", "diffusion_steps"):
+        require(o[flag] >= 1, f"--{flag} must be >= 1, got {o[flag]}")
+    require(o["num_workers"] >= 0, f"--num_workers must be >= 0, got {o['num_workers']}")
+    require(o["seed"] >= 0, f"--seed must be >= 0, got {o['seed']}")
+    require_finite("lr", o["lr"])
+    require(o["lr"] > 0, f"--lr must be > 0, got {o['lr']}")
+    require_finite("weight_decay", o["weight_decay"], 0.0)
+    try:
+        torch.device(o["device"] or "cpu")
+    except RuntimeError:
+        raise ValueError(f"--device {o['device']!r}: expected cpu, cuda or cuda:N (empty: cuda when "
+                         "available)") from None
+    out = Path(o["log_dir"])
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--log_dir {out} is a file; expected a folder")
+    held = sorted(p.name for p in out.glob("classifier_*.pt"))
+    if held:
+        raise FileExistsError(f"--log_dir {out} already holds classifier checkpoints ({', '.join(held[:3])}"
+                              f"{', ...' if len(held) > 3 else ''}); pass a new --log_dir")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_arg_parser().parse_args(argv)
     if not args.data_dir or not args.log_dir:
         raise ValueError("--data_dir and --log_dir are required (a preprocessed dataset and an output "
                          "folder)")
-    if args.max_steps < 1:
-        raise ValueError(f"--max_steps must be >= 1, got {args.max_steps}")
+    check_options(vars(args))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(args.seed)
     model_flags = {k: getattr(args, k) for k in classifier_defaults()}
@@ -51,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     diffusion = create_gaussian_diffusion(steps=args.diffusion_steps, noise_schedule=args.noise_schedule)
     loader, sampler = get_train_loader(args.data_dir, args.batch_size, seed=args.seed,
                                        in_channels=args.in_channels, mixed=True, ret_lab=True,
-                                       num_workers=args.num_workers, world_size=1, rank=0)
+                                       num_workers=args.num_workers, world_size=1, rank=0,
+                                       image_size=args.image_size)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     out = Path(args.log_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -280,6 +280,8 @@ class ModelConfig(Config):
         require(self.num_res_blocks >= 1, f"--num_res_blocks must be >= 1, got {self.num_res_blocks}")
         require(self.in_channels >= 1, f"--in_channels must be >= 1, got {self.in_channels}")
         require(self.num_heads >= 1, f"--num_heads must be >= 1, got {self.num_heads}")
+        require(self.num_classes >= 0, f"--num_classes must be >= 0 (0: an unconditional model), got "
+                f"{self.num_classes}")
         require_finite("dropout", self.dropout, 0.0, 1.0)
         require(self.dropout < 1.0, f"--dropout must be < 1, got {self.dropout}")
         require_finite("bottleneck_ratio", self.bottleneck_ratio, 0.0)

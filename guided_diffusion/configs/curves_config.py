@@ -45,6 +45,9 @@ class CurvesConfig(Config):
         require(self.forward_steps >= 1, f"--forward_steps must be >= 1, got {self.forward_steps}")
         require(len(self.modality) >= 1 and min(self.modality) >= 0,
                 f"--modality needs channel indices >= 0, got {list(self.modality)}")
+        require(len(set(self.modality)) == len(self.modality),
+                f"--modality has repeated channel indices {list(self.modality)}")
+        require(self.eval_seed >= 0, f"--eval_seed must be >= 0, got {self.eval_seed}")
         require(self.eval_batch >= 1, f"--eval_batch must be >= 1, got {self.eval_batch}")
         require(self.loss_draws >= 1, f"--loss_draws must be >= 1, got {self.loss_draws}")
         require(self.cond_steps >= 1, f"--cond_steps must be >= 1, got {self.cond_steps}")

@@ -111,6 +111,8 @@ class ForwardConfig(Config):
         require(self.forward_steps >= 1, f"--forward_steps must be >= 1, got {self.forward_steps}")
         require(len(self.modality) >= 1, "--modality needs at least one channel index")
         require(all(m >= 0 for m in self.modality), f"--modality indices must be >= 0, got {self.modality}")
+        require(len(set(self.modality)) == len(self.modality),
+                f"--modality has repeated channel indices {list(self.modality)}")
         require(self.early_stop_patience >= 0,
                 f"--early_stop_patience must be >= 0 (0 = off), got {self.early_stop_patience}")
 
@@ -208,6 +210,7 @@ class EvalConfig(Config):
 
     def validate(self) -> None:
         require(bool(self.data_dir), "--data_dir is required")
+        require(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
         for flag in ("num_slices", "num_slices_val"):
             v = getattr(self, flag)
             require(v is None or v >= 1, f"--{flag} must be >= 1, got {v}")

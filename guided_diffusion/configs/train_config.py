@@ -77,6 +77,21 @@ class TrainConfig(Config):
         require_finite("simplex_frequency", self.simplex_frequency)
         require(self.simplex_frequency > 0, f"--simplex_frequency must be > 0, got {self.simplex_frequency}")
         require(self.batch_size >= 1, f"--batch_size must be >= 1, got {self.batch_size}")
+        require(self.weight_decay >= 0, f"--weight_decay must be >= 0, got {self.weight_decay}")
+        require(self.grad_clip >= 0, f"--grad_clip must be >= 0 (0: off), got {self.grad_clip}")
+        require(self.microbatch == -1 or self.microbatch >= 1,
+                f"--microbatch must be -1 (off) or >= 1, got {self.microbatch}")
+        for name in ("lr_anneal_steps", "max_steps", "total_epochs", "seed"):
+            require(getattr(self, name) >= 0, f"--{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("n_unhealthy_patients", "n_healthy_patients"):
+            value = getattr(self, name)
+            require(value >= -1, f"--{name} must be -1 (all) or >= 0, got {value}")
+            require(value == -1 or not self.mixed, f"--{name} {value} applies only with --mixed False "
+                    "(mixed training reads every subject); drop it or pass --mixed False")
+        require(self.preview_steps >= 1, f"--preview_steps must be >= 1, got {self.preview_steps}")
+        for w in self.w:
+            require_finite("w", w)
+            require(w == -1 or w >= 0, f"--w must be >= 0 (or -1: no guidance), got {w:g}")
         require(self.num_workers >= 0, f"--num_workers must be >= 0, got {self.num_workers}")
         require(self.log_interval > 0 and self.save_interval > 0,
                 "--log_interval and --save_interval must be positive")

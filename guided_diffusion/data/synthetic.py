@@ -197,6 +197,23 @@ def healthy_subjects(splits: dict[str, list[str]], seed: int, healthy_fraction: 
     return out
 
 
+def check_build_options(subjects: int, image_size: int, slice_step: int, seed: int = 0,
+                        style: str = "brats_like", healthy_fraction: float = 0.2) -> None:
+    """ValueError naming the flag of scripts/make_synthetic_brats.py for a value it cannot build with."""
+    if subjects < 3:
+        raise ValueError(f"--subjects must be >= 3 (one each for train, val, test), got {subjects}")
+    if image_size < 8:
+        raise ValueError(f"--image_size must be >= 8, got {image_size}")
+    if slice_step < 1:
+        raise ValueError(f"--slice_step must be >= 1, got {slice_step}")
+    if seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {seed}")
+    if style not in STYLES:
+        raise ValueError(f"--style {style!r} is not valid; choose one of {STYLES}")
+    if not 0.0 <= healthy_fraction < 1.0:
+        raise ValueError(f"healthy_fraction must be in [0, 1), got {healthy_fraction}")
+
+
 def build_synthetic_dataset(
     out: str | Path,
     subjects: int = 20,
@@ -223,17 +240,15 @@ def build_synthetic_dataset(
         stats: per split {"subjects", "slices", "unhealthy_slices", "flair_baseline"}; "style";
             "healthy_subjects"; "seconds_per_subject". Also written to ``out/dataset_summary.json``.
     """
-    if subjects < 3:
-        raise ValueError(f"--subjects must be >= 3 (one each for train, val, test), got {subjects}")
-    if image_size < 8:
-        raise ValueError(f"--image_size must be >= 8, got {image_size}")
-    if slice_step < 1:
-        raise ValueError(f"--slice_step must be >= 1, got {slice_step}")
-    if style not in STYLES:
-        raise ValueError(f"--style {style!r} is not valid; choose one of {STYLES}")
-    if not 0.0 <= healthy_fraction < 1.0:
-        raise ValueError(f"healthy_fraction must be in [0, 1), got {healthy_fraction}")
+    check_build_options(subjects, image_size, slice_step, seed, style, healthy_fraction)
     final = Path(out)
+    for flag, folder in (("--out", final), ("--raw_nifti", raw_nifti)):
+        if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
+            raise NotADirectoryError(f"{flag} {folder} is a file; expected a folder")
+    held = sorted(p.name for p in Path(raw_nifti).glob("SYN_*")) if raw_nifti is not None else []
+    if held and not overwrite:
+        raise FileExistsError(f"--raw_nifti {raw_nifti} already holds NIfTI subjects ({', '.join(held[:3])}"
+                              f"{', ...' if len(held) > 3 else ''}); pass --overwrite or pick another folder")
     if (final / "data_splits").exists() and not overwrite:
         raise FileExistsError(
             f"{final} already holds a dataset (data_splits/); pass --overwrite or pick another --out"

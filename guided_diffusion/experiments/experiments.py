@@ -334,6 +334,26 @@ def _num(v: Any) -> str:
     return str(v)
 
 
+def check_run_options(cfg: Mapping[str, Any], options: Mapping[str, Any]) -> None:
+    """ValueError naming the flag for a value that the train / evaluation commands would refuse only after
+    the models are trained: ``--w``, ``--num_slices``, ``--eval_seeds``, ``--train_seed``, ``--threads``,
+    and ``--out`` being a file."""
+    w = [float(v) for v in cfg["w"]]
+    bad = [v for v in w if not math.isfinite(v) or v < 0]
+    if bad or len(set(w)) != len(w):
+        raise ValueError(f"--w must be distinct finite numbers >= 0, got {w}")
+    if cfg.get("num_slices") is not None and cfg["num_slices"] < 1:
+        raise ValueError(f"--num_slices must be >= 1, got {cfg['num_slices']}")
+    if any(s < 0 for s in cfg["eval_seeds"]):
+        raise ValueError(f"--eval_seeds must be >= 0, got {list(cfg['eval_seeds'])}")
+    for flag in ("train_seed", "threads"):
+        if (options.get(flag) or 0) < 0:
+            raise ValueError(f"--{flag} must be >= 0, got {options[flag]}")
+    out = options.get("out")
+    if out and os.path.exists(out) and not os.path.isdir(out):
+        raise NotADirectoryError(f"--out {out} is a file; expected a folder")
+
+
 # ---------------------------------------------------------------------------------------------- processes
 def run_command(cmd: Sequence[str], cwd: str, env: Mapping[str, str] | None = None,
                 log: Callable[[str], None] = print) -> None:

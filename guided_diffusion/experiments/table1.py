@@ -131,6 +131,7 @@ def resolve(options: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"--train_steps must be >= 1, got {cfg['train_steps']}")
     if len(set(cfg["eval_seeds"])) != len(cfg["eval_seeds"]):
         raise ValueError(f"--eval_seeds has repeated values {cfg['eval_seeds']}")
+    ex.check_run_options(cfg, o)
     if cfg["data"] is None and not o.get("data_dir"):
         raise ValueError(f"--preset {o['preset']} needs --data_dir (the preprocessed BraTS21 / ATLAS root)")
     data_dir = o.get("data_dir")

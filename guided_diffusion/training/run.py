@@ -35,7 +35,7 @@ from guided_diffusion.training.train_util import TrainLoop
 from guided_diffusion.training.training_flags import parse_configs_for_training
 from guided_diffusion.utils import dist_util, logger
 from guided_diffusion.utils.io_util import atomic_write_bytes
-from guided_diffusion.utils.run_lock import run_lock
+from guided_diffusion.utils.run_lock import refuse_other_runs, run_lock
 
 SYNTHETIC_HINT = "python scripts/make_synthetic_brats.py --out DIR"
 RUN_CONFIG = "run_config.json"
@@ -92,6 +92,7 @@ def train(m: ModelConfig, d: DiffusionConfig, t: TrainConfig) -> None:
     with contextlib.ExitStack() as stack:
         stack.callback(lambda: dist_util.cleanup(wait=finished))  # no rank waits on one that failed
         if log_dir and dist_util.is_main_process():
+            refuse_other_runs(log_dir, "training run")
             stack.enter_context(run_lock(log_dir, "--log_dir"))
         logger.configure(dir=log_dir)
         _train_in(logger.get_dir(), m, d, t)

@@ -14,6 +14,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import socket
 from collections.abc import Iterator
 
@@ -35,7 +36,47 @@ def _holder(fd: int) -> str:
     return f"pid {info.get('pid')} on host {info.get('host')} (since {info.get('started')})"
 
 
+# what the files in a log dir show it holds (file names, or a regular expression for numbered files)
+RUN_KINDS: dict[str, tuple[str, ...]] = {
+    "training run": ("run_config.json", r"(model|state|opt)\d{6}\.pt", r"ema_.+_\d{6}\.pt"),
+    "evaluation": ("metrics.json", "results", "slices.csv"),
+    "guidance selection": ("guidance_selection.json",),
+    "model export": ("model.safetensors",),
+}
+
+
+def outputs_of_other_runs(directory: str, kind: str) -> dict[str, list[str]]:
+    """{run kind: names in ``directory`` that show it}, for the kinds of RUN_KINDS other than ``kind``."""
+    names = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+    found: dict[str, list[str]] = {}
+    for other, patterns in RUN_KINDS.items():
+        hits = [n for n in names if other != kind and any(re.fullmatch(p, n) for p in patterns)]
+        if hits:
+            found[other] = hits
+    return found
+
+
+def refuse_other_runs(directory: str, kind: str, flag: str = "--log_dir") -> None:
+    """FileExistsError naming ``flag`` when ``directory`` holds the outputs of another kind of run (a run of
+    ``kind`` would write its own config.json, log.txt, calibration.json over theirs); a folder that is a
+    file is a NotADirectoryError. A missing folder, or one of the same kind (a resume), passes."""
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise NotADirectoryError(f"{flag} {directory} is a file; expected a folder")
+    found = outputs_of_other_runs(directory, kind)
+    if found:
+        what = "; ".join(f"{_a(k)} {k} ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})"
+                         for k, v in found.items())
+        raise FileExistsError(f"{flag} {directory} holds {what}; {_a(kind)} {kind} there would write over "
+                              f"its files: pass a new {flag}")
+
+
+def _a(noun: str) -> str:
+    return "an" if noun[:1] in "aeiou" else "a"
+
+
 def _open_lock_file(directory: str, flag: str) -> int:
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise NotADirectoryError(f"{flag} {directory} is a file; expected a folder")
     try:
         os.makedirs(directory, exist_ok=True)
         return os.open(os.path.join(directory, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
