@@ -207,7 +207,7 @@ def test_main_job_stage_failure_ends_without_traceback(tmp_path):
     te.make_split(data, "train", {"T0": [False, True]}, seed=1)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, str(REPO / "scripts/run_main_job.py"), "--out", str(tmp_path / "job"),
-           "--train_steps", "1"]
+           "--train", "--train_steps", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
