@@ -42,7 +42,8 @@ def test_main_job_recipe_is_the_shipped_models():
     args = job.build_parser().parse_args([])
     config = json.loads((SHIPPED / "config.json").read_text())
     assert Path(args.model).resolve() == SHIPPED.resolve()
-    assert config["model"]["unet_ver"] == args.unet_ver and config["model"]["num_channels"] == args.num_channels
+    assert config["model"]["unet_ver"] == args.unet_ver
+    assert config["model"]["num_channels"] == args.num_channels
     assert config["model"]["image_size"] == args.image_size
     assert config["model"]["channel_mult"] == [int(c) for c in args.channel_mult.split(",")]
     train = config["train"]
