@@ -1,5 +1,10 @@
 """The HAE V2 model shipped in models/hae_v2_synth32: its weights are the ones recorded, it loads with its
-calibration, and the main job's recipe flags are the ones it was trained and evaluated with."""
+calibration, the main job's recipe flags are the ones it was trained and evaluated with, and it segments the
+first test slices of the embedded dataset exactly as the README's full-test run did.
+
+tests/fixtures/shipped_model_first16_slices.csv holds the rows of the first 16 test slices (11 healthy, 5
+with a lesion) of that run's slices.csv (the README's "shipped model" table: the full test split, every w).
+"""
 
 from __future__ import annotations
 
@@ -8,10 +13,13 @@ import importlib.util
 import json
 from pathlib import Path
 
+from near_golden import assert_near, csv_rows
+
 from guided_diffusion.export.export import load_pretrained
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "models" / "hae_v2_synth32"
+FIRST16 = REPO / "tests" / "fixtures" / "shipped_model_first16_slices.csv"
 SHA256 = "3f4d1e9c13db2e8cdfc626c73a8432e2deefd6d0827ce986ff57421759ef6f54"
 
 
@@ -54,3 +62,25 @@ def test_main_job_recipe_is_the_shipped_models():
     evaluation = config["evaluation"]
     assert evaluation["forward"]["forward_steps"] == args.forward_steps
     assert evaluation["diffusion"]["timestep_respacing"] == args.timestep_respacing
+
+
+def _by_setting_and_index(text: str) -> list[dict]:
+    return sorted(csv_rows(text), key=lambda r: (r["setting"], int(r["index"])))
+
+
+def test_shipped_model_segments_the_first_test_slices_as_the_readme_run(tmp_path, run_script):
+    """The export alone (its network, diffusion, forward settings and calibration) on the main job's
+    embedded dataset reproduces the README run's labels, mask counts, t_e and map maxima slice by slice
+    (bit for bit on one CPU type; floats within rounding across types, tests/near_golden.py)."""
+    job = _main_job().build_parser().parse_args([])
+    data, out = tmp_path / "data", tmp_path / "eval"
+    run_script("scripts/make_synthetic_brats.py", "--out", data, "--subjects", job.subjects, "--seed",
+               job.seed, "--image_size", job.image_size, "--slice_step", job.slice_step, "--quiet")
+    run_script("scripts/translation_FPDM.py", "--model_dir", SHIPPED, "--data_dir", data, "--log_dir", out,
+               "--num_slices", 16, "--progress", "False", timeout=600)
+    got = _by_setting_and_index((out / "slices.csv").read_text())
+    want = _by_setting_and_index(FIRST16.read_text())
+    assert sum(int(r["label"]) == 1 for r in want) == 25  # 5 lesion slices × 5 w
+    assert_near(got, want, "slices.csv of the shipped model")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["guidance_selection"]["chosen_w"] == 20.0  # the README's chosen w
