@@ -1,0 +1,231 @@
+"""Learning curves over training seeds: mean ± std per network and step (issue 22's figure and table).
+
+Each group (a label, e.g. a network) is a list of learning-curve runs (scripts/learning_curves.py log
+folders, their ``curves/curves.json``) that differ only in the training seed: every other setting (the
+network, diffusion, training flags, data, evaluation flags and evaluation seed) must agree within a group,
+and the training seeds must differ, else the summary is refused naming the setting. Groups may differ in
+anything (that is the comparison). A step enters a group's summary when at least one run has it; ``n``
+says how many runs it averages (the band is the sample std over those runs, 0 for one run).
+
+Outputs of ``write_outputs``: summary.json (per group and step: mean, std, n and the per-seed values of
+every metric; the runs, their seeds and settings), summary.md (the table at one step), summary.png (one
+panel per metric against the training step, one line per group, bands = ± std over seeds).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from guided_diffusion.cli import ArgumentParser
+from guided_diffusion.experiments.learning_curves import CURVES_JSON, METRICS
+from guided_diffusion.reporting.plots import _pyplot, _save
+from guided_diffusion.utils.io_util import atomic_write_json, atomic_write_text
+
+__all__ = ["PLOT_METRICS", "TABLE_METRICS", "load_group", "main", "parse_group", "summarise", "write_outputs"]
+
+PLOT_METRICS = ("test.dice", "test.auprc", "test.image_accuracy", "test.te_inside", "test.loss",
+                "test.cond_unhealthy")
+TABLE_METRICS = ("test.dice", "test.dice_pooled", "test.auprc", "test.image_accuracy", "test.image_recall",
+                 "test.image_specificity", "test.te_inside", "val.dice")
+
+
+def _flat(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in obj.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _curves_path(run_dir: str) -> str:
+    for path in (os.path.join(run_dir, "curves", CURVES_JSON), os.path.join(run_dir, CURVES_JSON)):
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"{run_dir}: no curves/{CURVES_JSON} (not a scripts/learning_curves.py run)")
+
+
+def load_group(label: str, run_dirs: Sequence[str]) -> list[dict[str, Any]]:
+    """The curves files of one group's runs, checked to differ only in the training seed.
+
+    Returns [{"dir", "seed", "settings", "rows"}] sorted by seed. ValueError naming the group and the
+    setting that differs, or the repeated seed."""
+
+    runs = []
+    for d in run_dirs:
+        path = _curves_path(d)
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            settings, rows = data["settings"], list(data["rows"])
+            seed = int(settings["train"]["seed"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{path} is not a curves file ({type(err).__name__}: {err})") from None
+        runs.append({"dir": os.path.abspath(d), "seed": seed, "settings": settings, "rows": rows})
+    if not runs:
+        raise ValueError(f"group {label!r} has no runs")
+    seeds = [r["seed"] for r in runs]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"group {label!r}: runs with the same training seed {seeds}; a group averages "
+                         "over training seeds")
+    ref = _flat(runs[0]["settings"])
+    for r in runs[1:]:
+        other = _flat(r["settings"])
+        diffs = [k for k in sorted(set(ref) | set(other)) if k != "train.seed" and ref.get(k) != other.get(k)]
+        if diffs:
+            k = diffs[0]
+            raise ValueError(f"group {label!r}: {r['dir']} differs from {runs[0]['dir']} in {k} "
+                             f"({other.get(k)!r} vs {ref.get(k)!r}); runs of a group may differ only in "
+                             "the training seed")
+    return sorted(runs, key=lambda r: r["seed"])
+
+
+def _value(row: Mapping[str, Any], key: str) -> float | None:
+    split, metric = key.split(".", 1)
+    v = row.get(split, {}).get(metric)
+    return None if v is None or not math.isfinite(float(v)) else float(v)
+
+
+def summarise(groups: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, Any]:
+    """Mean, sample std and n over the runs of each group at each step, for every split.metric.
+
+    Args: groups: label -> load_group's runs. Returns {label: {"seeds", "steps": [{"step", "n",
+    "metrics": {key: {"mean", "std", "n", "values": {seed: value}}}}]}}; a value missing or non-finite in a
+    run is left out of that step's statistics (its n says so)."""
+
+    keys = [f"{s}.{m}" for s in ("test", "val") for m in METRICS]
+    out: dict[str, Any] = {}
+    for label, runs in groups.items():
+        by_step: dict[int, dict[int, Mapping[str, Any]]] = {}
+        for run in runs:
+            for row in run["rows"]:
+                by_step.setdefault(int(row["step"]), {})[run["seed"]] = row
+        steps = []
+        for step in sorted(by_step):
+            rows = by_step[step]
+            metrics = {}
+            for key in keys:
+                values = {seed: v for seed, row in sorted(rows.items())
+                          if (v := _value(row, key)) is not None}
+                arr = np.array(list(values.values()), dtype=np.float64)
+                std = float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+                metrics[key] = {"mean": float(arr.mean()) if arr.size else None,
+                                "std": std if arr.size else None,
+                                "n": int(arr.size), "values": {str(s): v for s, v in values.items()}}
+            steps.append({"step": step, "n": len(rows), "metrics": metrics})
+        out[label] = {"seeds": [r["seed"] for r in runs], "steps": steps}
+    return out
+
+
+def _cell(stat: Mapping[str, Any]) -> str:
+    if stat["mean"] is None:
+        return "–"
+    return f"{stat['mean']:.3f} ± {stat['std']:.3f} (n={stat['n']})"
+
+
+def table_md(summary: Mapping[str, Any], step: int | None, keys: Sequence[str] = TABLE_METRICS) -> str:
+    """Markdown table at ``step`` (default: the last step every group has), one row per group."""
+
+    if step is None:
+        common = set.intersection(*[{s["step"] for s in g["steps"]} for g in summary.values()])
+        if not common:
+            raise ValueError("the groups share no evaluated step; pass --step")
+        step = max(common)
+    lines = [f"| group (training seeds) | {' | '.join(keys)} |", "|---" * (len(keys) + 1) + "|"]
+    for label, g in summary.items():
+        row = next((s for s in g["steps"] if s["step"] == step), None)
+        if row is None:
+            raise ValueError(f"group {label!r} has no evaluation at step {step}")
+        cells = " | ".join(_cell(row["metrics"][k]) for k in keys)
+        lines.append(f"| {label} ({', '.join(map(str, g['seeds']))}) | {cells} |")
+    return (f"Learning curves at step {step}: mean ± sample std over training seeds (n = runs with a "
+            "finite value).\n\n" + "\n".join(lines) + "\n")
+
+
+def write_png(summary: Mapping[str, Any], path: str, keys: Sequence[str] = PLOT_METRICS) -> None:
+    """One panel per metric against the training step, one line per group, band = ± std over seeds."""
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.0), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for j, (label, g) in enumerate(summary.items()):
+            pts = [(s["step"], s["metrics"][key]) for s in g["steps"]
+                   if s["metrics"][key]["mean"] is not None]
+            if not pts:
+                continue
+            x = np.array([p[0] for p in pts])
+            m = np.array([p[1]["mean"] for p in pts])
+            sd = np.array([p[1]["std"] for p in pts])
+            ax.plot(x, m, marker="o", ms=3, color=f"C{j}", label=f"{label} (n≤{len(g['seeds'])})")
+            ax.fill_between(x, m - sd, m + sd, color=f"C{j}", alpha=0.2, linewidth=0)
+        ax.set_title(key, fontsize=8)
+        ax.set_xlabel("training step", fontsize=7)
+        ax.tick_params(labelsize=6)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=5)
+    fig.suptitle("learning curves over training seeds (mean ± std; scripts/summarise_curves.py)", fontsize=8,
+                 y=1.04)
+    _save(fig, path)
+
+
+def write_outputs(groups: Mapping[str, Sequence[Mapping[str, Any]]], out: str, step: int | None,
+                  command: str) -> dict[str, str]:
+    """summary.json / summary.md / summary.png in ``out`` (atomically); returns their paths."""
+
+    os.makedirs(out, exist_ok=True)
+    summary = summarise(groups)
+    md = table_md(summary, step)
+    record = {"command": command, "groups": summary,
+              "runs": {label: [{"dir": r["dir"], "seed": r["seed"], "settings": r["settings"]} for r in runs]
+                       for label, runs in groups.items()}}
+    paths = {"json": os.path.join(out, "summary.json"), "md": os.path.join(out, "summary.md"),
+             "png": os.path.join(out, "summary.png")}
+    atomic_write_json(record, paths["json"])
+    atomic_write_text(md + f"\nProduced by: `{command}`\n", paths["md"])
+    write_png(summary, paths["png"])
+    return paths
+
+
+def parse_group(text: str) -> tuple[str, list[str]]:
+    """``LABEL=DIR[,DIR...]`` -> (label, dirs); ValueError naming --group and the expected form."""
+
+    label, sep, dirs = text.partition("=")
+    runs = [d for d in dirs.split(",") if d]
+    if not sep or not label or not runs:
+        raise ValueError(f"--group {text!r}: expected LABEL=RUN_DIR[,RUN_DIR...] (learning-curve log folders "
+                         "that differ only in the training seed)")
+    return label, runs
+
+
+def main(argv: Sequence[str]) -> int:
+    """scripts/summarise_curves.py: --group LABEL=DIR,DIR ... --out OUT [--step N]."""
+
+    p = ArgumentParser(description="Learning curves over training seeds: summary.json/.md/.png (mean ± std)")
+    p.add_argument("--group", action="append", required=True,
+                   help="LABEL=RUN_DIR[,RUN_DIR...]: learning-curve runs differing only in the training seed")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--step", type=int, default=None,
+                   help="step of the table (default: the last step every group has)")
+    args = p.parse_args(list(argv))
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for text in args.group:
+        label, dirs = parse_group(text)
+        if label in groups:
+            raise ValueError(f"--group {label!r} is given twice")
+        groups[label] = load_group(label, dirs)
+    if args.step is not None and args.step < 1:
+        raise ValueError(f"--step must be >= 1, got {args.step}")
+    command = "python scripts/summarise_curves.py " + shlex.join(list(argv))
+    paths = write_outputs(groups, args.out, args.step, command)
+    with open(paths["md"], encoding="utf-8") as f:
+        print(f.read().split("\nProduced by")[0])
+    print(f"wrote {paths['json']}, {paths['md']}, {paths['png']}")
+    return 0
