@@ -339,9 +339,8 @@ def main(argv: list[str] | None = None) -> int:
             "rows": {r.name: {"unet_ver": r.unet_ver, "options": dict(r.options),
                               "description": r.description} for r in rows},
             "checkpoint_sha256": ckpts, "model_dirs": models, "cost": cost_set}
-    notes = [f"Each cell: the mean over training seeds {train_seeds} of each training seed's mean over "
-             f"evaluation seeds {cfg['eval_seeds']}; ± is the population std over the training seeds "
-             "(table.json: rows.<row>.per_train_seed holds each training seed's values).",
+    notes = [f"Training seeds {train_seeds}, evaluation seeds {cfg['eval_seeds']} on each trained model; "
+             "table.json rows.<row>.per_train_seed holds each training seed's values.",
              "Cost columns: measured once, side by side in one process (models alternated, median step; "
              f"device {device}), one training step = loss + backward + AdamW at batch {cfg['cost_batch']}; "
              "×v2: ratio to v2 measured in the same process.",
@@ -387,7 +386,8 @@ def _default_device() -> str:
 def _measure(cost_set: Mapping[str, Any], work: str, env: Mapping[str, str]) -> dict[str, Any]:
     """Run measure.py in a fresh process on the networks of ``cost_set`` -> {row name: cost}."""
     flags = {**cost_set["model"], "timestep_respacing": cost_set["timestep_respacing"], "class_cond": True}
-    spec = {"flags": flags, "networks": cost_set["networks"], "batch": cost_set["batch"],
+    spec = {"flags": flags, "networks": cost_set["networks"], "baseline": COST_BASELINE.name,
+            "batch": cost_set["batch"],
             "reps": cost_set["reps"], "device": cost_set["device"],
             "label_dropout": cost_set["label_dropout"], "threads": cost_set["threads"]}
     spec_path, out_path = os.path.join(work, "spec.json"), os.path.join(work, "cost.json")

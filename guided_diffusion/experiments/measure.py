@@ -86,6 +86,7 @@ def measure_models(
     label_dropout: float = 0.1,
     seed: int = 0,
     networks: Mapping[str, Mapping[str, Any]] | None = None,
+    baseline: str | None = None,
 ) -> dict[str, dict[str, float]]:
     """Measure every network side by side.
 
@@ -95,9 +96,11 @@ def measure_models(
         networks: {name: the flags that make this network, ``unet_ver`` and its own options, e.g.
             {"unet_ver": "hae", "use_hae": False}}; ``flags`` updated with them builds it.
         batch: images of ``flags["image_size"]`` px per training step.
+        baseline: the network the ratios are taken to (default: the first; a JSON spec written with
+            sorted keys loses the order, so name it there).
 
     Returns {name: {"params", "step_s" (median), "peak_mib", "step_s_ratio", "peak_mib_ratio",
-    "params_ratio"}}; ratios to the first network (pass "v2" first).
+    "params_ratio"}}; ratios to ``baseline``.
     """
 
     if batch < 1 or reps < 1 or warmup < 0:
@@ -108,6 +111,8 @@ def measure_models(
     if not specs or any("unet_ver" not in spec for spec in specs.values()):
         raise ValueError(f"every network needs a unet_ver, got {specs or 'none'}")
     unet_vers = list(specs)  # the names below
+    if baseline is not None and baseline not in specs:
+        raise ValueError(f"baseline {baseline!r} is not one of the networks {unet_vers}")
     g = torch.Generator().manual_seed(seed)
     size, chans = int(flags["image_size"]), int(flags["in_channels"])
     x = torch.rand(batch, chans, size, size, generator=g).mul(2).sub(1).to(device)
@@ -140,7 +145,7 @@ def measure_models(
             step(ver)
             if rep >= warmup:
                 times[ver].append(time.perf_counter() - t0)
-    base = unet_vers[0]
+    base = unet_vers[0] if baseline is None else baseline
     out = {}
     for ver in unet_vers:
         params = sum(p.numel() for p in built[ver][0].parameters())

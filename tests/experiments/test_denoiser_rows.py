@@ -105,6 +105,10 @@ def test_cost_measures_each_row_with_its_flags():
     assert res["hae_skeleton"]["params"] == res["v2"]["params"]
     assert res["hae_v2_b1.0"]["params"] > res["hae_v2"]["params"] > res["v2"]["params"]
     assert res["hae_v2"]["params_ratio"] == pytest.approx(res["hae_v2"]["params"] / res["v2"]["params"])
+    reordered = measure_models(flags, networks={n: dc.NETWORK_ROWS[n].network() for n in names[::-1]},
+                               batch=2, reps=1, warmup=0, baseline="v2")
+    assert reordered["v2"]["params_ratio"] == 1.0
+    assert reordered["hae_v2"]["params_ratio"] == pytest.approx(res["hae_v2"]["params_ratio"])
     with pytest.raises(ValueError, match="not both"):
         measure_models(flags, ["v2"], networks={"v2": {"unet_ver": "v2"}}, batch=2)
 
