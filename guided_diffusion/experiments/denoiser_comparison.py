@@ -192,6 +192,8 @@ def resolve(options: Mapping[str, Any]) -> dict[str, Any]:
         if options.get("train_seeds") is not None:
             raise ValueError("--train_seed and --train_seeds: give one of them (--train_seed S is "
                              "--train_seeds S)")
+        if options["train_seed"] < 0:
+            raise ValueError(f"--train_seed must be >= 0, got {options['train_seed']}")
         cfg["train_seeds"] = [options["train_seed"]]
     if cfg["train_steps"] < 1:
         raise ValueError(f"--train_steps must be >= 1, got {cfg['train_steps']}")

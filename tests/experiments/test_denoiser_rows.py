@@ -170,3 +170,9 @@ def test_aggregate_over_training_seeds_averages_evaluation_seeds_first():
         assert not math.isclose(cell["mean"], flat)
         assert agg[row]["seeds"] == [0, 1, 2] and agg[row]["eval_seeds"]["2"] == [0, 1, 2, 3]
         assert agg[row]["per_train_seed"]["1"]["unhealthy.dice"] == pytest.approx(per_seed[1])
+
+
+def test_train_seed_is_one_training_seed(capsys):
+    one = _dry_run(capsys, "--rows", "hae", "--train_seed", "5", "--eval_seeds", "0")
+    assert one == _dry_run(capsys, "--rows", "hae", "--train_seeds", "5", "--eval_seeds", "0")
+    assert one[0][one[0].index("--seed") + 1] == "5" and len(one) == 2
