@@ -11,8 +11,9 @@ Usage:
     python compare_hae_versions.py [--json FILE] [--bottleneck_ratio 0.125 0.25 0.5 1.0]
     python compare_hae_versions.py --quality [--preset smoke|demo|paper ...]
 
-``--quality`` runs the denoiser comparison instead (segmentation quality and cost of the four networks
-trained alike; all other flags are those of scripts/compare_denoisers.py).
+``--quality`` runs the denoiser comparison instead (segmentation quality and cost of the networks trained
+alike, mean ± std over training seeds; all other flags are those of scripts/compare_denoisers.py, e.g.
+``--rows v2 hae_v2 hae_skeleton hae_v2_b0.5 --train_seeds 0 1 2``).
 """
 
 from __future__ import annotations

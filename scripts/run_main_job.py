@@ -29,13 +29,13 @@ import torch
 from guided_diffusion.anofpdm.translation_flags import parse_run
 from guided_diffusion.cli import ArgumentParser, run_cli
 from guided_diffusion.configs.base import require, require_finite
+from guided_diffusion.configs.recipe import RECIPE_DATA, RECIPE_EVAL, RECIPE_MODEL, RECIPE_STEPS, RECIPE_TRAIN
 from guided_diffusion.data.synthetic import check_build_options
 from guided_diffusion.script_util import create_from_configs
 from guided_diffusion.training.training_flags import parse_configs_for_training
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_MODEL = REPO / "models" / "hae_v2_synth32"
-RECIPE_STEPS = 7000  # the shipped model's training steps (README, "Learning curves and the recipe")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,23 +45,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="export folder to evaluate (scripts/export_model.py); ignored with --train")
     p.add_argument("--train", action="store_true",
                    help="train the recipe from scratch into OUT/train and evaluate that model instead")
-    p.add_argument("--subjects", type=int, default=20, help="synthetic subjects (train/val/test 75/5/20)")
-    p.add_argument("--image_size", type=int, default=32)
-    p.add_argument("--slice_step", type=int, default=2, help="keep every N-th axial slice (synthetic data)")
+    p.add_argument("--subjects", type=int, default=RECIPE_DATA["subjects"],
+                   help="synthetic subjects (train/val/test 75/5/20)")
+    p.add_argument("--image_size", type=int, default=RECIPE_DATA["image_size"])
+    p.add_argument("--slice_step", type=int, default=RECIPE_DATA["slice_step"],
+                   help="keep every N-th axial slice (synthetic data)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--unet_ver", default="hae_v2", help="v2 | hae | hae_lite | hae_v2 (with --train)")
-    p.add_argument("--num_channels", type=int, default=16)
-    p.add_argument("--channel_mult", default="1,2,2")
-    p.add_argument("--attention_resolutions", default="16,8")
+    p.add_argument("--num_channels", type=int, default=RECIPE_MODEL["num_channels"])
+    p.add_argument("--channel_mult", default=RECIPE_MODEL["channel_mult"])
+    p.add_argument("--attention_resolutions", default=RECIPE_MODEL["attention_resolutions"])
     p.add_argument("--train_steps", type=int, default=RECIPE_STEPS)
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--label_dropout", type=float, default=0.2, help="--threshold of train.py (paper: 0.1)")
-    p.add_argument("--ema_rate", default="0.995", help="short runs need a faster EMA than the paper's 0.9999")
-    p.add_argument("--timestep_respacing", default="50", help="inference chain (of 1000 training steps)")
-    p.add_argument("--forward_steps", type=int, default=30,
+    p.add_argument("--batch_size", type=int, default=RECIPE_TRAIN["batch_size"])
+    p.add_argument("--lr", type=float, default=RECIPE_TRAIN["lr"])
+    p.add_argument("--label_dropout", type=float, default=RECIPE_TRAIN["label_dropout"],
+                   help="--threshold of train.py (paper: 0.1)")
+    p.add_argument("--ema_rate", default=RECIPE_TRAIN["ema_rate"],
+                   help="short runs need a faster EMA than the paper's 0.9999")
+    p.add_argument("--timestep_respacing", default=RECIPE_EVAL["timestep_respacing"],
+                   help="inference chain (of 1000 training steps)")
+    p.add_argument("--forward_steps", type=int, default=RECIPE_EVAL["forward_steps"],
                    help="forward steps of the respaced chain (30 of 50 = the paper's 600 of 1000)")
-    p.add_argument("--w", type=float, nargs="+", default=[3.0, 6.0, 10.0, 15.0, 20.0],
+    p.add_argument("--w", type=float, nargs="+", default=list(RECIPE_EVAL["w"]),
                    help="guidance strengths to calibrate; the paper's rule picks one (one forward pass)")
     p.add_argument("--num_slices", type=int, default=None, help="first N test slices (default: all)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: all cores)")
@@ -71,17 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
 def model_flags(args: argparse.Namespace) -> list[str]:
     """The network and diffusion flags of the recipe (train.py and translation_FPDM.py share them)."""
     return [
-        "--image_size", str(args.image_size), "--in_channels", "4", "--num_classes", "2",
-        "--num_channels", str(args.num_channels), "--channel_mult", args.channel_mult,
-        "--attention_resolutions", args.attention_resolutions, "--num_heads", "4",
-        "--diffusion_steps", "1000", "--noise_schedule", "linear", "--unet_ver", args.unet_ver,
+        "--image_size", str(args.image_size), "--in_channels", str(RECIPE_MODEL["in_channels"]),
+        "--num_classes", str(RECIPE_MODEL["num_classes"]), "--num_channels", str(args.num_channels),
+        "--channel_mult", args.channel_mult, "--attention_resolutions", args.attention_resolutions,
+        "--num_heads", str(RECIPE_MODEL["num_heads"]), "--diffusion_steps",
+        str(RECIPE_MODEL["diffusion_steps"]), "--noise_schedule", RECIPE_MODEL["noise_schedule"],
+        "--unet_ver", args.unet_ver,
     ]
 
 
 def train_flags(args: argparse.Namespace) -> list[str]:
     """train.py's optimisation flags of the recipe (after the model flags)."""
-    return ["--dropout", "0.0", "--batch_size", str(args.batch_size), "--lr", str(args.lr),
-            "--ema_rate", args.ema_rate, "--threshold", str(args.label_dropout),
+    return ["--dropout", str(RECIPE_MODEL["dropout"]), "--batch_size", str(args.batch_size),
+            "--lr", str(args.lr), "--ema_rate", args.ema_rate, "--threshold", str(args.label_dropout),
             "--max_steps", str(args.train_steps), "--save_interval", "1000", "--log_interval", "100",
             "--seed", str(args.seed)]
 

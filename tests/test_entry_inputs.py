@@ -189,6 +189,21 @@ def test_experiment_out_file_and_train_seed(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("extra,text", [
+    (["--rows", "v2", "hae_v3"], "--rows: unknown row 'hae_v3'; expected some of v2, hae,"),
+    (["--rows", "hae_v2", "hae_v2_b0.25"], "--rows lists hae_v2 twice (hae_v2_b0.25 is hae_v2)"),
+    (["--rows", "v2", "v2"], "--rows lists v2 twice"),
+    (["--train_seeds", "0", "1", "0"], "--train_seeds has repeated values [0, 1, 0]"),
+    (["--train_seeds", "-3"], "--train_seeds must be >= 0"),
+    (["--train_seeds", "0", "--train_seed", "1"], "--train_seed and --train_seeds: give one of them"),
+])
+def test_denoiser_rows_and_train_seeds(capsys, tmp_path, extra, text):
+    """Unknown or repeated rows and repeated training seeds: refused before anything runs or is written."""
+    out = tmp_path / "out"
+    refused(capsys, denoiser_comparison.main, ["--preset", "smoke", "--out", out, *extra], text)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("extra,text", [
     (["--unet_ver", "nope"], "unknown --unet_ver 'nope'"),  # was: a traceback after building the data
     (["--w", "-1"], "--w must be >= 0"),
     (["--num_slices", "0"], "--num_slices must be >= 1"),  # was: 0 read as 'all slices'

@@ -15,8 +15,10 @@ model; ``checkpoint_settings`` adds it). A rerun:
   reused.
 
 Aggregation: mean and **population** standard deviation (numpy ddof=0) over the evaluation seeds of each
-name. Tables (``write_tables``): table.md / table.csv / table.json, written atomically, each stating the
-settings, checkpoint sha256s and the command that produced it (no git information is needed).
+name (``aggregate``), or over training seeds, each the mean over its evaluation seeds
+(``aggregate_over_training_seeds``). Tables (``write_tables``): table.md / table.csv / table.json, written
+atomically, each stating the settings, checkpoint sha256s and the command that produced it (no git
+information is needed).
 
 Models: ``train_once`` runs a training command into a folder keyed by the training settings' fingerprint
 and skips it when the final checkpoint exists (train.py resumes itself with ``--resume auto``).
@@ -46,6 +48,8 @@ from guided_diffusion.utils.io_util import atomic_write_json, atomic_write_text,
 
 ROW_VERSION = 1
 STD_NOTE = "mean ± population std (ddof=0) over evaluation seeds"
+TRAIN_STD_NOTE = ("mean ± population std (ddof=0) over training seeds, each training seed's value being the "
+                  "mean over its evaluation seeds")
 
 
 # ---------------------------------------------------------------------------------------------- fingerprints
@@ -270,6 +274,40 @@ def aggregate(records: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> d
     return out
 
 
+def aggregate_over_training_seeds(
+    records: Sequence[Mapping[str, Any]],
+    columns: Sequence[str],
+    row_of: Callable[[Mapping[str, Any]], str],
+    train_seed_of: Callable[[Mapping[str, Any]], int],
+) -> dict[str, dict[str, Any]]:
+    """Two-level aggregation: per (row, training seed) the mean over its evaluation seeds, then per row
+    the mean and population std (``mean_std``) of those means over the training seeds.
+
+    Args:
+        records: run_rows records; each record is one (row, training seed, evaluation seed ``rec["seed"]``).
+        columns: dotted metric keys (``get_path``).
+        row_of, train_seed_of: a record's table row and training seed.
+
+    Returns {row: {column: mean_std over training seeds, "seeds": [training seeds], "eval_seeds":
+    {training seed: [evaluation seeds]}, "per_train_seed": {training seed: {column: mean over its
+    evaluation seeds (NaN when none is finite)}}}} in first-appearance order of the rows (training seeds
+    as strings in the nested dicts, so that the result is JSON as it is).
+    """
+    groups: dict[str, dict[int, list[Mapping[str, Any]]]] = {}
+    for rec in records:
+        groups.setdefault(row_of(rec), {}).setdefault(int(train_seed_of(rec)), []).append(rec)
+    out: dict[str, dict[str, Any]] = {}
+    for row, by_seed in groups.items():
+        seeds = sorted(by_seed)
+        per_seed = {str(ts): {c: mean_std(get_path(r["metrics"], c) for r in by_seed[ts])["mean"]
+                              for c in columns} for ts in seeds}
+        out[row] = {c: mean_std(per_seed[str(ts)][c] for ts in seeds) for c in columns}
+        out[row]["seeds"] = seeds
+        out[row]["eval_seeds"] = {str(ts): sorted(int(r["seed"]) for r in by_seed[ts]) for ts in seeds}
+        out[row]["per_train_seed"] = per_seed
+    return out
+
+
 def fmt_cell(stat: Mapping[str, float], scale: float = 1.0, digits: int = 1, std: bool = True) -> str:
     """"mean ± std" (scaled, e.g. 100 for %) or "–" when undefined."""
     if stat.get("n", 0) == 0 or not math.isfinite(stat["mean"]):
@@ -297,25 +335,27 @@ def write_tables(
     provenance: Mapping[str, Any],
     basename: str = "table",
     notes: Sequence[str] = (),
+    std_note: str = STD_NOTE,
 ) -> dict[str, str]:
     """Write ``basename``.md / .csv / .json atomically; returns {"md", "csv", "json"} paths.
 
     ``provenance``: what produced the table (command, settings, checkpoint sha256 per row, ...); the
-    Markdown and CSV carry a one-line summary of it, the JSON all of it.
+    Markdown and CSV carry a one-line summary of it, the JSON all of it. ``std_note``: what a cell's
+    "mean ± std" is taken over (``aggregated[row]["seeds"]`` are those seeds).
     """
     head = ["row", *[c.header for c in columns]]
     lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, agg in aggregated.items():
         cells = [fmt_cell(agg[c.key], c.scale, c.digits, c.std) for c in columns]
         lines.append("| " + " | ".join([name, *cells]) + " |")
-    lines += ["", f"Values: {STD_NOTE}; seeds per row: "
+    lines += ["", f"Values: {std_note}; seeds per row: "
               + ", ".join(f"{n} {list(a['seeds'])}" for n, a in aggregated.items()) + "."]
     lines += [f"{n}" for n in notes]
     lines += ["", "Produced by: `" + str(provenance.get("command", "?")) + "`", "",
               "```json", json.dumps(_plain(provenance), indent=1, sort_keys=True), "```", ""]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow([f"# {title}; {STD_NOTE}; produced by: {provenance.get('command', '?')}"])
+    writer.writerow([f"# {title}; {std_note}; produced by: {provenance.get('command', '?')}"])
     writer.writerow(["row", "seeds", *[f"{c.key}_{s}" for c in columns for s in ("mean", "std", "n")]])
     for name, agg in aggregated.items():
         writer.writerow([name, " ".join(map(str, agg["seeds"])),
@@ -323,7 +363,7 @@ def write_tables(
     paths = {ext: os.path.join(out_dir, f"{basename}.{ext}") for ext in ("md", "csv", "json")}
     atomic_write_text("\n".join(lines), paths["md"])
     atomic_write_text(buf.getvalue(), paths["csv"])
-    atomic_write_json({"title": title, "std": STD_NOTE, "columns": [vars(c) for c in columns],
+    atomic_write_json({"title": title, "std": std_note, "columns": [vars(c) for c in columns],
                        "rows": _plain(aggregated), "provenance": _plain(provenance)}, paths["json"])
     return paths
 

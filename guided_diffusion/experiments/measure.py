@@ -1,14 +1,14 @@
 """Side-by-side cost of several denoisers: parameters, training-step time and peak memory, in ONE process.
 
-Every model is built from the same model/diffusion flags (only ``unet_ver`` differs), takes the same
-batch, and one training step = diffusion training loss (random t, label dropout) + backward + AdamW step.
-The models are alternated round-robin in every repetition (so a load change on a shared machine hits all
-of them alike); the median step time after ``warmup`` is reported. Peak memory of one step above what was
-allocated before it: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the peak resident set size
-(VmHWM, reset through /proc/self/clear_refs; NaN where /proc does not allow it). Run it as
+Every model is built from the same model/diffusion flags (only ``unet_ver`` and a network's own options,
+e.g. ``use_hae`` or ``bottleneck_ratio``, differ), takes the same batch, and one training step = diffusion
+training loss (random t, label dropout) + backward + AdamW step. The models are alternated round-robin in
+every repetition (so a load change on a shared machine hits all of them alike); the median step time after
+``warmup`` is reported. Peak memory of one step above what was allocated before it: on CUDA
+``torch.cuda.max_memory_allocated``; on CPU the peak resident set size (VmHWM, reset through
+/proc/self/clear_refs; NaN where /proc does not allow it). Run it as
 ``python -m guided_diffusion.experiments.measure SPEC.json OUT.json`` with ``MALLOC_MMAP_THRESHOLD_=65536``
-(see
-``CPU_ENV``) so that freed CPU memory goes back to the OS and the RSS follows the allocator.
+(see ``CPU_ENV``) so that freed CPU memory goes back to the OS and the RSS follows the allocator.
 """
 
 from __future__ import annotations
@@ -77,19 +77,42 @@ def _peak_mib(step, device: str) -> float:
 
 def measure_models(
     flags: Mapping[str, Any],
-    unet_vers: Sequence[str],
+    unet_vers: Sequence[str] = (),
+    *,
     batch: int,
     reps: int = 3,
     warmup: int = 1,
     device: str = "cpu",
     label_dropout: float = 0.1,
     seed: int = 0,
+    networks: Mapping[str, Mapping[str, Any]] | None = None,
+    baseline: str | None = None,
 ) -> dict[str, dict[str, float]]:
-    """{unet_ver: {"params", "step_s" (median), "peak_mib", "step_s_ratio", "peak_mib_ratio",
-    "params_ratio"}}; ratios to the first of ``unet_vers`` (pass "v2" first)."""
+    """Measure every network side by side.
+
+    Args:
+        flags: the model/diffusion flags all networks share (``create_model_and_diffusion``'s names).
+        unet_vers: networks named by their ``unet_ver`` alone (or give ``networks``, not both).
+        networks: {name: the flags that make this network, ``unet_ver`` and its own options, e.g.
+            {"unet_ver": "hae", "use_hae": False}}; ``flags`` updated with them builds it.
+        batch: images of ``flags["image_size"]`` px per training step.
+        baseline: the network the ratios are taken to (default: the first; a JSON spec written with
+            sorted keys loses the order, so name it there).
+
+    Returns {name: {"params", "step_s" (median), "peak_mib", "step_s_ratio", "peak_mib_ratio",
+    "params_ratio"}}; ratios to ``baseline``.
+    """
 
     if batch < 1 or reps < 1 or warmup < 0:
         raise ValueError(f"batch and reps must be >= 1 and warmup >= 0, got {batch}, {reps}, {warmup}")
+    if networks is not None and unet_vers:
+        raise ValueError("give the networks as unet_vers or as networks, not both")
+    specs = {v: {"unet_ver": v} for v in unet_vers} if networks is None else dict(networks)
+    if not specs or any("unet_ver" not in spec for spec in specs.values()):
+        raise ValueError(f"every network needs a unet_ver, got {specs or 'none'}")
+    unet_vers = list(specs)  # the names below
+    if baseline is not None and baseline not in specs:
+        raise ValueError(f"baseline {baseline!r} is not one of the networks {unet_vers}")
     g = torch.Generator().manual_seed(seed)
     size, chans = int(flags["image_size"]), int(flags["in_channels"])
     x = torch.rand(batch, chans, size, size, generator=g).mul(2).sub(1).to(device)
@@ -97,7 +120,7 @@ def measure_models(
     built = {}
     for ver in unet_vers:
         torch.manual_seed(seed)
-        model, diffusion = create_model_and_diffusion(**{**flags, "unet_ver": ver})
+        model, diffusion = create_model_and_diffusion(**{**flags, **specs[ver]})
         model.to(device).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         built[ver] = (model, diffusion, opt, UniformSampler(diffusion))
@@ -122,7 +145,7 @@ def measure_models(
             step(ver)
             if rep >= warmup:
                 times[ver].append(time.perf_counter() - t0)
-    base = unet_vers[0]
+    base = unet_vers[0] if baseline is None else baseline
     out = {}
     for ver in unet_vers:
         params = sum(p.numel() for p in built[ver][0].parameters())

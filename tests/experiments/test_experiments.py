@@ -263,11 +263,12 @@ def test_paper_preset_builds_the_cluster_commands(tmp_path):
               "--launcher", "python -m torch.distributed.run --nproc-per-node 8"])
     assert p.returncode == 0, p.stderr
     lines = p.stdout.strip().splitlines()
-    assert len(lines) == 4 * (1 + 3)
+    assert len(lines) == 4 * 3 * (1 + 3)  # 4 networks x 3 training seeds x (train + 3 evaluations)
     prefix = "python -m torch.distributed.run --nproc-per-node 8 scripts/"
     assert all(line.startswith(prefix) for line in lines)
     train = [line for line in lines if "train.py" in line]
-    assert len(train) == 4 and all("--image_size 128" in t and "--max_steps 210000" in t for t in train)
+    assert len(train) == 12 and all("--image_size 128" in t and "--max_steps 210000" in t for t in train)
+    assert sorted(t.split("--seed ")[1].split()[0] for t in train) == sorted(["0", "1", "2"] * 4)
     ev = [line for line in lines if "translation_FPDM.py" in line]
     assert all("--forward_steps 600" in e and "--num_slices_val 1000" in e for e in ev)
     assert {e.split("--seed ")[1].split()[0] for e in ev} == {"0", "1", "2"}
@@ -277,43 +278,74 @@ def test_paper_preset_builds_the_cluster_commands(tmp_path):
 
 
 def test_smoke_preset_end_to_end(tmp_path):
-    """Two denoisers x two evaluation seeds (the full smoke preset is 4 x 3: see the README)."""
+    """Two rows (v2 and an ablation row with its own flag) x two training seeds x two evaluation seeds
+    (the full smoke preset is 4 x 1 x 3: see the README): a model folder per (row, training seed), cells =
+    mean ± std over the training seeds of the per-seed means, recomputed here from the stored rows."""
     out = str(tmp_path / "cmp")
-    args = ["--preset", "smoke", "--out", out, "--denoisers", "v2", "hae_v2", "--eval_seeds", "0", "1"]
+    args = ["--preset", "smoke", "--out", out, "--rows", "v2", "hae_v2_b0.5", "--train_seeds", "0", "1",
+            "--eval_seeds", "0", "1"]
     p = _run(args)
     assert p.returncode == 0, p.stderr[-3000:]
     md = open(os.path.join(out, "table.md")).read()
-    for name in ("| v2 |", "| hae_v2 |", "v2 [0, 1]", "hae_v2 [0, 1]"):
+    for name in ("| v2 |", "| hae_v2_b0.5 |", "v2 [0, 1]", "hae_v2_b0.5 [0, 1]", "over training seeds"):
         assert name in md
     data = json.load(open(os.path.join(out, "table.json")))
     assert data["rows"]["v2"]["cost.params_ratio"]["mean"] == 1.0
-    assert data["rows"]["hae_v2"]["cost.params_ratio"]["mean"] > 1.0
-    assert 0.0 <= data["rows"]["hae_v2"]["mixed.dice"]["mean"] <= 1.0
-    assert data["rows"]["v2"]["mixed.dice"]["n"] == 2
-    assert set(data["provenance"]["checkpoint_sha256"]) == {"v2", "hae_v2"}
-    for f in ("w_selection.png", "denoisers.png", "table.csv", "rows/v2_seed1.json", "rows/cost_seed0.json"):
+    assert data["rows"]["hae_v2_b0.5"]["cost.params_ratio"]["mean"] > 1.0
+    assert 0.0 <= data["rows"]["hae_v2_b0.5"]["mixed.dice"]["mean"] <= 1.0
+    names = {f"{r}_train{t}" for r in ("v2", "hae_v2_b0.5") for t in (0, 1)}
+    assert set(data["provenance"]["checkpoint_sha256"]) == names
+    models = sorted(os.listdir(os.path.join(out, "models")))
+    assert sorted(m.rsplit("-", 1)[0] for m in models) == sorted(names)  # one folder per (row, seed)
+    for m in models:
+        settings = json.load(open(os.path.join(out, "models", m, "train_settings.json")))["settings"]
+        assert m.startswith(f"{m.split('_train')[0]}_train{settings['train_seed']}-")
+        assert settings.get("model_options") == ({"bottleneck_ratio": 0.5} if "b0.5" in m else None)
+    for row in ("v2", "hae_v2_b0.5"):
+        per_seed = {}
+        for t in (0, 1):
+            recs = [json.load(open(os.path.join(out, "rows", f"{row}_train{t}_seed{e}.json")))
+                    for e in (0, 1)]
+            assert [r["meta"]["train_seed"] for r in recs] == [t, t]
+            per_seed[t] = {k: float(np.mean([ex.get_path(r["metrics"], k) for r in recs]))
+                           for k in ("mixed.dice", "unhealthy.auprc")}
+        for key in ("mixed.dice", "unhealthy.auprc"):
+            cell, seeds = data["rows"][row][key], [per_seed[0][key], per_seed[1][key]]
+            assert cell["n"] == 2
+            assert cell["mean"] == pytest.approx(np.mean(seeds))
+            assert cell["std"] == pytest.approx(np.std(seeds))
+            assert data["rows"][row]["per_train_seed"]["1"][key] == pytest.approx(per_seed[1][key])
+        line = next(x for x in md.splitlines() if x.startswith(f"| {row} |"))
+        dice = data["rows"][row]["mixed.dice"]
+        assert f"| {100 * dice['mean']:.1f} ± {100 * dice['std']:.1f} |" in line
+    for f in ("w_selection.png", "denoisers.png", "table.csv", "rows/v2_train1_seed1.json",
+              "rows/cost_seed0.json"):
         assert os.path.isfile(os.path.join(out, f)), f
     stored = {f: open(os.path.join(out, "rows", f)).read() for f in os.listdir(os.path.join(out, "rows"))}
     again = _run(args)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "train.py" not in again.stdout and "translation_FPDM.py" not in again.stdout
-    assert again.stdout.count("skipped") == 5 and again.stdout.count("reused") == 2
+    assert again.stdout.count("skipped") == 2 * 2 * 2 + 1 and again.stdout.count("reused") == 4
     assert {f: open(os.path.join(out, "rows", f)).read() for f in stored} == stored
     other = _run([*args, "--w", "1", "2"])
     assert other.returncode == 2
-    assert other.stderr.strip().splitlines()[-1].startswith("error: row v2_seed0 in ")
+    assert other.stderr.strip().splitlines()[-1].startswith("error: row v2_train0_seed0 in ")
     assert "(differing: w)" in other.stderr
     np.testing.assert_equal(len(other.stderr.strip().splitlines()), 1)
 
 
 def test_compare_hae_versions_quality_delegates(tmp_path):
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
-    args = ["--preset", "paper", "--dry_run", "--data_dir", str(tmp_path), "--denoisers", "hae_v2"]
+    args = ["--preset", "paper", "--dry_run", "--data_dir", str(tmp_path), "--rows", "hae_v2_b1.0",
+            "--train_seeds", "4", "7"]
     p = subprocess.run([sys.executable, "compare_hae_versions.py", "--quality", *args], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     direct = _run(args)
-    assert p.stdout == direct.stdout and p.stdout.count("scripts/translation_FPDM.py") == 3
+    assert p.stdout == direct.stdout and p.stdout.count("scripts/translation_FPDM.py") == 2 * 3
+    lines = p.stdout.strip().splitlines()
+    assert all("--unet_ver hae_v2 --bottleneck_ratio 1.0" in line for line in lines)
+    assert sorted(x.split("--seed ")[1].split()[0] for x in lines if "train.py" in x) == ["4", "7"]
     bad = subprocess.run([sys.executable, "compare_hae_versions.py", "--quality", "--preset", "paper"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "needs --data_dir" in bad.stderr
@@ -338,3 +370,8 @@ def test_compare_denoisers_launcher(tmp_path):
     assert out.startswith(head)
     assert "--launcher echo -m torch.distributed.run --nproc-per-node 4 --nnodes 1 --node-rank 0" in out
     assert "--master-port 29998" in out and out.endswith("--denoisers v2 hae_v2")
+    rows = "v2 hae hae_lite hae_v2 hae_skeleton hae_v2_b0.5 hae_v2_b1.0"
+    assert f"--train_seeds 0 1 2 --rows {rows} --denoisers" in out  # the defaults; EXTRA_FLAGS last wins
+    env = {**env, "TRAIN_SEEDS": "5 6", "ROWS": "hae_skeleton", "EXTRA_FLAGS": ""}
+    proc = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("--train_seeds 5 6 --rows hae_skeleton")
