@@ -1,0 +1,566 @@
+"""Diagnosis of a collapse (issue 22 item 3; docs/hae.md, 'Diagnosing a collapse'): per saved checkpoint of a
+training run, what each hybrid CNN-Transformer block does to the decoder path, and where the gradient goes.
+
+On one fixed batch of ``--slices`` validation slices (a seeded choice, half unhealthy when the split has
+enough), per checkpoint:
+
+* ``fusion_ratio[cond][t]`` (hybrid blocks): ||fusion output||_F / ||x||_F over the whole batch, where ``x``
+  is the block's input (the decoder path the block adds its residual to: output = x + fusion) and the fusion
+  output that residual, read by forward hooks (a pre-hook on the block, a hook on its ``fusion`` conv) while
+  the network predicts the noise of x_t = q_sample(x_0, t, seeded noise), for each ``--timesteps`` t, with
+  the slices' class labels (``cond`` "label") and with the null label ("null"). 0: the block is the
+  identity; around 1 or more: the block's residual is as large as the path it is added to.
+  ``fusion_ratio_mean[cond]``: the mean over t;
+* ``cond_delta[t]`` (hybrid blocks): ||fusion(label) - fusion(null)||_F / ||x (label)||_F: how much of the
+  block's residual depends on the class condition (0: the block ignores it);
+* ``fusion_weight_norm`` / ``fusion_bias_norm`` (hybrid blocks): Frobenius norms of the zero-initialised
+  fusion conv, read from the checkpoint file alone; ``zero_init_norm``: the norm of every other tensor of the
+  block that a freshly built network holds at exactly 0 (normalisation layers excepted; their names are in
+  ``blocks[name]["zero_init"]``);
+* ``grad_norm[cond]`` (every ResBlock, AttentionBlock and hybrid block, so networks without hybrid blocks
+  are compared level by level): the L2 norm of the gradient of the block's parameters of the training loss
+  (``diffusion.training_losses`` "loss", the batch mean as in training) at one seeded t and noise per slice,
+  no label dropout, dropout layers off, once with the class labels and once with the null label;
+  ``param_norm``: the norm of the block's parameters.
+
+Outputs in ``--out``: diagnosis.json (the run's config, the settings, the seed, the batch's slice ids, per
+checkpoint its file and sha256, and one row per (checkpoint, block)), rewritten atomically after every
+checkpoint, and diagnosis.png (one panel per measure against the training step). A rerun keeps the rows of
+checkpoints whose sha256 is unchanged and computes the others; a diagnosis.json of other settings is refused,
+naming them. The same inputs and seed give the same file, byte for byte.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from guided_diffusion.cli import ArgumentParser
+from guided_diffusion.configs.base import RESULT, DiffusionConfig, ModelConfig
+from guided_diffusion.configs.config_flags import add_flags, from_args
+from guided_diffusion.configs.diagnose_config import DiagnoseConfig
+from guided_diffusion.configs.train_config import parse_ema_rates
+from guided_diffusion.data.brats import BrainDataset
+from guided_diffusion.hae_blocks import HybridCNNTransformerBlockBase
+from guided_diffusion.registry import drop_foreign_options
+from guided_diffusion.reporting.plots import _pyplot, _save
+from guided_diffusion.script_util import create_from_configs, model_config
+from guided_diffusion.training.checkpoint import (
+    find_checkpoint,
+    list_model_steps,
+    load_model_checkpoint,
+    load_state_dict_file,
+)
+from guided_diffusion.training.run import RUN_CONFIG
+from guided_diffusion.unet import AttentionBlock, ResBlock, UNetModel
+from guided_diffusion.utils.io_util import atomic_write_json, file_sha256
+from guided_diffusion.utils.run_lock import run_lock
+
+__all__ = ["DIAG_JSON", "DIAG_PNG", "block_layout", "diagnose", "fusion_measures", "gradient_norms", "main",
+           "weight_norms", "zero_init_names"]
+
+DIAG_VERSION = 1
+DIAG_JSON, DIAG_PNG = "diagnosis.json", "diagnosis.png"
+CONDS = ("label", "null")
+_NORM_LAYERS = (nn.GroupNorm, nn.LayerNorm)
+
+
+# ---------------------------------------------------------------------------------------------- the run
+@dataclasses.dataclass
+class Run:
+    """A training run: its configs, its saved record and the (step, checkpoint path) pairs to measure."""
+
+    model: ModelConfig
+    diffusion: DiffusionConfig
+    record: dict[str, Any]
+    checkpoints: list[tuple[int, str]]
+
+
+def load_run(c: DiagnoseConfig) -> Run:
+    """The run of ``--model_dir`` (its run_config.json) and its checkpoints (``--steps``, ``--ema``);
+    FileNotFoundError / ValueError naming the flag when the folder, the record or a checkpoint is missing."""
+
+    if not os.path.isdir(c.model_dir):
+        raise FileNotFoundError(f"--model_dir {c.model_dir} does not exist or is not a folder; point it to a "
+                                "training log dir")
+    path = os.path.join(c.model_dir, RUN_CONFIG)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--model_dir {c.model_dir} holds no {RUN_CONFIG}: not a training log dir of "
+                                "scripts/train.py or scripts/learning_curves.py")
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+        m = ModelConfig.from_dict(drop_foreign_options(record["model"]), source=path)
+        d = DiffusionConfig.from_dict(record["diffusion"], source=path).replace(timestep_respacing="")
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"--model_dir {c.model_dir}: {path} is not a run record ({err})") from None
+    present = list_model_steps(c.model_dir)
+    if not present:
+        raise FileNotFoundError(f"--model_dir {c.model_dir} holds no checkpoints (model*.pt / ema_*.pt); "
+                                "train first (--save_interval)")
+    missing = [s for s in c.steps if s not in present]
+    if missing:
+        raise FileNotFoundError(f"--steps {' '.join(map(str, missing))}: no checkpoint for "
+                                f"{'this step' if len(missing) == 1 else 'these steps'} in {c.model_dir}; "
+                                f"steps present: {', '.join(map(str, present))}")
+    rate = parse_ema_rates(record.get("train", {}).get("ema_rate", "0.9999"))[0] if c.ema else None
+    checkpoints = []
+    for step in sorted(c.steps or present):
+        try:
+            checkpoints.append((step, find_checkpoint(c.model_dir, step=step, ema_rate=rate)))
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"--ema {c.ema}: {err}") from None
+    return Run(m, d, record, checkpoints)
+
+
+# ---------------------------------------------------------------------------------------------- the batch
+@dataclasses.dataclass
+class Batch:
+    """The fixed batch: x [N, C, H, W] in [-1, 1], labels [N] (1 = unhealthy), slice ids (patient, k)."""
+
+    x: torch.Tensor
+    labels: torch.Tensor
+    ids: list[tuple[str, int]]
+
+    def sha256(self) -> str:
+        """Digest of the slices' values and labels (the batch a row was measured on)."""
+        h = hashlib.sha256(self.x.numpy().astype(np.float32).tobytes())
+        h.update(self.labels.numpy().astype(np.int64).tobytes())
+        return h.hexdigest()
+
+
+def select_batch(data_dir: str, n: int, seed: int, m: ModelConfig) -> Batch:
+    """``n`` validation slices in a seeded order: ⌊n/2⌋ unhealthy and the rest healthy, topped up with
+    the other kind when one runs out; ValueError naming --slices when the split has fewer than ``n``."""
+
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"--data_dir {data_dir} does not exist or is not a folder")
+    ds = BrainDataset(data_dir, "val", mixed=True, in_channels=m.in_channels, image_size=m.image_size)
+    if n > len(ds):
+        raise ValueError(f"--slices {n} is more than the {len(ds)} slices of the validation split of "
+                         f"{data_dir}")
+    order = np.random.default_rng(seed).permutation(len(ds)).tolist()
+    want = {1: n // 2, 0: n - n // 2}
+    chosen: list[int] = []
+    rest: list[int] = []
+    for i in order:
+        if len(chosen) == n:
+            break
+        lab = ds.read_label(i)
+        if want[lab] > 0:
+            want[lab] -= 1
+            chosen.append(i)
+        else:
+            rest.append(i)
+    chosen += rest[:n - len(chosen)]
+    chosen.sort()
+    items = [ds.load(i) for i in chosen]
+    x = torch.stack([it[0] for it in items]).float()
+    labels = torch.tensor([int(it[2]) for it in items], dtype=torch.long)
+    return Batch(x, labels, [tuple(ds.slice_info(i)) for i in chosen])
+
+
+@dataclasses.dataclass
+class Draws:
+    """Seeded draws shared by every checkpoint: noise per ratio timestep, and (t, noise) of the gradient."""
+
+    ratio_noise: list[torch.Tensor]
+    grad_t: torch.Tensor
+    grad_noise: torch.Tensor
+
+
+def make_draws(x: torch.Tensor, timesteps: Sequence[int], num_timesteps: int, seed: int) -> Draws:
+    """Noise [N, C, H, W] per ratio timestep, t [N] uniform in [0, num_timesteps) and noise for the
+    gradient, from one CPU generator seeded with ``seed`` (independent of the device)."""
+
+    g = torch.Generator().manual_seed(int(seed))
+    ratio = [torch.randn(x.shape, generator=g) for _ in timesteps]
+    t = torch.randint(num_timesteps, (x.shape[0],), generator=g)
+    return Draws(ratio, t, torch.randn(x.shape, generator=g))
+
+
+# ---------------------------------------------------------------------------------------------- blocks
+def block_layout(model: UNetModel) -> dict[str, tuple[str, int]]:
+    """(part, level) of every entry of the UNet: ``input_blocks.i``, ``middle_block``, ``output_blocks.i``
+    -> ("input" | "middle" | "output", resolution level 0 = finest)."""
+
+    levels = len(model.channel_mult)
+    nrb = model.num_res_blocks
+    out = {"input_blocks.0": ("input", 0), "middle_block": ("middle", levels - 1)}
+    idx = 1
+    for level in range(levels):
+        for _ in range(nrb + (level != levels - 1)):
+            out[f"input_blocks.{idx}"] = ("input", level)
+            idx += 1
+    idx = 0
+    for level in reversed(range(levels)):
+        for _ in range(nrb + 1):
+            out[f"output_blocks.{idx}"] = ("output", level)
+            idx += 1
+    return out
+
+
+def _kind(module: nn.Module) -> str | None:
+    if isinstance(module, HybridCNNTransformerBlockBase):
+        return "hae"
+    if isinstance(module, ResBlock):
+        return "res"
+    if isinstance(module, AttentionBlock):
+        return "attn"
+    return None
+
+
+def measured_blocks(model: UNetModel) -> dict[str, dict[str, Any]]:
+    """Every hybrid block, ResBlock and AttentionBlock by its module name (e.g. ``output_blocks.5.2``), with
+    its kind ("hae" | "res" | "attn"), part and level, in module order."""
+
+    layout = block_layout(model)
+    out = {}
+    for name, module in model.named_modules():
+        kind = _kind(module)
+        if kind is None:
+            continue
+        prefix = name if name.startswith("middle_block") else ".".join(name.split(".")[:2])
+        part, level = layout["middle_block" if prefix.startswith("middle_block") else prefix]
+        out[name] = {"kind": kind, "part": part, "level": level}
+    return out
+
+
+def hybrid_blocks(model: nn.Module) -> dict[str, HybridCNNTransformerBlockBase]:
+    """The hybrid blocks by module name, in module order (empty for networks without them)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, HybridCNNTransformerBlockBase)}
+
+
+def zero_init_names(model: nn.Module, block: str) -> list[str]:
+    """State-dict keys under ``block`` that ``model`` (freshly built) holds at exactly 0, except the
+    parameters of normalisation layers (their bias starts at 0 in every network)."""
+
+    norm_prefixes = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, _NORM_LAYERS))
+    return [k for k, v in model.state_dict().items()
+            if k.startswith(f"{block}.") and not k.startswith(norm_prefixes) and v.is_floating_point()
+            and not bool(v.any())]
+
+
+def _norm(tensors: Sequence[torch.Tensor]) -> float:
+    return math.sqrt(sum(float(t.detach().double().pow(2).sum()) for t in tensors))
+
+
+def weight_norms(state: Mapping[str, torch.Tensor], zero_init: Mapping[str, Sequence[str]]
+                 ) -> dict[str, dict[str, float]]:
+    """Per hybrid block (the keys of ``zero_init``: block -> its zero-initialised keys), from a state dict:
+    ``fusion_weight_norm``, ``fusion_bias_norm`` and ``zero_init_norm`` (the other zero-initialised keys)."""
+
+    out = {}
+    for block, keys in zero_init.items():
+        fusion = (f"{block}.fusion.weight", f"{block}.fusion.bias")
+        others = [state[k] for k in keys if k not in fusion]
+        out[block] = {"fusion_weight_norm": _norm([state[fusion[0]]]),
+                      "fusion_bias_norm": _norm([state[fusion[1]]]) if fusion[1] in state else 0.0,
+                      "zero_init_norm": _norm(others)}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- measures
+def _keep_input(store: dict[str, dict[str, torch.Tensor]], name: str, module: nn.Module,
+                args: tuple[Any, ...]) -> None:
+    store.setdefault(name, {})["path"] = args[0].detach()
+
+
+def _keep_output(store: dict[str, dict[str, torch.Tensor]], name: str, module: nn.Module,
+                 args: tuple[Any, ...], output: torch.Tensor) -> None:
+    store.setdefault(name, {})["residual"] = output.detach()
+
+
+def _fro(t: torch.Tensor) -> float:
+    return float(t.double().norm())
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else (0.0 if a == 0 else math.inf)
+
+
+@torch.no_grad()
+def fusion_measures(model: nn.Module, diffusion: Any, x: torch.Tensor, labels: torch.Tensor,
+                    timesteps: Sequence[int], noise: Sequence[torch.Tensor]) -> dict[str, dict[str, Any]]:
+    """Per hybrid block: ``fusion_ratio`` {cond: {t: ratio}}, ``fusion_ratio_mean`` {cond: mean over t} and
+    ``cond_delta`` {t: value} (module docstring) on x [N, C, H, W] (on the model's device), labels [N],
+    one noise tensor [N, C, H, W] per t. Read with forward hooks, removed on return."""
+
+    blocks = hybrid_blocks(model)
+    store: dict[str, dict[str, torch.Tensor]] = {}
+    handles = []
+    for name, block in blocks.items():
+        handles.append(block.register_forward_pre_hook(functools.partial(_keep_input, store, name)))
+        handles.append(block.fusion.register_forward_hook(functools.partial(_keep_output, store, name)))
+    out: dict[str, dict[str, Any]] = {n: {"fusion_ratio": {c: {} for c in CONDS}, "cond_delta": {}}
+                                      for n in blocks}
+    dev = x.device
+    try:
+        for t, eps in zip(timesteps, noise):
+            tt = torch.full((x.shape[0],), int(t), dtype=torch.long, device=dev)
+            xt = diffusion.q_sample(x, tt, noise=eps.to(dev))
+            seen = {}
+            for cond in CONDS:
+                store.clear()
+                diffusion.model_eps(model, xt, tt, model_kwargs={"y": labels.to(dev), "null": cond == "null"})
+                seen[cond] = {n: dict(v) for n, v in store.items()}
+                for name in blocks:
+                    path, res = seen[cond][name]["path"], seen[cond][name]["residual"]
+                    out[name]["fusion_ratio"][cond][str(t)] = _ratio(_fro(res), _fro(path))
+            for name in blocks:
+                delta = seen["label"][name]["residual"] - seen["null"][name]["residual"]
+                out[name]["cond_delta"][str(t)] = _ratio(_fro(delta), _fro(seen["label"][name]["path"]))
+    finally:
+        for h in handles:
+            h.remove()
+    for row in out.values():
+        row["fusion_ratio_mean"] = {c: float(np.mean(list(row["fusion_ratio"][c].values()))) for c in CONDS}
+    return out
+
+
+def gradient_norms(model: nn.Module, diffusion: Any, x: torch.Tensor, labels: torch.Tensor, t: torch.Tensor,
+                   noise: torch.Tensor, blocks: Sequence[str]) -> tuple[dict[str, dict[str, float]],
+                                                                        dict[str, dict[str, float]]]:
+    """Gradient norms of the training loss per block of ``blocks`` ({block: {cond: norm}}) and per
+    condition the loss and the whole network's gradient norm ({cond: {"loss", "grad_norm_total"}}).
+
+    x [N, C, H, W] (model's device), labels [N], t [N], noise [N, C, H, W]; no label dropout; the model's
+    gradients are cleared on return."""
+
+    dev = x.device
+    modules = dict(model.named_modules())
+    per_block: dict[str, dict[str, float]] = {b: {} for b in blocks}
+    totals: dict[str, dict[str, float]] = {}
+    try:
+        for cond in CONDS:
+            model.zero_grad(set_to_none=True)
+            kwargs = {"y": labels.to(dev), "null": cond == "null"}
+            losses = diffusion.training_losses(model, x, t.to(dev), model_kwargs=kwargs, noise=noise.to(dev))
+            loss = losses["loss"].float().mean()
+            loss.backward()
+            for b in blocks:
+                per_block[b][cond] = _norm([p.grad for p in modules[b].parameters() if p.grad is not None])
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            totals[cond] = {"loss": float(loss.detach()), "grad_norm_total": _norm(grads)}
+    finally:
+        model.zero_grad(set_to_none=True)
+    return per_block, totals
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def settings_of(c: DiagnoseConfig, run: Run, batch: Batch) -> dict[str, Any]:
+    """Everything a row depends on besides its checkpoint: the architecture, the diffusion, the batch and
+    the diagnosis flags that change results (not --steps, --out, the folders' paths)."""
+
+    return json.loads(json.dumps({
+        "version": DIAG_VERSION,
+        "model": model_config(run.model, run.diffusion),
+        "diffusion": run.diffusion.to_dict(),
+        "diagnose": c.settings(RESULT),
+        "batch_sha256": batch.sha256(),
+    }))
+
+
+def _flat(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in obj.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def load_diagnosis(path: str, settings: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The stored diagnosis at ``path`` (None when absent); ValueError naming every setting that differs."""
+
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        stored = data["settings"]
+        if not isinstance(data["checkpoints"], list) or not isinstance(data["rows"], list):
+            raise TypeError("checkpoints and rows must be lists")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"--out: {path} is not a diagnosis file ({type(err).__name__}: {err}); move it "
+                         "away or use another --out") from None
+    a, b = _flat(stored), _flat(settings)
+    diffs = [f"{k}: stored {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b))
+             if a.get(k) != b.get(k)]
+    if diffs:
+        raise ValueError(f"--out: {path} was computed with other settings ({'; '.join(diffs)}); rerun with "
+                         "the stored settings or use another --out")
+    return data
+
+
+def measure_checkpoint(model: UNetModel, diffusion: Any, path: str, step: int, batch: Batch, draws: Draws,
+                       c: DiagnoseConfig, blocks: Mapping[str, Mapping[str, Any]],
+                       zero_init: Mapping[str, Sequence[str]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(checkpoint entry, rows) of one checkpoint file: loads it into ``model`` and measures it."""
+
+    state = load_state_dict_file(path)
+    load_model_checkpoint(model, path)
+    model.eval()
+    dev = next(model.parameters()).device
+    x = batch.x.to(dev)
+    fusion = fusion_measures(model, diffusion, x, batch.labels, c.timesteps, draws.ratio_noise)
+    weights = weight_norms(state, zero_init)
+    grads, totals = gradient_norms(model, diffusion, x, batch.labels, draws.grad_t, draws.grad_noise,
+                                   list(blocks))
+    modules = dict(model.named_modules())
+    rows = []
+    for name, info in blocks.items():
+        row = {"step": int(step), "block": name, **info, "grad_norm": grads[name],
+               "param_norm": _norm(list(modules[name].parameters()))}
+        if info["kind"] == "hae":
+            row.update(fusion[name])
+            row.update(weights[name])
+        rows.append(row)
+    entry = {"step": int(step), "checkpoint": os.path.basename(path), "sha256": file_sha256(path), **totals}
+    return entry, rows
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def diagnose(c: DiagnoseConfig) -> dict[str, Any]:
+    """Measure every checkpoint of the run (resumable); returns the data written to diagnosis.json (and
+    diagnosis.png)."""
+
+    run = load_run(c)
+    num_timesteps = run.diffusion.diffusion_steps
+    too_late = [t for t in c.timesteps if t >= num_timesteps]
+    if too_late:
+        raise ValueError(f"--timesteps {' '.join(map(str, too_late))}: the run's chain has {num_timesteps} "
+                         f"steps (0..{num_timesteps - 1})")
+    if model_config(run.model, run.diffusion)["num_classes"] is None:
+        raise ValueError(f"--model_dir {c.model_dir}: the run's model is unconditional; the diagnosis "
+                         "compares the class label with the null label")
+    if os.path.exists(c.out) and not os.path.isdir(c.out):
+        raise NotADirectoryError(f"--out {c.out} is a file; pass a folder")
+    batch = select_batch(c.data_dir, c.slices, c.seed, run.model)
+    settings = settings_of(c, run, batch)
+    path, png = os.path.join(c.out, DIAG_JSON), os.path.join(c.out, DIAG_PNG)
+    stored = load_diagnosis(path, settings)
+
+    torch.manual_seed(c.seed)
+    model, diffusion = create_from_configs(run.model, run.diffusion)
+    blocks = measured_blocks(model)
+    zero_init = {n: zero_init_names(model, n) for n, info in blocks.items() if info["kind"] == "hae"}
+    model.to(_device())
+    draws = make_draws(batch.x, c.timesteps, diffusion.num_timesteps, c.seed)
+    data = stored or {"version": DIAG_VERSION, "settings": settings, "seed": c.seed,
+                      "model_dir": os.path.abspath(c.model_dir), "run_config": run.record,
+                      "batch": {"slice_ids": [list(i) for i in batch.ids], "labels": batch.labels.tolist()},
+                      "blocks": {n: {**info, **({"zero_init": zero_init[n]} if n in zero_init else {})}
+                                 for n, info in blocks.items()},
+                      "checkpoints": [], "rows": []}
+    with run_lock(c.out, "--out"):
+        for step, ckpt in run.checkpoints:
+            sha = file_sha256(ckpt)
+            if any(e["step"] == step and e["sha256"] == sha for e in data["checkpoints"]):
+                continue
+            entry, rows = measure_checkpoint(model, diffusion, ckpt, step, batch, draws, c, blocks, zero_init)
+            data["checkpoints"] = sorted([*(e for e in data["checkpoints"] if e["step"] != step), entry],
+                                         key=lambda e: e["step"])
+            data["rows"] = sorted([*(r for r in data["rows"] if r["step"] != step), *rows],
+                                  key=lambda r: (r["step"], list(blocks).index(r["block"])))
+            atomic_write_json(data, path)
+            ratios = [f"{r['block']}: ratio={r['fusion_ratio_mean']['label']:.3g}" for r in rows
+                      if r["kind"] == "hae"]
+            print(f"step {step}: loss(label)={entry['label']['loss']:.4g} " + " ".join(ratios), flush=True)
+        atomic_write_json(data, path)
+        write_png(data, png, title=f"block diagnosis of {c.model_dir}")
+    print(f"wrote {path} and {png}", flush=True)
+    return data
+
+
+# ---------------------------------------------------------------------------------------------- plot
+def plotted_blocks(data: Mapping[str, Any]) -> list[str]:
+    """The blocks of the gradient panel: the hybrid blocks and the decoder ResBlocks of their levels (of the
+    decoder levels but the finest when the network has no hybrid block)."""
+
+    blocks = data["blocks"]
+    hae_levels = {b["level"] for b in blocks.values() if b["kind"] == "hae"}
+    levels = hae_levels or {b["level"] for b in blocks.values() if b["part"] == "output" and b["level"] > 0}
+    return [n for n, b in blocks.items() if b["part"] == "output" and b["level"] in levels
+            and b["kind"] in ("hae", "res")]
+
+
+def write_png(data: Mapping[str, Any], path: str, title: str = "") -> None:
+    """diagnosis.png: fusion ratio, conditioning delta, fusion weight norm and gradient norm against the
+    training step; one line per block (label solid, null dashed where both exist)."""
+
+    plt = _pyplot()
+    rows = data["rows"]
+    steps = sorted({r["step"] for r in rows})
+    hae = [n for n, b in data["blocks"].items() if b["kind"] == "hae"]
+    panels = ("fusion output / path (mean over t)", "conditioning: |r(label) - r(null)| / path (mean over t)",
+              "fusion conv norm (dotted: other zero-init)", "gradient norm of the training loss")
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False)
+    by = {(r["step"], r["block"]): r for r in rows}
+
+    def series(block: str, get: Any) -> list[float]:
+        return [get(by[(s, block)]) if (s, block) in by else np.nan for s in steps]
+
+    for j, name in enumerate(hae):
+        color = f"C{j}"
+        for cond, style in zip(CONDS, ("-", "--")):
+            axes[0][0].plot(steps, series(name, lambda r, k=cond: r["fusion_ratio_mean"][k]), style,
+                            marker="o", ms=3, color=color, label=f"{name} ({cond})")
+        axes[0][1].plot(steps, series(name, lambda r: float(np.mean(list(r["cond_delta"].values())))), "-",
+                        marker="o", ms=3, color=color, label=name)
+        axes[0][2].plot(steps, series(name, lambda r: r["fusion_weight_norm"]), "-", marker="o", ms=3,
+                        color=color, label=f"{name} fusion")
+        axes[0][2].plot(steps, series(name, lambda r: r["zero_init_norm"]), ":", color=color,
+                        label=f"{name} other")
+    for j, name in enumerate(plotted_blocks(data)):
+        for cond, style in zip(CONDS, ("-", "--")):
+            axes[0][3].plot(steps, series(name, lambda r, k=cond: r["grad_norm"][k]), style, marker="o", ms=3,
+                            color=f"C{j}", label=f"{name} ({data['blocks'][name]['kind']}, {cond})")
+    for k, (ax, name) in enumerate(zip(axes[0], panels)):
+        ax.set_title(name, fontsize=7)
+        ax.set_xlabel("training step", fontsize=7)
+        ax.tick_params(labelsize=6)
+        if ax.lines:
+            ax.legend(fontsize=4)
+        else:
+            ax.text(0.5, 0.5, "no hybrid blocks", ha="center", va="center", transform=ax.transAxes,
+                    fontsize=8)
+        values = [v for line in ax.lines for v in line.get_ydata() if np.isfinite(v)]
+        if k == 3 and values and min(values) > 0:
+            ax.set_yscale("log")
+    fig.suptitle(title or "block diagnosis (scripts/diagnose_blocks.py)", fontsize=8, y=1.04)
+    _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------- entry
+def parse(argv: Sequence[str]) -> DiagnoseConfig:
+    """The DiagnoseConfig of the command line (``--help`` prints the flags and exits 0)."""
+
+    parser = ArgumentParser(prog="diagnose_blocks.py", allow_abbrev=False,
+                            description="Per checkpoint of a training run: the hybrid blocks' fusion output "
+                            "and weights, and the gradient norm per block (docs/hae.md, 'Diagnosing a "
+                            "collapse')")
+    add_flags(parser, DiagnoseConfig)
+    return from_args(DiagnoseConfig, parser.parse_args(list(argv)))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """scripts/diagnose_blocks.py: parse the flags and diagnose (errors: see cli.run_cli)."""
+
+    diagnose(parse(sys.argv[1:] if argv is None else argv))
+    return 0
