@@ -309,8 +309,12 @@ def diagnose(c: DiagnoseConfig) -> dict[str, Any]:
     with run_lock(c.out, "--out"):
         for step, ckpt in run.checkpoints:
             sha = file_sha256(ckpt)
-            if any(e["step"] == step and e["sha256"] == sha for e in data["checkpoints"]):
+            old = [e for e in data["checkpoints"] if e["step"] == step]
+            if old and old[0]["sha256"] == sha:
                 continue
+            if old:
+                print(f"step {step}: {ckpt} changed since its rows were computed (sha256 differs); measuring "
+                      "it again", flush=True)
             entry, rows = measure_checkpoint(model, diffusion, ckpt, step, batch, draws, c, blocks, zero_init)
             data["checkpoints"] = sorted([*(e for e in data["checkpoints"] if e["step"] != step), entry],
                                          key=lambda e: e["step"])

@@ -131,6 +131,10 @@ def test_rerun_reuses_rows_and_refuses_other_settings(tiny_run, tmp_path, monkey
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "diagnose.slices: stored 6, now 4" in err[0] and "--out" in err[0], err
     assert json.loads((out / bd.DIAG_JSON).read_text()) == both
+    assert bd.main(_argv(data, log, tmp_path / "ema", "--ema", "True", "--steps", "2")) == 0
+    ema = json.loads((tmp_path / "ema" / bd.DIAG_JSON).read_text())["checkpoints"]
+    assert [e["checkpoint"] for e in ema] == ["ema_0.9_000002.pt"]  # the run's --ema_rate
+    assert ema[0]["sha256"] != both["checkpoints"][1]["sha256"]
 
 
 def test_a_network_without_hybrid_blocks_reports_gradients_per_level(tmp_path):
