@@ -377,8 +377,8 @@ def write_png(data: Mapping[str, Any], path: str, title: str = "") -> None:
         ax.set_title(name, fontsize=7)
         ax.set_xlabel("training step", fontsize=7)
         ax.tick_params(labelsize=6)
-        if ax.lines:
-            ax.legend(fontsize=4)
+        if ax.lines:  # the gradient panel's many lines: its legend beside it
+            ax.legend(fontsize=4, **({"loc": "upper left", "bbox_to_anchor": (1.0, 1.0)} if k == 3 else {}))
         else:
             ax.text(0.5, 0.5, "no hybrid blocks", ha="center", va="center", transform=ax.transAxes,
                     fontsize=8)
