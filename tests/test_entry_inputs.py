@@ -19,7 +19,7 @@ from guided_diffusion.anofpdm import anofpdm_plots, translation
 from guided_diffusion.baselines import classifier_training
 from guided_diffusion.cli import run_cli
 from guided_diffusion.configs.base import DiffusionConfig, ModelConfig
-from guided_diffusion.experiments import denoiser_comparison, learning_curves, table1
+from guided_diffusion.experiments import block_diagnosis, denoiser_comparison, learning_curves, table1
 from guided_diffusion.script_util import model_config
 from guided_diffusion.training import run as training
 
@@ -186,6 +186,37 @@ def test_experiment_out_file_and_train_seed(capsys, tmp_path):
                 "--out", "is a file; expected a folder")  # was: '[Errno 20] Not a directory: .../work'
     refused(capsys, denoiser_comparison.main, ["--preset", "demo", "--dry_run", "--train_seed", "-1"],
             "--train_seed must be >= 0")
+
+
+def test_diagnose_blocks_inputs(capsys, tiny, tmp_path):
+    data, mdir, _ = tiny
+    run = tmp_path / "run"
+    run.mkdir()
+    kw = {k: v for k, v in te.MODEL_KW.items() if k != "diffusion_steps"}
+    record = {"model": ModelConfig(**kw).to_dict(),
+              "diffusion": DiffusionConfig(diffusion_steps=40).to_dict()}
+    (run / "run_config.json").write_text(json.dumps(record))
+    (tmp_path / "file").write_text("x")
+    out, nope, diag = tmp_path / "out", tmp_path / "nope", block_diagnosis.main
+
+    def argv(model_dir, *extra):
+        return ["--model_dir", model_dir, "--data_dir", data, "--out", out, "--slices", "4", "--timesteps",
+                "5", "15", *extra]
+
+    refused(capsys, diag, argv(nope), f"--model_dir {nope} does not exist")
+    refused(capsys, diag, argv(mdir), "--model_dir", "holds no run_config.json")
+    refused(capsys, diag, argv(run), f"--model_dir {run} holds no checkpoints")
+    (run / "model000010.pt").write_bytes((mdir / "model000010.pt").read_bytes())
+    refused(capsys, diag, argv(run, "--steps", "10", "7"), "--steps 7: no checkpoint for this step",
+            "steps present: 10")
+    refused(capsys, diag, argv(run, "--slices", "0"), "--slices must be >= 1")
+    refused(capsys, diag, argv(run, "--slices", "9"), "--slices 9 is more than the 8 slices")
+    refused(capsys, diag, argv(run, "--timesteps", "5", "40"), "--timesteps 40", "40 steps")
+    refused(capsys, diag, argv(run, "--ema", "True"), "--ema True", "no EMA checkpoint")
+    refused(capsys, diag, [*argv(run), "--data_dir", nope], f"--data_dir {nope} does not exist")
+    refused(capsys, diag, [*argv(run), "--out", tmp_path / "file"], "--out", "is a file")
+    refused(capsys, diag, ["--data_dir", data, "--out", out], "--model_dir is required")
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("extra,text", [

@@ -1,5 +1,5 @@
-"""Runners of whole studies: Table 1, the denoiser comparison, the learning curves, their resumable
-rows (experiments) and the model measurements (measure).
+"""Runners of whole studies: Table 1, the denoiser comparison, the learning curves, the block diagnosis
+(block_diagnosis), their resumable rows (experiments) and the model measurements (measure).
 
 May import: anything in guided_diffusion (the top layer).
 
