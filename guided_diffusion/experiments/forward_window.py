@@ -1,0 +1,622 @@
+"""Where M_t peaks, and how many validation slices the calibration needs (issue 21, items 1 and 5;
+docs/method.md, 'Where M_t peaks: the forward window'). ``scripts/forward_window_study.py`` runs it.
+
+Part A, window and chain (``window.json`` / ``window.png``): for every ``--respacings`` R the forward
+process (``anofpdm.run_forward_process``, noise per slice from ``pipeline.slice_generators`` as the
+evaluation draws it) runs ONCE over the whole chain, forward_steps = R - 1 (the most it allows), on the
+validation and test slices, and keeps M_t = div [N, nW, R - 1, M]. The DDIM encoding is sequential, so the
+first F steps of that pass are the pass with forward_steps = F (tests/experiments/test_forward_window.py
+checks it), and the window of F steps is read off the whole-chain curves:
+
+* peak position: t_e = first argmax of M_t over the whole chain, per modality and as recorded (the later
+  of the modalities, as slices.csv's t_e), given as the position on the training chain,
+  ``timestep_map[t_e] / (diffusion_steps - 1)`` (= t_e / (R - 1) for an evenly spaced chain);
+* per window share s in WINDOW_SHARES: F = min(round(s R), R - 1) and t_e(F) = the first argmax over the
+  first F steps (recorded: max over modalities); the share of unhealthy (and healthy) slices with
+  0 < t_e(F) < F - 1, and the smallest s where it reaches one half;
+* the mean normalised curve: per slice and modality M_t / max_t M_t over the chain, averaged over the
+  modalities, then over the unhealthy / healthy slices, against the position on the chain.
+
+Each number is given for the test slices and for validation and test together (``groups``).
+
+Part B, calibration size (``calibration_size.json`` / ``calibration_size.png``): one forward pass over
+validation and test at the run's own chain and forward steps; then per ``--val_sizes`` n and each of
+``--draws`` seeded subsets of the validation slices: ``calibration.calibrate`` per w on the subset,
+``calibration.choose_primary_w`` (the paper's rule), ``segmentation.segment`` of the test split with that
+calibration and ``metrics.evaluator.SegmentationEvaluator``: unhealthy Dice, pixel AUPRC, image accuracy /
+recall, the chosen w. Subsets are stratified: n_1 = round(n N_1 / N) unhealthy slices (clamped so that both
+labels have at least one slice when n >= 2) and n - n_1 healthy, each drawn without replacement from a
+generator seeded by (seed, n, draw). The whole validation split gives the ``full`` row, which equals
+translation_FPDM.py's calibration and test metrics for the same settings.
+
+Each JSON states the model's sha256, the data fingerprint (val + test), the settings, the seed and the
+command; it is written atomically. A part whose file holds the same settings is reused (part A per chain:
+an interrupted run continues); a folder made with other settings is refused naming them unless
+``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from guided_diffusion.anofpdm.calibration import calibrate, choose_primary_w
+from guided_diffusion.anofpdm.forward import ForwardResult, run_forward_process
+from guided_diffusion.anofpdm.pipeline import slice_generators
+from guided_diffusion.anofpdm.segmentation import SegmentationResult, segment
+from guided_diffusion.anofpdm.translation import RUNTIME_SETTINGS
+from guided_diffusion.anofpdm.translation_flags import parse_run
+from guided_diffusion.anofpdm.translation_runtime import load_model
+from guided_diffusion.cli import ArgumentParser
+from guided_diffusion.configs.calibration import Calibration
+from guided_diffusion.configs.eval_configs import EvalRun, resolve_min_cc_size
+from guided_diffusion.data.brats import get_eval_loader
+from guided_diffusion.data.fingerprint import data_fingerprint
+from guided_diffusion.metrics.evaluator import SegmentationEvaluator
+from guided_diffusion.reporting.plots import _pyplot, _save
+from guided_diffusion.script_util import create_gaussian_diffusion
+from guided_diffusion.utils.io_util import atomic_write_bytes, atomic_write_json, atomic_write_text
+from guided_diffusion.utils.run_lock import run_lock
+
+__all__ = ["WINDOW_SHARES", "calibration_size_part", "first_argmax", "inside_share", "main", "parse",
+           "window_part", "window_summary"]
+
+STUDY_VERSION = 1
+WINDOW_SHARES = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+WINDOW_JSON, WINDOW_PNG = "window.json", "window.png"
+CAL_JSON, CAL_PNG, STUDY_MD = "calibration_size.json", "calibration_size.png", "study.md"
+HIST_BINS = 10  # peak-position histogram: 10 bins over [0, 1]
+SPLITS = ("val", "test")
+
+
+# ---------------------------------------------------------------------------------------------- flags
+@dataclasses.dataclass(frozen=True)
+class StudyArgs:
+    """The study's own flags (the evaluation's flags go to translation_flags.parse_run)."""
+
+    out: str
+    respacings: tuple[int, ...]
+    val_sizes: tuple[int, ...]
+    draws: int
+    seed: int
+    overwrite: bool
+    command: str
+
+
+def _parser() -> ArgumentParser:
+    p = ArgumentParser(prog="forward_window_study.py", allow_abbrev=False,
+                       description="Where M_t peaks (chain, forward window) and how many validation slices "
+                       "the calibration needs; other flags are translation_FPDM.py's (an export needs none)")
+    p.add_argument("--model_dir", required=True, help="an export folder or a training log dir")
+    p.add_argument("--data_dir", required=True, help="preprocessed dataset root (val and test splits)")
+    p.add_argument("--out", required=True, help="output folder (window.json, calibration_size.json, ...)")
+    p.add_argument("--respacings", type=int, nargs="+", default=[25, 50, 100],
+                   help="chains R (--timestep_respacing) of part A")
+    p.add_argument("--w", type=float, nargs="+", default=None,
+                   help="guidance strengths (default: the export's evaluation --w)")
+    p.add_argument("--val_sizes", type=int, nargs="+", default=[4, 8, 12, 18, 24, 36],
+                   help="validation subset sizes n of part B")
+    p.add_argument("--draws", type=int, default=20, help="random validation subsets per n")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (per slice, as translation) and subsets")
+    p.add_argument("--overwrite", action="store_true", help="replace parts computed with other settings")
+    return p
+
+
+def parse(argv: Sequence[str]) -> tuple[StudyArgs, EvalRun]:
+    """(the study's flags, the evaluation run of the model); ValueError (one line naming the flag)."""
+    argv = [str(a) for a in argv]
+    ns, rest = _parser().parse_known_args(argv)
+    if ns.draws < 1:
+        raise ValueError(f"--draws must be >= 1, got {ns.draws}")
+    if ns.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {ns.seed}")
+    if any(r < 2 for r in ns.respacings) or len(set(ns.respacings)) != len(ns.respacings):
+        raise ValueError(f"--respacings must be distinct chain lengths >= 2, got {ns.respacings}")
+    if any(n < 2 for n in ns.val_sizes) or len(set(ns.val_sizes)) != len(ns.val_sizes):
+        raise ValueError(f"--val_sizes must be distinct sizes >= 2 (one healthy and one unhealthy slice), "
+                         f"got {ns.val_sizes}")
+    if os.path.isfile(ns.out):
+        raise ValueError(f"--out {ns.out} is a file; expected a folder")
+    if not os.path.isdir(ns.data_dir):
+        raise FileNotFoundError(f"--data_dir {ns.data_dir} does not exist")
+    if not os.path.isdir(ns.model_dir):
+        raise FileNotFoundError(f"--model_dir {ns.model_dir} does not exist")
+    flags = ["--model_dir", ns.model_dir, "--data_dir", ns.data_dir, "--seed", str(ns.seed),
+             "--progress", "False", *(["--w", *map(str, ns.w)] if ns.w else []), *rest]
+    run = parse_run(flags)
+    if run.eval.num_slices is not None or run.eval.num_slices_val is not None:
+        raise ValueError("--num_slices / --num_slices_val: the study uses every validation and test slice")
+    args = StudyArgs(out=ns.out, respacings=tuple(ns.respacings), val_sizes=tuple(ns.val_sizes),
+                     draws=int(ns.draws), seed=int(ns.seed), overwrite=bool(ns.overwrite),
+                     command=shlex.join(["python", "scripts/forward_window_study.py", *argv]))
+    return args, run
+
+
+# ---------------------------------------------------------------------------------------------- passes
+@dataclasses.dataclass
+class SplitPass:
+    """One split's forward pass: per batch the ForwardResult (CPU), x, gt, labels and slice ids."""
+
+    batches: list[tuple[ForwardResult, torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[str, int]]]]
+    idx: torch.Tensor  # [N] dataset indices
+    labels: torch.Tensor  # [N]
+
+    def cat(self, key: str) -> torch.Tensor:
+        """A ForwardResult field over the split: mse_h / div [N, nW, S, M], mse_null [N, S, M]."""
+        return torch.cat([getattr(b[0], key) for b in self.batches])
+
+
+def _cpu(fr: ForwardResult, keep_agg: bool) -> ForwardResult:
+    moved = {k: getattr(fr, k).cpu() for k in ("mse_h", "mse_null", "div", "end_step")}
+    agg = {k: v.cpu() for k, v in fr.agg.items()} if keep_agg else {}
+    return dataclasses.replace(fr, agg=agg, **moved)
+
+
+def forward_split(run: EvalRun, model: Any, diffusion: Any, split: str, forward_steps: int,
+                  keep_agg: bool) -> SplitPass:
+    """The forward process of every slice of ``split`` with the run's settings and ``forward_steps``, each
+    slice's noise from (seed, split, index) as translation_FPDM.py draws it."""
+    bs = run.eval.batch_size_val if split == "val" else run.eval.batch_size
+    loader, dataset = get_eval_loader(run.eval.data_dir, split, bs or 16, in_channels=run.model.in_channels,
+                                      world_size=1, rank=0, image_size=run.model.image_size)
+    dev = next(model.parameters()).device
+    settings = {**run.forward.settings_kwargs(), "forward_steps": int(forward_steps)}
+    seg = run.segment
+    batches, ids, labels = [], [], []
+    for x, gt, lab, idx in loader:
+        b_ids = [int(i) for i in idx]
+        fr = run_forward_process(model, diffusion, x.to(dev), ws=list(run.forward.w),
+                                 generator=slice_generators(run.eval.seed, split, b_ids),
+                                 subset_interval=seg.subset_interval, sam_mode=seg.sam_mode,
+                                 legacy_gradient_schedule=seg.legacy_segmentation, **settings)
+        batches.append((_cpu(fr, keep_agg), x, gt, torch.as_tensor(lab).long(),
+                        [tuple(dataset.slice_info(i)) for i in b_ids]))
+        ids += b_ids
+        labels.append(torch.as_tensor(lab).long())
+    return SplitPass(batches, torch.as_tensor(ids), torch.cat(labels))
+
+
+# ---------------------------------------------------------------------------------------------- part A
+def first_argmax(div: torch.Tensor, steps: int) -> torch.Tensor:
+    """t_e over the first ``steps`` steps: the first argmax of div [..., S, M] along S -> [..., M] (as
+    run_forward_process's end_step, which moves only on a strictly larger M_t)."""
+    d = div[..., :steps, :].double()
+    best = d.max(dim=-2, keepdim=True).values
+    hit = (d == best).double()
+    return hit.argmax(dim=-2)  # torch.argmax returns the first of equal maxima
+
+
+def inside_share(t_e: torch.Tensor, steps: int) -> float | None:
+    """Share of the entries of t_e with 0 < t_e < steps - 1 (None for no entry)."""
+    if t_e.numel() == 0:
+        return None
+    return float(((t_e > 0) & (t_e < steps - 1)).double().mean())
+
+
+def _stats(pos: np.ndarray, at_last: np.ndarray) -> dict[str, Any]:
+    """Distribution of peak positions pos [n] in [0, 1]: quartiles, mean, histogram, share at the end."""
+    if pos.size == 0:
+        return {"n": 0}
+    hist, _ = np.histogram(pos, bins=HIST_BINS, range=(0.0, 1.0))
+    return {"n": int(pos.size), "mean": float(pos.mean()), "median": float(np.median(pos)),
+            "q25": float(np.quantile(pos, 0.25)), "q75": float(np.quantile(pos, 0.75)),
+            "hist": hist.astype(int).tolist(), "share_at_last_step": float(at_last.mean())}
+
+
+def window_steps(share: float, chain: int) -> int:
+    """F for window share s on a chain of R steps: min(round(s R), R - 1), at least 1."""
+    return max(1, min(int(round(share * chain)), chain - 1))
+
+
+def window_summary(div: torch.Tensor, labels: torch.Tensor, positions: np.ndarray, chain: int,
+                   ws: Sequence[float], modality: Sequence[int]) -> dict[str, Any]:
+    """Part A numbers of one group of slices on one chain.
+
+    Args:
+        div: [N, nW, S, M] M_t over the whole chain (S = R - 1); labels: [N] image labels.
+        positions: [S] position of each step on the training chain (timestep_map / (T - 1)).
+        chain: R; ws: the nW guidance strengths; modality: the M channel indices.
+    """
+    steps = div.shape[2]
+    te = first_argmax(div, steps)  # [N, nW, M]
+    rec = te.max(dim=-1).values  # [N, nW]
+    norm = div.double() / div.double().amax(dim=2, keepdim=True).clamp(min=1e-30)
+    curve = norm.mean(dim=-1)  # [N, nW, S]
+    lab = labels.numpy()
+    per_w: dict[str, Any] = {}
+    for wi, w in enumerate(ws):
+        peak: dict[str, Any] = {}
+        for name, sel in (("unhealthy", lab == 1), ("healthy", lab == 0)):
+            entry = {"recorded": _stats(positions[rec[sel, wi].numpy()], rec[sel, wi].numpy() == steps - 1)}
+            for mi, m in enumerate(modality):
+                t = te[sel, wi, mi].numpy()
+                entry[f"modality_{m}"] = _stats(positions[t], t == steps - 1)
+            peak[name] = entry
+        windows = []
+        for s in WINDOW_SHARES:
+            f = window_steps(s, chain)
+            rec_f = first_argmax(div[:, wi], f).max(dim=-1).values  # [N]
+            windows.append({"share": s, "F": f, "F_over_R": f / chain,
+                            "unhealthy": inside_share(rec_f[labels == 1], f),
+                            "healthy": inside_share(rec_f[labels == 0], f)})
+        half = [r["share"] for r in windows if r["unhealthy"] is not None and r["unhealthy"] >= 0.5]
+        per_w[f"{w:g}"] = {
+            "peak_position": peak,
+            "windows": windows,
+            "half_inside_share": half[0] if half else None,
+            "mean_curve": {"unhealthy": curve[labels == 1, wi].mean(0).tolist() if (lab == 1).any() else None,
+                           "healthy": curve[labels == 0, wi].mean(0).tolist() if (lab == 0).any() else None},
+        }
+    return {"n_unhealthy": int((lab == 1).sum()), "n_healthy": int((lab == 0).sum()), "per_w": per_w}
+
+
+def chain_positions(diffusion: Any, steps: int, diffusion_steps: int) -> np.ndarray:
+    """[steps] position of code index t on the training chain: timestep_map[t] / (T - 1)."""
+    tmap = getattr(diffusion, "timestep_map", None)
+    t = np.arange(steps) if tmap is None else np.asarray(tmap[:steps].tolist())
+    return t / max(diffusion_steps - 1, 1)
+
+
+def chain_curves(run: EvalRun, model: Any, chain: int) -> dict[str, np.ndarray]:
+    """The whole-chain pass of chain R over val and test: {"div" [N, nW, R - 1, M] float32, "label" [N],
+    "split" [N] ("val" / "test"), "idx" [N] dataset indices, "positions" [R - 1], "seconds" []}."""
+    t0 = time.perf_counter()
+    diffusion = create_gaussian_diffusion(run.diffusion.replace(timestep_respacing=str(chain)))
+    steps = diffusion.num_timesteps - 1
+    passes = {s: forward_split(run, model, diffusion, s, steps, keep_agg=False) for s in SPLITS}
+    return {
+        "div": torch.cat([p.cat("div") for p in passes.values()]).float().numpy(),
+        "label": torch.cat([p.labels for p in passes.values()]).numpy(),
+        "split": np.array([s for s, p in passes.items() for _ in range(p.labels.numel())]),
+        "idx": torch.cat([p.idx for p in passes.values()]).numpy(),
+        "positions": chain_positions(diffusion, steps, run.diffusion.diffusion_steps),
+        "seconds": np.array(time.perf_counter() - t0),
+    }
+
+
+def chain_summary(run: EvalRun, chain: int, curves: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Part A summary of chain R from its curves (chain_curves), for the test slices and for all."""
+    div, lab = torch.from_numpy(curves["div"]), torch.from_numpy(curves["label"]).long()
+    test = torch.from_numpy(curves["split"] == "test")
+    positions = np.asarray(curves["positions"], dtype=np.float64)
+    groups = {"test": (div[test], lab[test]), "val+test": (div, lab)}
+    return {
+        "R": chain, "forward_steps": int(div.shape[2]), "positions": positions.tolist(),
+        "groups": {g: window_summary(d, y, positions, chain, run.forward.w, run.forward.modality)
+                   for g, (d, y) in groups.items()},
+        "seconds": round(float(curves["seconds"]), 1),
+    }
+
+
+def _save_npz(arrays: Mapping[str, np.ndarray], path: str) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(buf.getvalue(), path)
+
+
+def window_part(args: StudyArgs, run: EvalRun, model: Any, header: Mapping[str, Any]) -> dict[str, Any]:
+    """Part A over every chain of ``args.respacings``. The curves of each chain are kept in
+    OUT/curves_R<R>.npz; a rerun with the same settings reuses them (an interrupted run continues)."""
+    path = os.path.join(args.out, WINDOW_JSON)
+    settings = {**header["settings_common"], "respacings": list(args.respacings),
+                "window_shares": list(WINDOW_SHARES)}
+    data = _open_part(path, settings, header, args.overwrite)
+    reuse = data.get("settings") == json.loads(json.dumps(settings)) and "chains" in data
+    data["chains"] = {}
+    for chain in args.respacings:
+        npz = os.path.join(args.out, f"curves_R{chain}.npz")
+        if reuse and os.path.isfile(npz):
+            with np.load(npz) as f:
+                curves = {k: f[k] for k in f.files}
+            print(f"window: chain R={chain} reused from {npz}", flush=True)
+        else:
+            print(f"window: chain R={chain} ({chain - 1} forward steps, val + test) ...", flush=True)
+            curves = chain_curves(run, model, chain)
+            _save_npz(curves, npz)
+        data["chains"][str(chain)] = chain_summary(run, chain, curves)
+        atomic_write_json(data, path)
+    data["complete"] = True
+    atomic_write_json(data, path)
+    plot_window(data, os.path.join(args.out, WINDOW_PNG))
+    return data
+
+
+# ---------------------------------------------------------------------------------------------- part B
+def draw_subset(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Sorted positions of a stratified subset of n of the slices with image labels ``labels`` [N]: round(n
+    N_1 / N) unhealthy (at least 1 and at most n - 1 where the labels allow it), the rest healthy."""
+    pos1, pos0 = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    if n >= labels.size:
+        return np.arange(labels.size)
+    n1 = int(round(n * pos1.size / labels.size))
+    n1 = min(max(n1, 1 if pos1.size else 0), pos1.size, n - (1 if pos0.size else 0))
+    n1 = max(n1, n - pos0.size)
+    pick = np.concatenate([rng.choice(pos1, n1, replace=False), rng.choice(pos0, n - n1, replace=False)])
+    return np.sort(pick)
+
+
+def _seg(run: EvalRun, fr: ForwardResult, cal: Calibration, w: float) -> SegmentationResult:
+    s = run.segment
+    return segment(fr, w=w, thr_01=cal.thr_01, diff_max=cal.diff_max, t_e_ratio=s.t_e_ratio[0],
+                   median_filter=s.median_filter, last_only=s.last_only, subset_interval=s.subset_interval,
+                   legacy=s.legacy_segmentation, sam_mode=s.sam_mode)
+
+
+def _finite(v: Any) -> float | None:
+    return float(v) if v is not None and math.isfinite(float(v)) else None
+
+
+def evaluate_calibration(run: EvalRun, val: SplitPass, test: SplitPass, rows: np.ndarray,
+                         sha: str) -> dict[str, Any]:
+    """Calibrate every w on the validation rows ``rows``, choose w by the paper's rule, segment the test
+    split and score it: {chosen_w, thr_01, diff_max, val_accuracy, dice, auprc, image_accuracy, ...}."""
+    mse_h, mse_null, div = (val.cat(k)[rows] for k in ("mse_h", "mse_null", "div"))
+    labels = val.labels[rows]
+    kw = {k: v for k, v in run.forward.settings_kwargs().items() if k not in RUNTIME_SETTINGS}
+    cals = {float(w): calibrate(mse_h[:, i], mse_null, div[:, i], labels, w=w, checkpoint_sha256=sha, **kw)
+            for i, w in enumerate(run.forward.w)}
+    w, _ = choose_primary_w(run.forward.w, cals, run.eval.selection_tolerance)
+    cal = cals[w]
+    ev = SegmentationEvaluator(min_cc_size=resolve_min_cc_size(run.segment.min_cc_size, run.model.image_size))
+    for fr, x, gt, lab, slice_ids in test.batches:
+        out = _seg(run, fr, cal, w)
+        ev.add_batch(pred_mask_gated=out.mask, pred_mask_all=out.mask_all, anomaly_map=out.anomaly_map,
+                     gt=gt, source=x, label=lab, pred_label=out.pred_lab, slice_ids=slice_ids)
+    res = ev.results()
+    return {"n": int(rows.size), "n_unhealthy": int((labels == 1).sum()), "val_idx": val.idx[rows].tolist(),
+            "chosen_w": float(w), "thr_01": float(cal.thr_01), "diff_max": [float(v) for v in cal.diff_max],
+            "val_accuracy": float(cal.accuracy), "dice": _finite(res["unhealthy"]["dice"]),
+            "auprc": _finite(res["unhealthy"]["auprc"]), "image_accuracy": _finite(res["image"]["accuracy"]),
+            "image_recall": _finite(res["image"]["recall"]),
+            "val_accuracy_by_w": {f"{v:g}": float(cals[v].accuracy) for v in sorted(cals)}}
+
+
+CAL_METRICS = ("dice", "auprc", "image_accuracy", "image_recall", "val_accuracy", "chosen_w")
+
+
+def _summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k in CAL_METRICS:
+        vals = np.array([r[k] for r in rows if r.get(k) is not None], dtype=np.float64)
+        out[k] = {"mean": float(vals.mean()) if vals.size else None,
+                  "std": float(vals.std()) if vals.size else None}
+    ws, counts = np.unique([r["chosen_w"] for r in rows], return_counts=True)
+    out["chosen_w_counts"] = {f"{w:g}": int(c) for w, c in zip(ws, counts)}
+    return out
+
+
+def calibration_size_part(args: StudyArgs, run: EvalRun, model: Any, diffusion: Any, sha: str,
+                          header: Mapping[str, Any]) -> dict[str, Any]:
+    """Part B at the run's chain and forward steps (reused from a file with the same settings)."""
+    path = os.path.join(args.out, CAL_JSON)
+    settings = {**header["settings_common"], "timestep_respacing": run.diffusion.timestep_respacing,
+                "forward_steps": run.forward.forward_steps, "val_sizes": list(args.val_sizes),
+                "draws": args.draws, "segment": run.segment.to_dict(),
+                "selection_tolerance": run.eval.selection_tolerance}
+    data = _open_part(path, settings, header, args.overwrite)
+    if data.get("complete"):
+        print(f"calibration size: reused {path}", flush=True)
+        plot_calibration_size(data, os.path.join(args.out, CAL_PNG))
+        return data
+    t0 = time.perf_counter()
+    print(f"calibration size: forward pass over val and test (R={run.diffusion.timestep_respacing}, "
+          f"{run.forward.forward_steps} steps) ...", flush=True)
+    val = forward_split(run, model, diffusion, "val", run.forward.forward_steps, keep_agg=False)
+    test = forward_split(run, model, diffusion, "test", run.forward.forward_steps, keep_agg=True)
+    labels = val.labels.numpy()
+    too_big = [n for n in args.val_sizes if n > labels.size]
+    if too_big:
+        raise ValueError(f"--val_sizes {too_big}: the validation split has {labels.size} slices")
+    data["full"] = evaluate_calibration(run, val, test, np.arange(labels.size), sha)
+    data["n_val"], data["n_val_unhealthy"] = int(labels.size), int((labels == 1).sum())
+    sizes = {}
+    for n in args.val_sizes:
+        rows = []
+        for d in range(args.draws):
+            rng = np.random.default_rng(np.random.SeedSequence([args.seed, int(n), d]))
+            row = evaluate_calibration(run, val, test, draw_subset(labels, n, rng), sha)
+            rows.append({"draw": d, **row})
+        sizes[str(n)] = {"n": n, "summary": _summary(rows), "draws": rows}
+        print(f"calibration size n={n}: dice {sizes[str(n)]['summary']['dice']['mean']:.3f} "
+              f"± {sizes[str(n)]['summary']['dice']['std']:.3f}", flush=True)
+    data.update(sizes=sizes, complete=True, seconds=round(time.perf_counter() - t0, 1))
+    atomic_write_json(data, path)
+    plot_calibration_size(data, os.path.join(args.out, CAL_PNG))
+    return data
+
+
+# ---------------------------------------------------------------------------------------------- files
+def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(obj, Mapping):
+        return {prefix.rstrip("."): obj}
+    out: dict[str, Any] = {}
+    for k, v in obj.items():
+        out.update(_flat(v, f"{prefix}{k}."))
+    return out
+
+
+def _open_part(path: str, settings: Mapping[str, Any], header: Mapping[str, Any],
+               overwrite: bool) -> dict[str, Any]:
+    """The part's data: the stored file when its settings equal ``settings``, else a new one (a file of
+    other settings: ValueError naming them, unless ``overwrite``)."""
+    settings = json.loads(json.dumps(settings))
+    fresh = {"version": STUDY_VERSION, "settings": settings, **{k: v for k, v in header.items()
+                                                                 if k != "settings_common"}}
+    if not os.path.isfile(path):
+        return fresh
+    try:
+        with open(path, encoding="utf-8") as f:
+            stored = json.load(f)
+        old = stored["settings"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a file of this study ({type(err).__name__}); move it away or use "
+                         "another --out") from None
+    a, b = _flat(old), _flat(settings)
+    diffs = [f"{k}: stored {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b))
+             if a.get(k) != b.get(k)]
+    if not diffs:
+        stored.update({k: v for k, v in fresh.items() if k == "command"})
+        return stored
+    if overwrite:
+        print(f"--overwrite: {path} had other settings ({'; '.join(diffs)}); recomputing", flush=True)
+        return fresh
+    raise ValueError(f"--out: {path} was computed with other settings ({'; '.join(diffs)}); use another "
+                     "--out or --overwrite")
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def write_markdown(window: Mapping[str, Any] | None, cal: Mapping[str, Any] | None, path: str) -> None:
+    """study.md: the tables of both parts."""
+    lines = ["# Forward-window study (scripts/forward_window_study.py)", ""]
+    src = window or cal or {}
+    lines += [f"Model sha256 `{src.get('model_sha256', '')}`, data `{src.get('data_sha256', '')}`, "
+              f"seed {src.get('seed')}.", "", f"Command: `{src.get('command', '')}`", ""]
+    if window:
+        lines += ["## Where M_t peaks (part A)", "",
+                  "Peak position = first argmax of M_t over the whole chain (recorded t_e: later of the "
+                  "modalities), as a share of the training chain; test slices.", "",
+                  "| R | w | unhealthy median [q25, q75] | at last step | healthy median [q25, q75] | "
+                  "at last step | window share with t_e inside for half the unhealthy |",
+                  "|---|---|---|---|---|---|---|"]
+        for r, ch in window["chains"].items():
+            for w, e in ch["groups"]["test"]["per_w"].items():
+                u, h = e["peak_position"]["unhealthy"]["recorded"], e["peak_position"]["healthy"]["recorded"]
+                lines.append(f"| {r} | {w} | {_fmt(u.get('median'), 2)} [{_fmt(u.get('q25'), 2)}, "
+                             f"{_fmt(u.get('q75'), 2)}] | {_fmt(u.get('share_at_last_step'), 2)} | "
+                             f"{_fmt(h.get('median'), 2)} [{_fmt(h.get('q25'), 2)}, "
+                             f"{_fmt(h.get('q75'), 2)}] | "
+                             f"{_fmt(h.get('share_at_last_step'), 2)} | {_fmt(e['half_inside_share'], 1)} |")
+        lines += ["", "Share of unhealthy test slices with 0 < t_e < F - 1 (t_e = first argmax over the "
+                  "first F steps) per window share F/R:", ""]
+        head = "| R | w | " + " | ".join(f"{s:g}" for s in WINDOW_SHARES) + " |"
+        lines += [head, "|" + "---|" * (len(WINDOW_SHARES) + 2)]
+        for r, ch in window["chains"].items():
+            for w, e in ch["groups"]["test"]["per_w"].items():
+                lines.append(f"| {r} | {w} | " + " | ".join(_fmt(x["unhealthy"], 2) for x in e["windows"])
+                             + " |")
+        lines.append("")
+    if cal:
+        full, st = cal["full"], cal["settings"]
+        lines += ["## Calibration size (part B)", "",
+                  f"Chain {st['timestep_respacing']}, {st['forward_steps']} forward steps; {st['draws']} "
+                  "stratified draws per n; test split.", "",
+                  "| n val | unhealthy Dice | pixel AUPRC | image accuracy | image recall | "
+                  "chosen w (count) |",
+                  "|---|---|---|---|---|---|"]
+        for n, e in cal["sizes"].items():
+            s = e["summary"]
+            cell = {k: f"{_fmt(s[k]['mean'])} ± {_fmt(s[k]['std'])}" for k in CAL_METRICS}
+            counts = ", ".join(f"{w}: {c}" for w, c in s["chosen_w_counts"].items())
+            lines.append(f"| {n} | {cell['dice']} | {cell['auprc']} | {cell['image_accuracy']} | "
+                         f"{cell['image_recall']} | {counts} |")
+        lines.append(f"| all {cal['n_val']} | {_fmt(full['dice'])} | {_fmt(full['auprc'])} | "
+                     f"{_fmt(full['image_accuracy'])} | {_fmt(full['image_recall'])} | "
+                     f"{full['chosen_w']:g} |")
+        lines.append("")
+    atomic_write_text("\n".join(lines), path)
+
+
+def plot_window(data: Mapping[str, Any], path: str) -> None:
+    """window.png: per chain (column) the unhealthy peak-position histograms, the inside share against
+    F/R, and the mean normalised M_t curves (unhealthy solid, healthy dashed), one colour per w."""
+    plt = _pyplot()
+    chains = list(data["chains"].values())
+    fig, axes = plt.subplots(3, len(chains), figsize=(3.6 * len(chains), 8.4), squeeze=False)
+    edges = np.linspace(0, 1, HIST_BINS + 1)
+    for col, ch in enumerate(chains):
+        per_w = ch["groups"]["test"]["per_w"]
+        for j, (w, e) in enumerate(per_w.items()):
+            hist = e["peak_position"]["unhealthy"]["recorded"].get("hist")
+            if hist:
+                axes[0, col].stairs(hist, edges, color=f"C{j}", label=f"w={w}")
+            xs = [x["F_over_R"] for x in e["windows"]]
+            ys = [np.nan if x["unhealthy"] is None else x["unhealthy"] for x in e["windows"]]
+            axes[1, col].plot(xs, ys, marker="o", ms=3, color=f"C{j}", label=f"w={w}")
+            for key, style in (("unhealthy", "-"), ("healthy", "--")):
+                if e["mean_curve"][key] is not None:
+                    axes[2, col].plot(ch["positions"], e["mean_curve"][key], style, color=f"C{j}", lw=1)
+        axes[1, col].axhline(0.5, color="grey", lw=0.5)
+        axes[0, col].set_title(f"R={ch['R']}: unhealthy peak position (test)", fontsize=8)
+        axes[0, col].set_xlabel("t_e / chain", fontsize=7)
+        axes[1, col].set_title("unhealthy with t_e strictly inside", fontsize=8)
+        axes[1, col].set_xlabel("window F / R", fontsize=7)
+        axes[1, col].set_ylim(-0.02, 1.02)
+        axes[2, col].set_title("mean M_t / max (unhealthy -, healthy --)", fontsize=8)
+        axes[2, col].set_xlabel("t / T", fontsize=7)
+        for ax in axes[:, col]:
+            ax.tick_params(labelsize=6)
+        axes[0, col].legend(fontsize=5)
+    fig.suptitle("where M_t peaks (scripts/forward_window_study.py)", fontsize=8, y=1.01)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_calibration_size(data: Mapping[str, Any], path: str) -> None:
+    """calibration_size.png: test Dice / AUPRC and image accuracy / recall against the validation size n
+    (mean, band = ± std over draws), the full validation split as dashed lines."""
+    plt = _pyplot()
+    sizes = sorted(data["sizes"].values(), key=lambda e: e["n"])
+    ns = np.array([e["n"] for e in sizes], dtype=float)
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    for ax, keys in zip(axes, (("dice", "auprc"), ("image_accuracy", "image_recall"))):
+        for j, k in enumerate(keys):
+            m, s = (np.array([np.nan if e["summary"][k][q] is None else e["summary"][k][q] for e in sizes])
+                    for q in ("mean", "std"))
+            ax.plot(ns, m, marker="o", ms=3, color=f"C{j}", label=k)
+            ax.fill_between(ns, m - s, m + s, color=f"C{j}", alpha=0.2)
+            if data["full"].get(k) is not None:
+                ax.axhline(data["full"][k], color=f"C{j}", ls="--", lw=0.8)
+        ax.set_xlabel("validation slices n", fontsize=7)
+        ax.tick_params(labelsize=6)
+        ax.legend(fontsize=6)
+    axes[0].set_title("test unhealthy segmentation", fontsize=8)
+    axes[1].set_title("test image level", fontsize=8)
+    _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def run_study(args: StudyArgs, run: EvalRun) -> dict[str, Any]:
+    """Both parts into ``args.out`` (resumable); returns {"window": ..., "calibration_size": ...}."""
+    diffusion_steps = run.diffusion.diffusion_steps
+    big = [r for r in args.respacings if r > diffusion_steps]
+    if big:
+        raise ValueError(f"--respacings {big}: longer than the {diffusion_steps} training steps")
+    model, diffusion, _path, sha = load_model(run.model, run.diffusion, run.checkpoint)
+    if run.forward.forward_steps > diffusion.num_timesteps - 1:
+        raise ValueError(f"--forward_steps {run.forward.forward_steps} must be < the "
+                         f"{diffusion.num_timesteps} steps of the chain (--timestep_respacing)")
+    fp = data_fingerprint(run.eval.data_dir, SPLITS)
+    common = {"model_sha256": sha, "data_sha256": fp.digest, "model": run.model.to_dict(),
+              "diffusion": run.diffusion.to_dict(), "forward": run.forward.to_dict(), "seed": args.seed,
+              "batch_size_val": run.eval.batch_size_val, "batch_size": run.eval.batch_size}
+    header = {"model_sha256": sha, "data_sha256": fp.digest, "data_dir": os.path.abspath(run.eval.data_dir),
+              "model_dir": os.path.abspath(run.checkpoint.model_dir), "seed": args.seed,
+              "command": args.command, "settings_common": common}
+    os.makedirs(args.out, exist_ok=True)
+    with run_lock(args.out, "--out"):
+        window = window_part(args, run, model, header)
+        cal = calibration_size_part(args, run, model, diffusion, sha, header)
+        write_markdown(window, cal, os.path.join(args.out, STUDY_MD))
+    print(f"wrote {args.out}/{{{WINDOW_JSON},{WINDOW_PNG},{CAL_JSON},{CAL_PNG},{STUDY_MD}}}", flush=True)
+    return {"window": window, "calibration_size": cal}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """scripts/forward_window_study.py (errors: see cli.run_cli)."""
+    args, run = parse(sys.argv[1:] if argv is None else argv)
+    run_study(args, run)
+    return 0
