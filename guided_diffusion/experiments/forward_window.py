@@ -305,14 +305,18 @@ def _save_npz(arrays: Mapping[str, np.ndarray], path: str) -> None:
     atomic_write_bytes(buf.getvalue(), path)
 
 
-def window_part(args: StudyArgs, run: EvalRun, model: Any, header: Mapping[str, Any]) -> dict[str, Any]:
-    """Part A over every chain of ``args.respacings``. The curves of each chain are kept in
-    OUT/curves_R<R>.npz; a rerun with the same settings reuses them (an interrupted run continues)."""
+def window_settings(args: StudyArgs, header: Mapping[str, Any]) -> dict[str, Any]:
+    """Everything part A depends on."""
+    return {**header["settings_common"], "respacings": list(args.respacings),
+            "window_shares": list(WINDOW_SHARES)}
+
+
+def window_part(args: StudyArgs, run: EvalRun, model: Any, data: dict[str, Any]) -> dict[str, Any]:
+    """Part A over every chain of ``args.respacings`` into ``data`` (from _open_part). The curves of each
+    chain are kept in OUT/curves_R<R>.npz; a rerun with the same settings reuses them (an interrupted run
+    continues)."""
     path = os.path.join(args.out, WINDOW_JSON)
-    settings = {**header["settings_common"], "respacings": list(args.respacings),
-                "window_shares": list(WINDOW_SHARES)}
-    data = _open_part(path, settings, header, args.overwrite)
-    reuse = data.get("settings") == json.loads(json.dumps(settings)) and "chains" in data
+    reuse = "chains" in data
     data["chains"] = {}
     for chain in args.respacings:
         npz = os.path.join(args.out, f"curves_R{chain}.npz")
@@ -396,15 +400,18 @@ def _summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def calibration_settings(args: StudyArgs, run: EvalRun, header: Mapping[str, Any]) -> dict[str, Any]:
+    """Everything part B depends on."""
+    return {**header["settings_common"], "timestep_respacing": run.diffusion.timestep_respacing,
+            "forward_steps": run.forward.forward_steps, "val_sizes": list(args.val_sizes),
+            "draws": args.draws, "segment": run.segment.to_dict(),
+            "selection_tolerance": run.eval.selection_tolerance}
+
+
 def calibration_size_part(args: StudyArgs, run: EvalRun, model: Any, diffusion: Any, sha: str,
-                          header: Mapping[str, Any]) -> dict[str, Any]:
-    """Part B at the run's chain and forward steps (reused from a file with the same settings)."""
+                          data: dict[str, Any]) -> dict[str, Any]:
+    """Part B at the run's chain and forward steps into ``data`` (from _open_part; reused when complete)."""
     path = os.path.join(args.out, CAL_JSON)
-    settings = {**header["settings_common"], "timestep_respacing": run.diffusion.timestep_respacing,
-                "forward_steps": run.forward.forward_steps, "val_sizes": list(args.val_sizes),
-                "draws": args.draws, "segment": run.segment.to_dict(),
-                "selection_tolerance": run.eval.selection_tolerance}
-    data = _open_part(path, settings, header, args.overwrite)
     if data.get("complete"):
         print(f"calibration size: reused {path}", flush=True)
         plot_calibration_size(data, os.path.join(args.out, CAL_PNG))
@@ -415,9 +422,6 @@ def calibration_size_part(args: StudyArgs, run: EvalRun, model: Any, diffusion: 
     val = forward_split(run, model, diffusion, "val", run.forward.forward_steps, keep_agg=False)
     test = forward_split(run, model, diffusion, "test", run.forward.forward_steps, keep_agg=True)
     labels = val.labels.numpy()
-    too_big = [n for n in args.val_sizes if n > labels.size]
-    if too_big:
-        raise ValueError(f"--val_sizes {too_big}: the validation split has {labels.size} slices")
     data["full"] = evaluate_calibration(run, val, test, np.arange(labels.size), sha)
     data["n_val"], data["n_val_unhealthy"] = int(labels.size), int((labels == 1).sum())
     sizes = {}
@@ -595,10 +599,17 @@ def run_study(args: StudyArgs, run: EvalRun) -> dict[str, Any]:
     big = [r for r in args.respacings if r > diffusion_steps]
     if big:
         raise ValueError(f"--respacings {big}: longer than the {diffusion_steps} training steps")
+    chain = create_gaussian_diffusion(run.diffusion).num_timesteps
+    if run.forward.forward_steps > chain - 1:
+        raise ValueError(f"--forward_steps {run.forward.forward_steps} must be < the {chain} steps of the "
+                         "chain (--timestep_respacing)")
+    _, val_set = get_eval_loader(run.eval.data_dir, "val", 1, in_channels=run.model.in_channels,
+                                 world_size=1, rank=0, image_size=run.model.image_size)
+    too_big = [n for n in args.val_sizes if n > len(val_set)]
+    if too_big:
+        raise ValueError(f"--val_sizes {too_big}: the validation split of {run.eval.data_dir} has "
+                         f"{len(val_set)} slices")
     model, diffusion, _path, sha = load_model(run.model, run.diffusion, run.checkpoint)
-    if run.forward.forward_steps > diffusion.num_timesteps - 1:
-        raise ValueError(f"--forward_steps {run.forward.forward_steps} must be < the "
-                         f"{diffusion.num_timesteps} steps of the chain (--timestep_respacing)")
     fp = data_fingerprint(run.eval.data_dir, SPLITS)
     common = {"model_sha256": sha, "data_sha256": fp.digest, "model": run.model.to_dict(),
               "diffusion": run.diffusion.to_dict(), "forward": run.forward.to_dict(), "seed": args.seed,
@@ -607,9 +618,13 @@ def run_study(args: StudyArgs, run: EvalRun) -> dict[str, Any]:
               "model_dir": os.path.abspath(run.checkpoint.model_dir), "seed": args.seed,
               "command": args.command, "settings_common": common}
     os.makedirs(args.out, exist_ok=True)
-    with run_lock(args.out, "--out"):
-        window = window_part(args, run, model, header)
-        cal = calibration_size_part(args, run, model, diffusion, sha, header)
+    with run_lock(args.out, "--out"):  # both parts' files are checked before any work
+        win_data = _open_part(os.path.join(args.out, WINDOW_JSON), window_settings(args, header), header,
+                              args.overwrite)
+        cal_data = _open_part(os.path.join(args.out, CAL_JSON), calibration_settings(args, run, header),
+                              header, args.overwrite)
+        window = window_part(args, run, model, win_data)
+        cal = calibration_size_part(args, run, model, diffusion, sha, cal_data)
         write_markdown(window, cal, os.path.join(args.out, STUDY_MD))
     print(f"wrote {args.out}/{{{WINDOW_JSON},{WINDOW_PNG},{CAL_JSON},{CAL_PNG},{STUDY_MD}}}", flush=True)
     return {"window": window, "calibration_size": cal}
