@@ -63,20 +63,32 @@ from guided_diffusion.configs.calibration import Calibration
 from guided_diffusion.configs.eval_configs import EvalRun, resolve_min_cc_size
 from guided_diffusion.data.brats import get_eval_loader
 from guided_diffusion.data.fingerprint import data_fingerprint
+from guided_diffusion.experiments.forward_window_report import (
+    WINDOW_SHARES,
+    plot_calibration_size,
+    plot_window,
+    write_markdown,
+)
+from guided_diffusion.experiments.forward_window_stats import (
+    chain_positions,
+    draw_subset,
+    first_argmax,
+    inside_share,
+    summarise_draws,
+    window_steps,
+    window_summary,
+)
 from guided_diffusion.metrics.evaluator import SegmentationEvaluator
-from guided_diffusion.reporting.plots import _pyplot, _save
 from guided_diffusion.script_util import create_gaussian_diffusion
-from guided_diffusion.utils.io_util import atomic_write_bytes, atomic_write_json, atomic_write_text
+from guided_diffusion.utils.io_util import atomic_write_bytes, atomic_write_json
 from guided_diffusion.utils.run_lock import run_lock
 
-__all__ = ["WINDOW_SHARES", "calibration_size_part", "first_argmax", "inside_share", "main", "parse",
-           "window_part", "window_summary"]
+__all__ = ["WINDOW_SHARES", "calibration_size_part", "chain_positions", "draw_subset", "first_argmax",
+           "inside_share", "main", "parse", "run_study", "window_part", "window_steps", "window_summary"]
 
 STUDY_VERSION = 1
-WINDOW_SHARES = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 WINDOW_JSON, WINDOW_PNG = "window.json", "window.png"
 CAL_JSON, CAL_PNG, STUDY_MD = "calibration_size.json", "calibration_size.png", "study.md"
-HIST_BINS = 10  # peak-position histogram: 10 bins over [0, 1]
 SPLITS = ("val", "test")
 
 
@@ -188,86 +200,6 @@ def forward_split(run: EvalRun, model: Any, diffusion: Any, split: str, forward_
 
 
 # ---------------------------------------------------------------------------------------------- part A
-def first_argmax(div: torch.Tensor, steps: int) -> torch.Tensor:
-    """t_e over the first ``steps`` steps: the first argmax of div [..., S, M] along S -> [..., M] (as
-    run_forward_process's end_step, which moves only on a strictly larger M_t)."""
-    d = div[..., :steps, :].double()
-    best = d.max(dim=-2, keepdim=True).values
-    hit = (d == best).double()
-    return hit.argmax(dim=-2)  # torch.argmax returns the first of equal maxima
-
-
-def inside_share(t_e: torch.Tensor, steps: int) -> float | None:
-    """Share of the entries of t_e with 0 < t_e < steps - 1 (None for no entry)."""
-    if t_e.numel() == 0:
-        return None
-    return float(((t_e > 0) & (t_e < steps - 1)).double().mean())
-
-
-def _stats(pos: np.ndarray, at_last: np.ndarray) -> dict[str, Any]:
-    """Distribution of peak positions pos [n] in [0, 1]: quartiles, mean, histogram, share at the end."""
-    if pos.size == 0:
-        return {"n": 0}
-    hist, _ = np.histogram(pos, bins=HIST_BINS, range=(0.0, 1.0))
-    return {"n": int(pos.size), "mean": float(pos.mean()), "median": float(np.median(pos)),
-            "q25": float(np.quantile(pos, 0.25)), "q75": float(np.quantile(pos, 0.75)),
-            "hist": hist.astype(int).tolist(), "share_at_last_step": float(at_last.mean())}
-
-
-def window_steps(share: float, chain: int) -> int:
-    """F for window share s on a chain of R steps: min(round(s R), R - 1), at least 1."""
-    return max(1, min(int(round(share * chain)), chain - 1))
-
-
-def window_summary(div: torch.Tensor, labels: torch.Tensor, positions: np.ndarray, chain: int,
-                   ws: Sequence[float], modality: Sequence[int]) -> dict[str, Any]:
-    """Part A numbers of one group of slices on one chain.
-
-    Args:
-        div: [N, nW, S, M] M_t over the whole chain (S = R - 1); labels: [N] image labels.
-        positions: [S] position of each step on the training chain (timestep_map / (T - 1)).
-        chain: R; ws: the nW guidance strengths; modality: the M channel indices.
-    """
-    steps = div.shape[2]
-    te = first_argmax(div, steps)  # [N, nW, M]
-    rec = te.max(dim=-1).values  # [N, nW]
-    norm = div.double() / div.double().amax(dim=2, keepdim=True).clamp(min=1e-30)
-    curve = norm.mean(dim=-1)  # [N, nW, S]
-    lab = labels.numpy()
-    per_w: dict[str, Any] = {}
-    for wi, w in enumerate(ws):
-        peak: dict[str, Any] = {}
-        for name, sel in (("unhealthy", lab == 1), ("healthy", lab == 0)):
-            entry = {"recorded": _stats(positions[rec[sel, wi].numpy()], rec[sel, wi].numpy() == steps - 1)}
-            for mi, m in enumerate(modality):
-                t = te[sel, wi, mi].numpy()
-                entry[f"modality_{m}"] = _stats(positions[t], t == steps - 1)
-            peak[name] = entry
-        windows = []
-        for s in WINDOW_SHARES:
-            f = window_steps(s, chain)
-            rec_f = first_argmax(div[:, wi], f).max(dim=-1).values  # [N]
-            windows.append({"share": s, "F": f, "F_over_R": f / chain,
-                            "unhealthy": inside_share(rec_f[labels == 1], f),
-                            "healthy": inside_share(rec_f[labels == 0], f)})
-        half = [r["share"] for r in windows if r["unhealthy"] is not None and r["unhealthy"] >= 0.5]
-        per_w[f"{w:g}"] = {
-            "peak_position": peak,
-            "windows": windows,
-            "half_inside_share": half[0] if half else None,
-            "mean_curve": {"unhealthy": curve[labels == 1, wi].mean(0).tolist() if (lab == 1).any() else None,
-                           "healthy": curve[labels == 0, wi].mean(0).tolist() if (lab == 0).any() else None},
-        }
-    return {"n_unhealthy": int((lab == 1).sum()), "n_healthy": int((lab == 0).sum()), "per_w": per_w}
-
-
-def chain_positions(diffusion: Any, steps: int, diffusion_steps: int) -> np.ndarray:
-    """[steps] position of code index t on the training chain: timestep_map[t] / (T - 1)."""
-    tmap = getattr(diffusion, "timestep_map", None)
-    t = np.arange(steps) if tmap is None else np.asarray(tmap[:steps].tolist())
-    return t / max(diffusion_steps - 1, 1)
-
-
 def chain_curves(run: EvalRun, model: Any, chain: int) -> dict[str, np.ndarray]:
     """The whole-chain pass of chain R over val and test: {"div" [N, nW, R - 1, M] float32, "label" [N],
     "split" [N] ("val" / "test"), "idx" [N] dataset indices, "positions" [R - 1], "seconds" []}."""
@@ -337,19 +269,6 @@ def window_part(args: StudyArgs, run: EvalRun, model: Any, data: dict[str, Any])
 
 
 # ---------------------------------------------------------------------------------------------- part B
-def draw_subset(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """Sorted positions of a stratified subset of n of the slices with image labels ``labels`` [N]: round(n
-    N_1 / N) unhealthy (at least 1 and at most n - 1 where the labels allow it), the rest healthy."""
-    pos1, pos0 = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
-    if n >= labels.size:
-        return np.arange(labels.size)
-    n1 = int(round(n * pos1.size / labels.size))
-    n1 = min(max(n1, 1 if pos1.size else 0), pos1.size, n - (1 if pos0.size else 0))
-    n1 = max(n1, n - pos0.size)
-    pick = np.concatenate([rng.choice(pos1, n1, replace=False), rng.choice(pos0, n - n1, replace=False)])
-    return np.sort(pick)
-
-
 def _seg(run: EvalRun, fr: ForwardResult, cal: Calibration, w: float) -> SegmentationResult:
     s = run.segment
     return segment(fr, w=w, thr_01=cal.thr_01, diff_max=cal.diff_max, t_e_ratio=s.t_e_ratio[0],
@@ -386,20 +305,6 @@ def evaluate_calibration(run: EvalRun, val: SplitPass, test: SplitPass, rows: np
             "val_accuracy_by_w": {f"{v:g}": float(cals[v].accuracy) for v in sorted(cals)}}
 
 
-CAL_METRICS = ("dice", "auprc", "image_accuracy", "image_recall", "val_accuracy", "chosen_w")
-
-
-def _summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k in CAL_METRICS:
-        vals = np.array([r[k] for r in rows if r.get(k) is not None], dtype=np.float64)
-        out[k] = {"mean": float(vals.mean()) if vals.size else None,
-                  "std": float(vals.std()) if vals.size else None}
-    ws, counts = np.unique([r["chosen_w"] for r in rows], return_counts=True)
-    out["chosen_w_counts"] = {f"{w:g}": int(c) for w, c in zip(ws, counts)}
-    return out
-
-
 def calibration_settings(args: StudyArgs, run: EvalRun, header: Mapping[str, Any]) -> dict[str, Any]:
     """Everything part B depends on."""
     return {**header["settings_common"], "timestep_respacing": run.diffusion.timestep_respacing,
@@ -431,7 +336,7 @@ def calibration_size_part(args: StudyArgs, run: EvalRun, model: Any, diffusion: 
             rng = np.random.default_rng(np.random.SeedSequence([args.seed, int(n), d]))
             row = evaluate_calibration(run, val, test, draw_subset(labels, n, rng), sha)
             rows.append({"draw": d, **row})
-        sizes[str(n)] = {"n": n, "summary": _summary(rows), "draws": rows}
+        sizes[str(n)] = {"n": n, "summary": summarise_draws(rows), "draws": rows}
         print(f"calibration size n={n}: dice {sizes[str(n)]['summary']['dice']['mean']:.3f} "
               f"± {sizes[str(n)]['summary']['dice']['std']:.3f}", flush=True)
     data.update(sizes=sizes, complete=True, seconds=round(time.perf_counter() - t0, 1))
@@ -477,119 +382,6 @@ def _open_part(path: str, settings: Mapping[str, Any], header: Mapping[str, Any]
         return fresh
     raise ValueError(f"--out: {path} was computed with other settings ({'; '.join(diffs)}); use another "
                      "--out or --overwrite")
-
-
-def _fmt(v: Any, digits: int = 3) -> str:
-    return "–" if v is None else f"{v:.{digits}f}"
-
-
-def write_markdown(window: Mapping[str, Any] | None, cal: Mapping[str, Any] | None, path: str) -> None:
-    """study.md: the tables of both parts."""
-    lines = ["# Forward-window study (scripts/forward_window_study.py)", ""]
-    src = window or cal or {}
-    lines += [f"Model sha256 `{src.get('model_sha256', '')}`, data `{src.get('data_sha256', '')}`, "
-              f"seed {src.get('seed')}.", "", f"Command: `{src.get('command', '')}`", ""]
-    if window:
-        lines += ["## Where M_t peaks (part A)", "",
-                  "Peak position = first argmax of M_t over the whole chain (recorded t_e: later of the "
-                  "modalities), as a share of the training chain; test slices.", "",
-                  "| R | w | unhealthy median [q25, q75] | at last step | healthy median [q25, q75] | "
-                  "at last step | window share with t_e inside for half the unhealthy |",
-                  "|---|---|---|---|---|---|---|"]
-        for r, ch in window["chains"].items():
-            for w, e in ch["groups"]["test"]["per_w"].items():
-                u, h = e["peak_position"]["unhealthy"]["recorded"], e["peak_position"]["healthy"]["recorded"]
-                lines.append(f"| {r} | {w} | {_fmt(u.get('median'), 2)} [{_fmt(u.get('q25'), 2)}, "
-                             f"{_fmt(u.get('q75'), 2)}] | {_fmt(u.get('share_at_last_step'), 2)} | "
-                             f"{_fmt(h.get('median'), 2)} [{_fmt(h.get('q25'), 2)}, "
-                             f"{_fmt(h.get('q75'), 2)}] | "
-                             f"{_fmt(h.get('share_at_last_step'), 2)} | {_fmt(e['half_inside_share'], 1)} |")
-        lines += ["", "Share of unhealthy test slices with 0 < t_e < F - 1 (t_e = first argmax over the "
-                  "first F steps) per window share F/R:", ""]
-        head = "| R | w | " + " | ".join(f"{s:g}" for s in WINDOW_SHARES) + " |"
-        lines += [head, "|" + "---|" * (len(WINDOW_SHARES) + 2)]
-        for r, ch in window["chains"].items():
-            for w, e in ch["groups"]["test"]["per_w"].items():
-                lines.append(f"| {r} | {w} | " + " | ".join(_fmt(x["unhealthy"], 2) for x in e["windows"])
-                             + " |")
-        lines.append("")
-    if cal:
-        full, st = cal["full"], cal["settings"]
-        lines += ["## Calibration size (part B)", "",
-                  f"Chain {st['timestep_respacing']}, {st['forward_steps']} forward steps; {st['draws']} "
-                  "stratified draws per n; test split.", "",
-                  "| n val | unhealthy Dice | pixel AUPRC | image accuracy | image recall | "
-                  "chosen w (count) |",
-                  "|---|---|---|---|---|---|"]
-        for n, e in cal["sizes"].items():
-            s = e["summary"]
-            cell = {k: f"{_fmt(s[k]['mean'])} ± {_fmt(s[k]['std'])}" for k in CAL_METRICS}
-            counts = ", ".join(f"{w}: {c}" for w, c in s["chosen_w_counts"].items())
-            lines.append(f"| {n} | {cell['dice']} | {cell['auprc']} | {cell['image_accuracy']} | "
-                         f"{cell['image_recall']} | {counts} |")
-        lines.append(f"| all {cal['n_val']} | {_fmt(full['dice'])} | {_fmt(full['auprc'])} | "
-                     f"{_fmt(full['image_accuracy'])} | {_fmt(full['image_recall'])} | "
-                     f"{full['chosen_w']:g} |")
-        lines.append("")
-    atomic_write_text("\n".join(lines), path)
-
-
-def plot_window(data: Mapping[str, Any], path: str) -> None:
-    """window.png: per chain (column) the unhealthy peak-position histograms, the inside share against
-    F/R, and the mean normalised M_t curves (unhealthy solid, healthy dashed), one colour per w."""
-    plt = _pyplot()
-    chains = list(data["chains"].values())
-    fig, axes = plt.subplots(3, len(chains), figsize=(3.6 * len(chains), 8.4), squeeze=False)
-    edges = np.linspace(0, 1, HIST_BINS + 1)
-    for col, ch in enumerate(chains):
-        per_w = ch["groups"]["test"]["per_w"]
-        for j, (w, e) in enumerate(per_w.items()):
-            hist = e["peak_position"]["unhealthy"]["recorded"].get("hist")
-            if hist:
-                axes[0, col].stairs(hist, edges, color=f"C{j}", label=f"w={w}")
-            xs = [x["F_over_R"] for x in e["windows"]]
-            ys = [np.nan if x["unhealthy"] is None else x["unhealthy"] for x in e["windows"]]
-            axes[1, col].plot(xs, ys, marker="o", ms=3, color=f"C{j}", label=f"w={w}")
-            for key, style in (("unhealthy", "-"), ("healthy", "--")):
-                if e["mean_curve"][key] is not None:
-                    axes[2, col].plot(ch["positions"], e["mean_curve"][key], style, color=f"C{j}", lw=1)
-        axes[1, col].axhline(0.5, color="grey", lw=0.5)
-        axes[0, col].set_title(f"R={ch['R']}: unhealthy peak position (test)", fontsize=8)
-        axes[0, col].set_xlabel("t_e / chain", fontsize=7)
-        axes[1, col].set_title("unhealthy with t_e strictly inside", fontsize=8)
-        axes[1, col].set_xlabel("window F / R", fontsize=7)
-        axes[1, col].set_ylim(-0.02, 1.02)
-        axes[2, col].set_title("mean M_t / max (unhealthy -, healthy --)", fontsize=8)
-        axes[2, col].set_xlabel("t / T", fontsize=7)
-        for ax in axes[:, col]:
-            ax.tick_params(labelsize=6)
-        axes[0, col].legend(fontsize=5)
-    fig.suptitle("where M_t peaks (scripts/forward_window_study.py)", fontsize=8, y=1.01)
-    fig.tight_layout()
-    _save(fig, path)
-
-
-def plot_calibration_size(data: Mapping[str, Any], path: str) -> None:
-    """calibration_size.png: test Dice / AUPRC and image accuracy / recall against the validation size n
-    (mean, band = ± std over draws), the full validation split as dashed lines."""
-    plt = _pyplot()
-    sizes = sorted(data["sizes"].values(), key=lambda e: e["n"])
-    ns = np.array([e["n"] for e in sizes], dtype=float)
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
-    for ax, keys in zip(axes, (("dice", "auprc"), ("image_accuracy", "image_recall"))):
-        for j, k in enumerate(keys):
-            m, s = (np.array([np.nan if e["summary"][k][q] is None else e["summary"][k][q] for e in sizes])
-                    for q in ("mean", "std"))
-            ax.plot(ns, m, marker="o", ms=3, color=f"C{j}", label=k)
-            ax.fill_between(ns, m - s, m + s, color=f"C{j}", alpha=0.2)
-            if data["full"].get(k) is not None:
-                ax.axhline(data["full"][k], color=f"C{j}", ls="--", lw=0.8)
-        ax.set_xlabel("validation slices n", fontsize=7)
-        ax.tick_params(labelsize=6)
-        ax.legend(fontsize=6)
-    axes[0].set_title("test unhealthy segmentation", fontsize=8)
-    axes[1].set_title("test image level", fontsize=8)
-    _save(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------- driver
