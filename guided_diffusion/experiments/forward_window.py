@@ -38,6 +38,7 @@ an interrupted run continues); a folder made with other settings is refused nami
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -245,20 +246,26 @@ def window_settings(args: StudyArgs, header: Mapping[str, Any]) -> dict[str, Any
 
 def window_part(args: StudyArgs, run: EvalRun, model: Any, data: dict[str, Any]) -> dict[str, Any]:
     """Part A over every chain of ``args.respacings`` into ``data`` (from _open_part). The curves of each
-    chain are kept in OUT/curves_R<R>.npz; a rerun with the same settings reuses them (an interrupted run
-    continues)."""
+    chain are kept in OUT/curves_R<R>.npz with the sha256 of every setting but the chain list, and reused
+    by any later run of the same settings (an interrupted run continues; --overwrite with another
+    --respacings list recomputes only the new chains)."""
     path = os.path.join(args.out, WINDOW_JSON)
-    reuse = "chains" in data
+    same_file = "chains" in data  # window.json of these very settings (curves files before the key)
+    common = {k: v for k, v in data["settings"].items() if k not in ("respacings", "window_shares")}
+    key = hashlib.sha256(json.dumps(common, sort_keys=True).encode()).hexdigest()
     data["chains"] = {}
     for chain in args.respacings:
         npz = os.path.join(args.out, f"curves_R{chain}.npz")
-        if reuse and os.path.isfile(npz):
+        curves = None
+        if os.path.isfile(npz):
             with np.load(npz) as f:
-                curves = {k: f[k] for k in f.files}
-            print(f"window: chain R={chain} reused from {npz}", flush=True)
-        else:
+                stored = {k: f[k] for k in f.files}
+            if str(stored.get("key", "")) == key or ("key" not in stored and same_file):
+                curves = stored
+                print(f"window: chain R={chain} reused from {npz}", flush=True)
+        if curves is None:
             print(f"window: chain R={chain} ({chain - 1} forward steps, val + test) ...", flush=True)
-            curves = chain_curves(run, model, chain)
+            curves = {**chain_curves(run, model, chain), "key": np.array(key)}
             _save_npz(curves, npz)
         data["chains"][str(chain)] = chain_summary(run, chain, curves)
         atomic_write_json(data, path)

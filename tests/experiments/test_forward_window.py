@@ -161,3 +161,9 @@ def test_outputs_determinism_resume_and_refusal(study, capsys):
     assert "other settings" in err and "draws: stored 3, now 2" in err
     assert run_cli(fw.main, [*argv, "--overwrite"]) == 0
     assert len(json.loads((a / "calibration_size.json").read_text())["sizes"]["2"]["draws"]) == 2
+    assert "chain R=6 reused" in capsys.readouterr().out  # the curves are keyed by their own settings
+    argv[argv.index("--respacings") + 2] = "8"  # another chain list: only the new chain is computed
+    assert run_cli(fw.main, [*argv, "--overwrite"]) == 0
+    out = capsys.readouterr().out
+    assert "chain R=6 reused" in out and "chain R=8 (7 forward steps" in out
+    assert sorted(json.loads((a / "window.json").read_text())["chains"], key=int) == ["6", "8"]
