@@ -238,6 +238,22 @@ def _save_npz(arrays: Mapping[str, np.ndarray], path: str) -> None:
     atomic_write_bytes(buf.getvalue(), path)
 
 
+def _common(settings: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Part A settings without the chain list (what one chain's curves depend on)."""
+    if settings is None:
+        return None
+    return {k: v for k, v in settings.items() if k not in ("respacings", "window_shares")}
+
+
+def _stored_settings(path: str) -> dict[str, Any] | None:
+    """The settings of the study file at ``path`` (None when absent or unreadable)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return dict(json.load(f)["settings"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def window_settings(args: StudyArgs, header: Mapping[str, Any]) -> dict[str, Any]:
     """Everything part A depends on."""
     return {**header["settings_common"], "respacings": list(args.respacings),
@@ -250,9 +266,9 @@ def window_part(args: StudyArgs, run: EvalRun, model: Any, data: dict[str, Any])
     by any later run of the same settings (an interrupted run continues; --overwrite with another
     --respacings list recomputes only the new chains)."""
     path = os.path.join(args.out, WINDOW_JSON)
-    same_file = "chains" in data  # window.json of these very settings (curves files before the key)
-    common = {k: v for k, v in data["settings"].items() if k not in ("respacings", "window_shares")}
+    common = _common(data["settings"])
     key = hashlib.sha256(json.dumps(common, sort_keys=True).encode()).hexdigest()
+    same_file = _common(_stored_settings(path)) == common  # curves files written before the key
     data["chains"] = {}
     for chain in args.respacings:
         npz = os.path.join(args.out, f"curves_R{chain}.npz")

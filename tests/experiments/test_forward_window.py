@@ -148,6 +148,22 @@ def test_outputs_determinism_resume_and_refusal(study, capsys):
     assert (root / "b" / "study.md").read_text().split("## Where")[1] == \
         (a / "study.md").read_text().split("## Where")[1]
     assert cal_b["sizes"] == cal["sizes"] and cal_b["full"] == cal["full"]
+    # curves files without their key (written before it) are reused only beside a window.json of the same
+    # settings apart from the chain list
+    npz = root / "b" / "curves_R6.npz"
+    with np.load(npz) as f:
+        arrays = {k: f[k] for k in f.files if k != "key"}
+    np.savez(npz, **arrays)
+    capsys.readouterr()
+    assert run_cli(fw.main, [*_flags(data, mdir), "--out", str(root / "b"), "--respacings", "6",
+                             "--val_sizes", "2", "4", "8", "--draws", "3", "--overwrite"]) == 0
+    assert "chain R=6 reused" in capsys.readouterr().out
+    np.savez(npz, **arrays)
+    flags = _flags(data, mdir)
+    flags[flags.index("--seed") + 1] = "6"
+    assert run_cli(fw.main, [*flags, "--out", str(root / "b"), "--respacings", "6", "--val_sizes", "2",
+                             "--draws", "1", "--overwrite"]) == 0
+    assert "chain R=6 (5 forward steps" in capsys.readouterr().out
     # a rerun reuses both parts
     capsys.readouterr()
     assert _study(data, mdir, a) == 0
