@@ -19,6 +19,12 @@ HIST_BINS = 10  # peak-position histogram: 10 bins over [0, 1]
 CAL_METRICS = ("dice", "auprc", "image_accuracy", "image_recall", "val_accuracy", "chosen_w")
 
 
+def _num(d: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """The items of a mapping keyed by numbers written as text ("3", "10", "2.5"), in numeric order (JSON
+    files store them sorted as text)."""
+    return sorted(d.items(), key=lambda kv: float(kv[0]))
+
+
 def _fmt(v: Any, digits: int = 3) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
@@ -34,24 +40,28 @@ def write_markdown(window: Mapping[str, Any] | None, cal: Mapping[str, Any] | No
                   "Peak position = first argmax of M_t over the whole chain (recorded t_e: later of the "
                   "modalities), as a share of the training chain; test slices.", "",
                   "| R | w | unhealthy median [q25, q75] | at last step | healthy median [q25, q75] | "
-                  "at last step | window share with t_e inside for half the unhealthy |",
-                  "|---|---|---|---|---|---|---|"]
-        for r, ch in window["chains"].items():
-            for w, e in ch["groups"]["test"]["per_w"].items():
+                  "at last step | smallest F/R with t_e inside for half the unhealthy | smallest F/R "
+                  "holding the chain's peak strictly inside for half the unhealthy |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r, ch in _num(window["chains"]):
+            for w, e in _num(ch["groups"]["test"]["per_w"]):
                 u, h = e["peak_position"]["unhealthy"]["recorded"], e["peak_position"]["healthy"]["recorded"]
                 lines.append(f"| {r} | {w} | {_fmt(u.get('median'), 2)} [{_fmt(u.get('q25'), 2)}, "
                              f"{_fmt(u.get('q75'), 2)}] | {_fmt(u.get('share_at_last_step'), 2)} | "
                              f"{_fmt(h.get('median'), 2)} [{_fmt(h.get('q25'), 2)}, "
                              f"{_fmt(h.get('q75'), 2)}] | "
-                             f"{_fmt(h.get('share_at_last_step'), 2)} | {_fmt(e['half_inside_share'], 1)} |")
-        lines += ["", "Share of unhealthy test slices with 0 < t_e < F - 1 (t_e = first argmax over the "
-                  "first F steps) per window share F/R:", ""]
-        head = "| R | w | " + " | ".join(f"{s:g}" for s in WINDOW_SHARES) + " |"
-        lines += [head, "|" + "---|" * (len(WINDOW_SHARES) + 2)]
-        for r, ch in window["chains"].items():
-            for w, e in ch["groups"]["test"]["per_w"].items():
-                lines.append(f"| {r} | {w} | " + " | ".join(_fmt(x["unhealthy"], 2) for x in e["windows"])
-                             + " |")
+                             f"{_fmt(h.get('share_at_last_step'), 2)} | {_fmt(e['half_inside_share'], 1)} | "
+                             f"{_fmt(e.get('half_chain_peak_inside_share'), 1)} |")
+        for key, what in (("unhealthy", "0 < t_e < F - 1 (t_e = first argmax over the first F steps)"),
+                          ("unhealthy_chain_peak_inside", "the whole chain's peak strictly inside the "
+                           "window (0 < t_e(chain) < F - 1)")):
+            lines += ["", f"Share of unhealthy test slices with {what}, per window share F/R:", "",
+                      "| R | w | " + " | ".join(f"{s:g}" for s in WINDOW_SHARES) + " |",
+                      "|" + "---|" * (len(WINDOW_SHARES) + 2)]
+            for r, ch in _num(window["chains"]):
+                for w, e in _num(ch["groups"]["test"]["per_w"]):
+                    lines.append(f"| {r} | {w} | " + " | ".join(_fmt(x.get(key), 2) for x in e["windows"])
+                                 + " |")
         lines.append("")
     if cal:
         full, st = cal["full"], cal["settings"]
@@ -61,10 +71,10 @@ def write_markdown(window: Mapping[str, Any] | None, cal: Mapping[str, Any] | No
                   "| n val | unhealthy Dice | pixel AUPRC | image accuracy | image recall | "
                   "chosen w (count) |",
                   "|---|---|---|---|---|---|"]
-        for n, e in cal["sizes"].items():
+        for n, e in _num(cal["sizes"]):
             s = e["summary"]
             cell = {k: f"{_fmt(s[k]['mean'])} ± {_fmt(s[k]['std'])}" for k in CAL_METRICS}
-            counts = ", ".join(f"{w}: {c}" for w, c in s["chosen_w_counts"].items())
+            counts = ", ".join(f"{w}: {c}" for w, c in _num(s["chosen_w_counts"]))
             lines.append(f"| {n} | {cell['dice']} | {cell['auprc']} | {cell['image_accuracy']} | "
                          f"{cell['image_recall']} | {counts} |")
         lines.append(f"| all {cal['n_val']} | {_fmt(full['dice'])} | {_fmt(full['auprc'])} | "
@@ -78,12 +88,12 @@ def plot_window(data: Mapping[str, Any], path: str) -> None:
     """window.png: per chain (column) the unhealthy peak-position histograms, the inside share against
     F/R, and the mean normalised M_t curves (unhealthy solid, healthy dashed), one colour per w."""
     plt = _pyplot()
-    chains = list(data["chains"].values())
+    chains = [ch for _, ch in _num(data["chains"])]
     fig, axes = plt.subplots(3, len(chains), figsize=(3.6 * len(chains), 8.4), squeeze=False)
     edges = np.linspace(0, 1, HIST_BINS + 1)
     for col, ch in enumerate(chains):
         per_w = ch["groups"]["test"]["per_w"]
-        for j, (w, e) in enumerate(per_w.items()):
+        for j, (w, e) in enumerate(_num(per_w)):
             hist = e["peak_position"]["unhealthy"]["recorded"].get("hist")
             if hist:
                 axes[0, col].stairs(hist, edges, color=f"C{j}", label=f"w={w}")

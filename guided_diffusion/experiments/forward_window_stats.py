@@ -75,14 +75,19 @@ def window_summary(div: torch.Tensor, labels: torch.Tensor, positions: np.ndarra
         for s in WINDOW_SHARES:
             f = window_steps(s, chain)
             rec_f = first_argmax(div[:, wi], f).max(dim=-1).values  # [N]
+            whole = rec[:, wi][labels == 1]  # the whole-chain peak, where the window contains it
             windows.append({"share": s, "F": f, "F_over_R": f / chain,
                             "unhealthy": inside_share(rec_f[labels == 1], f),
-                            "healthy": inside_share(rec_f[labels == 0], f)})
+                            "healthy": inside_share(rec_f[labels == 0], f),
+                            "unhealthy_chain_peak_inside": inside_share(whole, f)})
         half = [r["share"] for r in windows if r["unhealthy"] is not None and r["unhealthy"] >= 0.5]
+        half_peak = [r["share"] for r in windows if r["unhealthy_chain_peak_inside"] is not None
+                     and r["unhealthy_chain_peak_inside"] >= 0.5]
         per_w[f"{w:g}"] = {
             "peak_position": peak,
             "windows": windows,
             "half_inside_share": half[0] if half else None,
+            "half_chain_peak_inside_share": half_peak[0] if half_peak else None,
             "mean_curve": {"unhealthy": curve[labels == 1, wi].mean(0).tolist() if (lab == 1).any() else None,
                            "healthy": curve[labels == 0, wi].mean(0).tolist() if (lab == 0).any() else None},
         }

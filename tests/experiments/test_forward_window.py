@@ -67,7 +67,11 @@ def test_inside_share_of_a_window_equals_the_pass_with_that_window(tiny_net):
             recorded = _pass(tiny_net, f).end_step[:, wi].max(dim=-1).values  # slices.csv's t_e
             expect = float(((recorded > 0) & (recorded < f - 1))[labels == 1].double().mean())
             assert row["unhealthy"] == pytest.approx(expect, abs=0)
-        assert summary["per_w"][f"{w:g}"]["windows"][-1]["F"] == 9  # share 1.0: the whole chain
+        rows = summary["per_w"][f"{w:g}"]["windows"]
+        assert rows[-1]["F"] == 9  # share 1.0: the whole chain
+        assert rows[-1]["unhealthy_chain_peak_inside"] == rows[-1]["unhealthy"]
+        held = [r["unhealthy_chain_peak_inside"] for r in rows]
+        assert held == sorted(held)  # a longer window holds every peak a shorter one holds
         te_whole = whole.end_step[:, wi].max(dim=-1).values[labels == 1]
         rec = summary["per_w"][f"{w:g}"]["peak_position"]["unhealthy"]["recorded"]
         assert rec["n"] == 3 and sum(rec["hist"]) == 3
