@@ -100,13 +100,16 @@ def plot_window(data: Mapping[str, Any], path: str) -> None:
             xs = [x["F_over_R"] for x in e["windows"]]
             ys = [np.nan if x["unhealthy"] is None else x["unhealthy"] for x in e["windows"]]
             axes[1, col].plot(xs, ys, marker="o", ms=3, color=f"C{j}", label=f"w={w}")
+            held = [x.get("unhealthy_chain_peak_inside") for x in e["windows"]]
+            held = [np.nan if v is None else v for v in held]
+            axes[1, col].plot(xs, held, "--", color=f"C{j}", lw=0.8)
             for key, style in (("unhealthy", "-"), ("healthy", "--")):
                 if e["mean_curve"][key] is not None:
                     axes[2, col].plot(ch["positions"], e["mean_curve"][key], style, color=f"C{j}", lw=1)
         axes[1, col].axhline(0.5, color="grey", lw=0.5)
         axes[0, col].set_title(f"R={ch['R']}: unhealthy peak position (test)", fontsize=8)
         axes[0, col].set_xlabel("t_e / chain", fontsize=7)
-        axes[1, col].set_title("unhealthy with t_e strictly inside", fontsize=8)
+        axes[1, col].set_title("unhealthy: t_e inside (-), chain peak inside (--)", fontsize=8)
         axes[1, col].set_xlabel("window F / R", fontsize=7)
         axes[1, col].set_ylim(-0.02, 1.02)
         axes[2, col].set_title("mean M_t / max (unhealthy -, healthy --)", fontsize=8)
