@@ -19,7 +19,13 @@ from guided_diffusion.anofpdm import anofpdm_plots, translation
 from guided_diffusion.baselines import classifier_training
 from guided_diffusion.cli import run_cli
 from guided_diffusion.configs.base import DiffusionConfig, ModelConfig
-from guided_diffusion.experiments import block_diagnosis, denoiser_comparison, learning_curves, table1
+from guided_diffusion.experiments import (
+    block_diagnosis,
+    denoiser_comparison,
+    forward_window,
+    learning_curves,
+    table1,
+)
 from guided_diffusion.script_util import model_config
 from guided_diffusion.training import run as training
 
@@ -139,6 +145,43 @@ def test_learning_curves_eval_seed(capsys, tmp_path):
             "--eval_every", "2", "--eval_w", "2", "--forward_steps", "3"]
     refused(capsys, learning_curves.main, [*argv, "--eval_seed", "-1"], "--eval_seed must be >= 0")
     refused(capsys, learning_curves.main, [*argv, "--modality", "3", "3"], "--modality has repeated")
+
+
+FORWARD_WINDOW_CASES = [
+    (["--draws", "0"], "--draws must be >= 1"),
+    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--respacings", "1"], "--respacings must be distinct chain lengths >= 2"),
+    (["--respacings", "100"], "--respacings [100]: longer than the 40 training steps"),
+    (["--val_sizes", "1"], "--val_sizes must be distinct sizes >= 2"),
+    (["--val_sizes", "4", "50"], "--val_sizes [50]: the validation split of"),
+    (["--num_slices", "3"], "--num_slices / --num_slices_val: the study uses every"),
+    (["--w", "nan"], "--w"),
+    (["--forward_steps", "10"], "--forward_steps 10 must be < the 10 steps"),
+]
+
+
+@pytest.mark.parametrize("extra,text", FORWARD_WINDOW_CASES,
+                         ids=[" ".join(c[0]) for c in FORWARD_WINDOW_CASES])
+def test_forward_window_study_flags(capsys, tiny, extra, text):
+    data, mdir, root = tiny
+    argv = [*te.MODEL_FLAGS, "--data_dir", data, "--model_dir", mdir, "--out", root / "fw", "--w", "1",
+            "--forward_steps", "5", "--timestep_respacing", "10", "--respacings", "6", "--val_sizes", "4",
+            *extra]
+    refused(capsys, forward_window.main, argv, text)
+    assert not (root / "fw").exists()
+
+
+def test_forward_window_study_paths(capsys, tiny, tmp_path):
+    data, mdir, _ = tiny
+    (tmp_path / "file").write_text("x")
+    base = [*te.MODEL_FLAGS, "--w", "1", "--forward_steps", "5", "--timestep_respacing", "10"]
+    refused(capsys, forward_window.main, [*base, "--data_dir", data, "--model_dir", mdir, "--out",
+                                          tmp_path / "file"], "--out", "is a file; expected a folder")
+    refused(capsys, forward_window.main, [*base, "--data_dir", tmp_path / "none", "--model_dir", mdir,
+                                          "--out", tmp_path / "o"], "--data_dir", "does not exist")
+    refused(capsys, forward_window.main, [*base, "--data_dir", data, "--model_dir", tmp_path / "none",
+                                          "--out", tmp_path / "o"], "--model_dir", "does not exist")
+    assert not (tmp_path / "o").exists()
 
 
 def test_plots_name_a_missing_data_dir_and_an_out_file(capsys, tmp_path):
