@@ -164,7 +164,7 @@ def train_commands(cfg: Mapping[str, Any], data_dir: str, prefix: list[str]) -> 
             settings = {**base, "unet_ver": ver, "num_classes": c["model"]["num_classes"],
                         "label_dropout": c["label_dropout"], "extra_flags": flags}
             out[key] = (settings, lambda d, v=ver, c=c, f=flags: [
-                *dc.train_command(c, v, data_dir, d, 0, prefix), *f])
+                *dc.train_command(c, dc.NetworkRow(v, v), data_dir, d, 0, prefix), *f])
     if "classifier" in needed:
         settings = {"classifier": cfg["classifier"], "image_size": cfg["model"]["image_size"],
                     "in_channels": cfg["model"]["in_channels"], "steps": cfg["classifier_steps"],

@@ -61,7 +61,7 @@ def anofpdm_command(cfg: Mapping[str, Any], row: str, data_dir: str, model_dir: 
                     seed: int, prefix: list[str]) -> list[str]:
     """scripts/translation_FPDM.py for one AnoFPDM row (encoding, S_te = --last_only) and seed."""
     encoding, last_only = ANOFPDM_ROWS[row]
-    return [*dc.eval_command(cfg, "v2", data_dir, model_dir, log_dir, seed, prefix),
+    return [*dc.eval_command(cfg, dc.NETWORK_ROWS["v2"], data_dir, model_dir, log_dir, seed, prefix),
             "--modality", *map(str, cfg["modality"]), "--encoding", encoding, "--last_only", str(last_only),
             "--save_data", "True"]
 
