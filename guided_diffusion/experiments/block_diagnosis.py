@@ -60,6 +60,7 @@ from guided_diffusion.experiments.block_diagnosis_measures import (
     weight_norms,
     zero_init_names,
 )
+from guided_diffusion.experiments.experiments import described_differences
 from guided_diffusion.registry import drop_foreign_options
 from guided_diffusion.reporting.plots import _pyplot, _save
 from guided_diffusion.script_util import create_from_configs, model_config
@@ -210,15 +211,6 @@ def settings_of(c: DiagnoseConfig, run: Run, batch: Batch) -> dict[str, Any]:
     }))
 
 
-def _flat(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in obj.items():
-        if isinstance(v, Mapping):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
 
 def load_diagnosis(path: str, settings: Mapping[str, Any]) -> dict[str, Any] | None:
     """The stored diagnosis at ``path`` (None when absent); ValueError naming every setting that differs."""
@@ -234,9 +226,7 @@ def load_diagnosis(path: str, settings: Mapping[str, Any]) -> dict[str, Any] | N
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(f"--out: {path} is not a diagnosis file ({type(err).__name__}: {err}); move it "
                          "away or use another --out") from None
-    a, b = _flat(stored), _flat(settings)
-    diffs = [f"{k}: stored {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b))
-             if a.get(k) != b.get(k)]
+    diffs = described_differences(stored, settings)
     if diffs:
         raise ValueError(f"--out: {path} was computed with other settings ({'; '.join(diffs)}); rerun with "
                          "the stored settings or use another --out")

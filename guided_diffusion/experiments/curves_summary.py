@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from guided_diffusion.cli import ArgumentParser
+from guided_diffusion.experiments.experiments import flat_settings
 from guided_diffusion.experiments.learning_curves import CURVES_JSON, METRICS
 from guided_diffusion.reporting.plots import _pyplot, _save
 from guided_diffusion.utils.io_util import atomic_write_json, atomic_write_text
@@ -35,15 +36,6 @@ PLOT_METRICS = ("test.dice", "test.auprc", "test.image_accuracy", "test.te_insid
 TABLE_METRICS = ("test.dice", "test.dice_pooled", "test.auprc", "test.image_accuracy", "test.image_recall",
                  "test.image_specificity", "test.te_inside", "val.dice")
 
-
-def _flat(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in obj.items():
-        if isinstance(v, Mapping):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _curves_path(run_dir: str) -> str:
@@ -76,9 +68,9 @@ def load_group(label: str, run_dirs: Sequence[str]) -> list[dict[str, Any]]:
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"group {label!r}: runs with the same training seed {seeds}; a group averages "
                          "over training seeds")
-    ref = _flat(runs[0]["settings"])
+    ref = flat_settings(runs[0]["settings"])
     for r in runs[1:]:
-        other = _flat(r["settings"])
+        other = flat_settings(r["settings"])
         diffs = [k for k in sorted(set(ref) | set(other)) if k != "train.seed" and ref.get(k) != other.get(k)]
         if diffs:
             k = diffs[0]

@@ -86,6 +86,24 @@ def diff_settings(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def flat_settings(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested settings dict as {dotted key: leaf value}."""
+    out: dict[str, Any] = {}
+    for k, v in obj.items():
+        if isinstance(v, Mapping):
+            out.update(flat_settings(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def described_differences(stored: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """``"key: stored X, now Y"`` for every dotted setting that differs between two nested settings dicts."""
+    a, b = flat_settings(stored), flat_settings(now)
+    return [f"{k}: stored {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k)]
+
+
 def data_change(old: Mapping[str, Any], new: Mapping[str, Any]) -> str | None:
     """One line naming what changed in the data when two settings dicts (each with ``data_dir`` and
     ``data_sha256``, the content fingerprint of guided_diffusion/data/fingerprint.py) differ in

@@ -64,6 +64,7 @@ from guided_diffusion.configs.calibration import Calibration
 from guided_diffusion.configs.eval_configs import EvalRun, resolve_min_cc_size
 from guided_diffusion.data.brats import get_eval_loader
 from guided_diffusion.data.fingerprint import data_fingerprint
+from guided_diffusion.experiments.experiments import described_differences
 from guided_diffusion.experiments.forward_window_report import (
     WINDOW_SHARES,
     plot_calibration_size,
@@ -369,15 +370,6 @@ def calibration_size_part(args: StudyArgs, run: EvalRun, model: Any, diffusion: 
 
 
 # ---------------------------------------------------------------------------------------------- files
-def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(obj, Mapping):
-        return {prefix.rstrip("."): obj}
-    out: dict[str, Any] = {}
-    for k, v in obj.items():
-        out.update(_flat(v, f"{prefix}{k}."))
-    return out
-
-
 def _open_part(path: str, settings: Mapping[str, Any], header: Mapping[str, Any],
                overwrite: bool) -> dict[str, Any]:
     """The part's data: the stored file when its settings equal ``settings``, else a new one (a file of
@@ -394,9 +386,7 @@ def _open_part(path: str, settings: Mapping[str, Any], header: Mapping[str, Any]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{path} is not a file of this study ({type(err).__name__}); move it away or use "
                          "another --out") from None
-    a, b = _flat(old), _flat(settings)
-    diffs = [f"{k}: stored {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b))
-             if a.get(k) != b.get(k)]
+    diffs = described_differences(old, settings)
     if not diffs:
         stored.update({k: v for k, v in fresh.items() if k == "command"})
         return stored

@@ -48,6 +48,7 @@ from guided_diffusion.configs.base import (
 from guided_diffusion.configs.config_flags import add_flags, from_args
 from guided_diffusion.configs.curves_config import CurvesConfig
 from guided_diffusion.configs.train_config import parse_ema_rates
+from guided_diffusion.experiments.experiments import described_differences
 from guided_diffusion.experiments.learning_curves_eval import (
     conditioning_strength,
     denoising_loss,
@@ -86,15 +87,6 @@ def run_settings(m: ModelConfig, d: DiffusionConfig, t: Any, c: CurvesConfig) ->
     }))
 
 
-def _flat(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in obj.items():
-        if isinstance(v, Mapping):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
 
 def load_curves(path: str, settings: Mapping[str, Any]) -> dict[str, Any]:
     """The curves file at ``path`` (a new one when absent); ValueError naming every setting that differs."""
@@ -107,9 +99,7 @@ def load_curves(path: str, settings: Mapping[str, Any]) -> dict[str, Any]:
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{path} is not a curves file ({type(err).__name__}: {err}); move it away or use "
                          "another --curves_dir") from None
-    a, b = _flat(stored), _flat(settings)
-    diffs = [f"{k}: stored {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b))
-             if a.get(k) != b.get(k)]
+    diffs = described_differences(stored, settings)
     if diffs:
         raise ValueError(f"{path} was computed with other settings ({'; '.join(diffs)}); rerun with the "
                          "stored settings or use another --curves_dir / --log_dir")
