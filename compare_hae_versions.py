@@ -9,11 +9,15 @@ beside them, labelled as quoted (they were not measured here; see the note print
 
 Usage:
     python compare_hae_versions.py [--json FILE] [--bottleneck_ratio 0.125 0.25 0.5 1.0]
-    python compare_hae_versions.py --quality [--preset smoke|demo|paper ...]
+    python compare_hae_versions.py --quality [--preset smoke|demo|recipe|paper ...]
+    python compare_hae_versions.py --quality --summary DIR [--step N]
 
 ``--quality`` runs the denoiser comparison instead (segmentation quality and cost of the networks trained
 alike, mean ± std over training seeds; all other flags are those of scripts/compare_denoisers.py, e.g.
-``--rows v2 hae_v2 hae_skeleton hae_v2_b0.5 --train_seeds 0 1 2``).
+``--rows v2 hae_v2 hae_skeleton hae_v2_b0.5 --train_seeds 0 1 2``). ``--quality --summary DIR`` runs
+nothing and prints the quality table of a finished run: a denoiser comparison's ``--out`` (its table.md)
+or a learning-curve summary's ``--out`` (scripts/summarise_curves.py; the table at ``--step``, default the
+last step every row has), e.g. the README's verdict table.
 """
 
 from __future__ import annotations
@@ -183,9 +187,45 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def quality(argv: list[str]) -> int:
     """``--quality``: the denoiser comparison (guided_diffusion.experiments.denoiser_comparison) with the
     other flags."""
+    rest = [a for a in argv if a != "--quality"]
+    if any(a == "--summary" or a.startswith("--summary=") for a in rest):
+        return run_cli(print_quality_summary, rest)
     from guided_diffusion.experiments.denoiser_comparison import main as compare_main
 
-    return run_cli(compare_main, [a for a in argv if a != "--quality"])
+    return run_cli(compare_main, rest)
+
+
+def print_quality_summary(argv: list[str]) -> int:
+    """``--quality --summary DIR [--step N]``: print the quality table stored in DIR, running nothing."""
+    import json
+
+    from guided_diffusion.experiments.curves_summary import table_md
+
+    p = ArgumentParser(description="print the quality table of a finished comparison or curve summary")
+    p.add_argument("--summary", required=True,
+                   help="a compare_denoisers.py --out folder (table.md) or a summarise_curves.py --out "
+                        "folder (summary.json)")
+    p.add_argument("--step", type=int, default=None,
+                   help="curve summaries: the table's training step (default: the last step every row has)")
+    args = p.parse_args(argv)
+    curves, table = os.path.join(args.summary, "summary.json"), os.path.join(args.summary, "table.md")
+    if os.path.isfile(curves):
+        with open(curves, encoding="utf-8") as f:
+            record = json.load(f)
+        groups = record["groups"]
+        print(table_md({k: groups[k] for k in record.get("group_order", groups)}, args.step))
+        print(f"Produced by: `{record['command']}`")
+    elif os.path.isfile(table):
+        if args.step is not None:
+            raise ValueError(f"--step applies to learning-curve summaries; {args.summary} is a denoiser "
+                             "comparison (one training budget)")
+        with open(table, encoding="utf-8") as f:
+            print(f.read())
+    else:
+        raise FileNotFoundError(f"--summary {args.summary}: expected summary.json (scripts/"
+                                "summarise_curves.py --out) or table.md (scripts/compare_denoisers.py "
+                                "--out) in it")
+    return 0
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ anything (that is the comparison). A step enters a group's summary when at least
 says how many runs it averages (the band is the sample std over those runs, 0 for one run).
 
 Outputs of ``write_outputs``: summary.json (per group and step: mean, std, n and the per-seed values of
-every metric; the runs, their seeds and settings), summary.md (the table at one step), summary.png (one
-panel per metric against the training step, one line per group, bands = ± std over seeds).
+every metric; the runs, their seeds and settings; group_order, the rows' order), summary.md (the table at
+one step), summary.png (one panel per metric against the training step, one line per group, bands = ± std
+over seeds).
 """
 
 from __future__ import annotations
@@ -175,7 +176,8 @@ def write_outputs(groups: Mapping[str, Sequence[Mapping[str, Any]]], out: str, s
     os.makedirs(out, exist_ok=True)
     summary = summarise(groups)
     md = table_md(summary, step)
-    record = {"command": command, "groups": summary,
+    # atomic_write_json sorts keys: group_order keeps the table's row order for readers of the JSON
+    record = {"command": command, "groups": summary, "group_order": list(summary),
               "runs": {label: [{"dir": r["dir"], "seed": r["seed"], "settings": r["settings"]} for r in runs]
                        for label, runs in groups.items()}}
     paths = {"json": os.path.join(out, "summary.json"), "md": os.path.join(out, "summary.md"),

@@ -75,3 +75,23 @@ def test_entry_point_writes_outputs_and_refuses_bad_groups(tmp_path, capsys):
         assert run_cli(cs.main, argv) == 2
         err = capsys.readouterr().err
         assert needle in err and err.count("\n") == 1
+
+
+def test_compare_hae_versions_prints_the_summary_table(tmp_path, capsys):
+    import compare_hae_versions as chv
+
+    v2 = [_run(tmp_path, f"v{s}", s, {1000: 0.3 + 0.1 * s, 2000: 0.4}, unet_ver="v2") for s in (0, 1)]
+    hae = [_run(tmp_path, f"h{s}", s, {1000: 0.2, 2000: 0.5 - 0.1 * s}) for s in (0, 1, 2)]
+    out = tmp_path / "out"
+    assert run_cli(cs.main, ["--group", "v2=" + ",".join(v2), "--group", "hae_v2=" + ",".join(hae),
+                             "--out", str(out)]) == 0
+    written = (out / "summary.md").read_text().split("\nProduced by")[0]
+    capsys.readouterr()
+    assert chv.quality(["--quality", "--summary", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert written.strip() in printed and "| hae_v2 (0, 1, 2) | 0.400 ± 0.100 (n=3)" in printed
+    assert chv.quality(["--quality", "--summary", str(out), "--step", "1000"]) == 0
+    assert "| v2 (0, 1) | 0.350 ± 0.071 (n=2)" in capsys.readouterr().out
+    assert chv.quality(["--quality", "--summary", str(tmp_path / "v0")]) == 2
+    err = capsys.readouterr().err
+    assert "--summary" in err and "summary.json" in err and err.count("\n") == 1
