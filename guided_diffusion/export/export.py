@@ -5,8 +5,10 @@ An export folder holds
 * ``model.safetensors``: the weights (EMA weights of one rate by default, or the raw model weights);
 * ``config.json``: {"format", "version", "model", "diffusion", "train"}: the config dict the training run
   saved with its checkpoints, plus "weights" {kind, ema_rate, step, source, source_sha256, sha256 (of
-  model.safetensors), n_parameters} and, with ``--metrics``, "evaluation": the result-changing settings of
-  that evaluation, which ``--model_dir EXPORT`` of translation starts from (docs/edges.md);
+  model.safetensors), n_parameters}, "provenance" {exported_by: the export command, trained_by: the
+  training command given with ``--trained_by``} and, with ``--metrics``, "evaluation": the
+  result-changing settings of that evaluation, which ``--model_dir EXPORT`` of translation starts from
+  (docs/edges.md);
 * ``calibration.json`` when the run (or ``--calibration``) has one, re-keyed to ``model.safetensors``
   (checkpoint_sha256 = the export's weights sha256, the source in extra["exported_from"]);
 * ``README.md``: a model card.
@@ -29,6 +31,7 @@ import argparse
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import struct
 import uuid
@@ -116,8 +119,9 @@ def _select_weights(run_dir: str, weights: str, rate: str, step: int | None) -> 
 
 def export_run(run_dir: str, out_dir: str, weights: str = "ema", rate: str = "0.9999",
                step: int | None = None, calibration: str | None = None, metrics: str | None = None,
-               overwrite: bool = False) -> dict[str, Any]:
+               overwrite: bool = False, provenance: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Write the export folder of one training run (see module docstring); returns the config written.
+    ``provenance``: {"exported_by", "trained_by"} commands, recorded in config.json and the model card.
 
     Every input is checked before anything is written: ``out_dir`` new or empty (or an earlier export with
     ``overwrite``), ``metrics`` / ``calibration`` made with the exported weights (their recorded sha256).
@@ -152,6 +156,7 @@ def export_run(run_dir: str, out_dir: str, weights: str = "ema", rate: str = "0.
         "weights": {"kind": weights, "ema_rate": ema_rate, "step": found_step,
                     "source": os.path.basename(path), "source_sha256": file_sha256(path),
                     "sha256": _sha256(blob), "n_parameters": n_params},
+        "provenance": {k: v for k, v in (provenance or {}).items() if v},
     }
     w = config["weights"]
     if metrics_data is not None:
@@ -483,14 +488,19 @@ def create_argparser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", default=None, help="calibration.json (default: RUN_DIR/calibration.json)")
     p.add_argument("--metrics", default=None, help="metrics.json of an evaluation, shown in the model card")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export in --out")
+    p.add_argument("--trained_by", default=None,
+                   help="the command that trained RUN_DIR (recorded in config.json and the model card)")
     return p
 
 
 def main(argv: list[str]) -> int:
     """``scripts/export_model.py``: parse ``argv`` and export (errors go to ``cli.run_cli``)."""
     args = create_argparser().parse_args(argv)
+    provenance = {"exported_by": "python scripts/export_model.py " + shlex.join(argv),
+                  "trained_by": args.trained_by}
     cfg = export_run(args.run_dir, args.out, weights=args.weights, rate=args.rate, step=args.step,
-                     calibration=args.calibration, metrics=args.metrics, overwrite=args.overwrite)
+                     calibration=args.calibration, metrics=args.metrics, overwrite=args.overwrite,
+                     provenance=provenance)
     w = cfg["weights"]
     print(f"exported {w['kind']} weights of step {w['step']} ({w['n_parameters']:,} parameters) "
           f"to {args.out}")

@@ -79,6 +79,13 @@ def model_card(config: Mapping[str, Any], metrics: Mapping[str, Any] | None, has
     for key in TRAIN_KEYS:
         if key in t:
             lines.append(f"- {key}: {t[key]}")
+    made = config.get("provenance") or {}
+    if made:
+        lines += ["", "## How it was made", ""]
+        for key, label in (("trained_by", "Trained by"), ("exported_by", "Exported by")):
+            if made.get(key):
+                lines += [f"{label}:", "", "```bash", made[key], "```", ""]
+        lines.pop()
     lines += ["", "## Measured metrics", ""]
     rows = _metrics_rows(metrics) if metrics else []
     if rows:
