@@ -496,7 +496,9 @@ def create_argparser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     """``scripts/export_model.py``: parse ``argv`` and export (errors go to ``cli.run_cli``)."""
     args = create_argparser().parse_args(argv)
-    provenance = {"exported_by": "python scripts/export_model.py " + shlex.join(argv),
+    shown = [a for i, a in enumerate(argv)  # the training command is kept once, under trained_by
+             if not (a.startswith("--trained_by") or (i and argv[i - 1] == "--trained_by"))]
+    provenance = {"exported_by": "python scripts/export_model.py " + shlex.join(shown),
                   "trained_by": args.trained_by}
     cfg = export_run(args.run_dir, args.out, weights=args.weights, rate=args.rate, step=args.step,
                      calibration=args.calibration, metrics=args.metrics, overwrite=args.overwrite,

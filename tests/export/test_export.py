@@ -121,8 +121,8 @@ def test_export_script_cli(tmp_path, capsys):
     assert run_cli(main, [str(run), "--out", str(out), "--rate", "0.9999", "--trained_by", trained_by]) == 0
     assert "exported ema weights of step 7" in capsys.readouterr().out
     made = json.loads((out / "config.json").read_text())["provenance"]
-    assert made == {"trained_by": trained_by, "exported_by": "python scripts/export_model.py "
-                    f"{run} --out {out} --rate 0.9999 --trained_by '{trained_by}'"}
+    assert made == {"trained_by": trained_by,
+                    "exported_by": f"python scripts/export_model.py {run} --out {out} --rate 0.9999"}
     card = (out / "README.md").read_text()
     assert f"Trained by:\n\n```bash\n{trained_by}\n```" in card and made["exported_by"] in card
     assert load_pretrained(str(out))[0] is not None  # the provenance record does not disturb loading
