@@ -199,7 +199,7 @@ def print_quality_summary(argv: list[str]) -> int:
     """``--quality --summary DIR [--step N]``: print the quality table stored in DIR, running nothing."""
     import json
 
-    from guided_diffusion.experiments.curves_summary import table_md
+    from guided_diffusion.experiments.curves_summary import differences, differences_md, table_md
 
     p = ArgumentParser(description="print the quality table of a finished comparison or curve summary")
     p.add_argument("--summary", required=True,
@@ -212,8 +212,11 @@ def print_quality_summary(argv: list[str]) -> int:
     if os.path.isfile(curves):
         with open(curves, encoding="utf-8") as f:
             record = json.load(f)
-        groups = record["groups"]
-        print(table_md({k: groups[k] for k in record.get("group_order", groups)}, args.step))
+        groups = {k: record["groups"][k] for k in record.get("group_order", record["groups"])}
+        print(table_md(groups, args.step))
+        if record.get("reference"):
+            step = args.step or record["step"]
+            print(differences_md(differences(groups, record["reference"], step), record["reference"], step))
         print(f"Produced by: `{record['command']}`")
     elif os.path.isfile(table):
         if args.step is not None:

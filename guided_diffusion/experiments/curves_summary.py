@@ -8,9 +8,9 @@ anything (that is the comparison). A step enters a group's summary when at least
 says how many runs it averages (the band is the sample std over those runs, 0 for one run).
 
 Outputs of ``write_outputs``: summary.json (per group and step: mean, std, n and the per-seed values of
-every metric; the runs, their seeds and settings; group_order, the rows' order), summary.md (the table at
-one step), summary.png (one panel per metric against the training step, one line per group, bands = ± std
-over seeds).
+every metric; the runs, their seeds and settings; group_order, the rows' order; with ``--reference G`` the
+differences to G with 95 % Welch intervals), summary.md (the table at one step, and the differences),
+summary.png (one panel per metric against the training step, one line per group, bands = ± std over seeds).
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from guided_diffusion.experiments.learning_curves import CURVES_JSON, METRICS
 from guided_diffusion.reporting.plots import _pyplot, _save
 from guided_diffusion.utils.io_util import atomic_write_json, atomic_write_text
 
-__all__ = ["PLOT_METRICS", "TABLE_METRICS", "load_group", "main", "parse_group", "summarise", "write_outputs"]
+__all__ = ["PLOT_METRICS", "TABLE_METRICS", "differences", "differences_md", "load_group", "main",
+           "parse_group", "summarise", "table_md", "write_outputs"]
 
 PLOT_METRICS = ("test.dice", "test.auprc", "test.image_accuracy", "test.te_inside", "test.loss",
                 "test.cond_unhealthy")
@@ -118,6 +119,71 @@ def summarise(groups: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, An
     return out
 
 
+def differences(summary: Mapping[str, Any], reference: str, step: int,
+                keys: Sequence[str] = TABLE_METRICS) -> dict[str, Any]:
+    """Each group's mean minus the ``reference`` group's at ``step``, with a 95 % Welch confidence interval.
+
+    Returns {group: {key: {"diff", "ci95": [lo, hi] or None, "df", "n", "n_ref"}}} for every group but the
+    reference; the interval needs >= 2 finite values on both sides (else None: one seed has no spread)."""
+    from scipy import stats
+
+    if reference not in summary:
+        raise ValueError(f"--reference {reference!r} is not a group (groups: {', '.join(summary)})")
+
+    def at(label: str) -> Mapping[str, Any]:
+        row = next((s for s in summary[label]["steps"] if s["step"] == step), None)
+        if row is None:
+            raise ValueError(f"group {label!r} has no evaluation at step {step}")
+        return row["metrics"]
+
+    ref, out = at(reference), {}
+    for label in summary:
+        if label == reference:
+            continue
+        mine, cells = at(label), {}
+        for key in keys:
+            a, b = (np.array(list(m[key]["values"].values()), dtype=np.float64) for m in (mine, ref))
+            cell: dict[str, Any] = {"diff": None, "ci95": None, "df": None, "n": int(a.size),
+                                    "n_ref": int(b.size)}
+            if a.size and b.size:
+                cell["diff"] = float(a.mean() - b.mean())
+            if a.size > 1 and b.size > 1:
+                va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
+                se = math.sqrt(va + vb)
+                if se > 0:
+                    df = (va + vb) ** 2 / (va**2 / (a.size - 1) + vb**2 / (b.size - 1))
+                    half = float(stats.t.ppf(0.975, df)) * se
+                    cell.update(ci95=[cell["diff"] - half, cell["diff"] + half], df=float(df))
+            cells[key] = cell
+        out[label] = cells
+    return out
+
+
+def differences_md(diffs: Mapping[str, Any], reference: str, step: int,
+                   keys: Sequence[str] = TABLE_METRICS) -> str:
+    """Markdown table of ``differences``: one row per group, cells 'diff [lo, hi]'."""
+
+    def cell(c: Mapping[str, Any]) -> str:
+        if c["diff"] is None:
+            return "–"
+        ci = f" [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]" if c["ci95"] else " (one seed: no interval)"
+        return f"{c['diff']:+.3f}{ci}"
+
+    lines = [f"| group − {reference} | {' | '.join(keys)} |", "|---" * (len(keys) + 1) + "|"]
+    lines += [f"| {label} | {' | '.join(cell(cells[k]) for k in keys)} |" for label, cells in diffs.items()]
+    return (f"Difference to {reference} at step {step}: mean difference [95 % Welch confidence interval over "
+            "training seeds].\n\n" + "\n".join(lines) + "\n")
+
+
+def _common_step(summary: Mapping[str, Any], step: int | None) -> int:
+    if step is not None:
+        return step
+    common = set.intersection(*[{s["step"] for s in g["steps"]} for g in summary.values()])
+    if not common:
+        raise ValueError("the groups share no evaluated step; pass --step")
+    return max(common)
+
+
 def _cell(stat: Mapping[str, Any]) -> str:
     if stat["mean"] is None:
         return "–"
@@ -127,11 +193,7 @@ def _cell(stat: Mapping[str, Any]) -> str:
 def table_md(summary: Mapping[str, Any], step: int | None, keys: Sequence[str] = TABLE_METRICS) -> str:
     """Markdown table at ``step`` (default: the last step every group has), one row per group."""
 
-    if step is None:
-        common = set.intersection(*[{s["step"] for s in g["steps"]} for g in summary.values()])
-        if not common:
-            raise ValueError("the groups share no evaluated step; pass --step")
-        step = max(common)
+    step = _common_step(summary, step)
     lines = [f"| group (training seeds) | {' | '.join(keys)} |", "|---" * (len(keys) + 1) + "|"]
     for label, g in summary.items():
         row = next((s for s in g["steps"] if s["step"] == step), None)
@@ -170,14 +232,20 @@ def write_png(summary: Mapping[str, Any], path: str, keys: Sequence[str] = PLOT_
 
 
 def write_outputs(groups: Mapping[str, Sequence[Mapping[str, Any]]], out: str, step: int | None,
-                  command: str) -> dict[str, str]:
-    """summary.json / summary.md / summary.png in ``out`` (atomically); returns their paths."""
+                  command: str, reference: str | None = None) -> dict[str, str]:
+    """summary.json / summary.md / summary.png in ``out`` (atomically); returns their paths. With
+    ``reference``, the differences to that group (``differences``) join the JSON and the table."""
 
     os.makedirs(out, exist_ok=True)
     summary = summarise(groups)
+    step = _common_step(summary, step)
     md = table_md(summary, step)
+    diffs = differences(summary, reference, step) if reference else None
+    if diffs:
+        md += "\n" + differences_md(diffs, reference, step)
     # atomic_write_json sorts keys: group_order keeps the table's row order for readers of the JSON
-    record = {"command": command, "groups": summary, "group_order": list(summary),
+    record = {"command": command, "groups": summary, "group_order": list(summary), "step": step,
+              "reference": reference, "differences": diffs,
               "runs": {label: [{"dir": r["dir"], "seed": r["seed"], "settings": r["settings"]} for r in runs]
                        for label, runs in groups.items()}}
     paths = {"json": os.path.join(out, "summary.json"), "md": os.path.join(out, "summary.md"),
@@ -208,6 +276,8 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--step", type=int, default=None,
                    help="step of the table (default: the last step every group has)")
+    p.add_argument("--reference", default=None,
+                   help="a group's label: each other group's difference to it, with a 95 %% Welch interval")
     args = p.parse_args(list(argv))
     groups: dict[str, list[dict[str, Any]]] = {}
     for text in args.group:
@@ -218,7 +288,7 @@ def main(argv: Sequence[str]) -> int:
     if args.step is not None and args.step < 1:
         raise ValueError(f"--step must be >= 1, got {args.step}")
     command = "python scripts/summarise_curves.py " + shlex.join(list(argv))
-    paths = write_outputs(groups, args.out, args.step, command)
+    paths = write_outputs(groups, args.out, args.step, command, args.reference)
     with open(paths["md"], encoding="utf-8") as f:
         print(f.read().split("\nProduced by")[0])
     print(f"wrote {paths['json']}, {paths['md']}, {paths['png']}")

@@ -95,3 +95,35 @@ def test_compare_hae_versions_prints_the_summary_table(tmp_path, capsys):
     assert chv.quality(["--quality", "--summary", str(tmp_path / "v0")]) == 2
     err = capsys.readouterr().err
     assert "--summary" in err and "summary.json" in err and err.count("\n") == 1
+
+
+def test_differences_have_welch_intervals(tmp_path, capsys):
+    from scipy import stats
+
+    import compare_hae_versions as chv
+
+    ref_dice, dice = [0.30, 0.45, 0.41], [0.38, 0.36, 0.42, 0.33]
+    v2 = [_run(tmp_path, f"v{s}", s, {1000: d}, unet_ver="v2") for s, d in enumerate(ref_dice)]
+    hae = [_run(tmp_path, f"h{s}", s, {1000: d}) for s, d in enumerate(dice)]
+    one = [_run(tmp_path, "k0", 0, {1000: 0.5}, unet_ver="hae")]
+    summary = cs.summarise({"v2": cs.load_group("v2", v2), "hae_v2": cs.load_group("hae_v2", hae),
+                            "hae": cs.load_group("hae", one)})
+    diffs = cs.differences(summary, "v2", 1000)
+    expected = stats.ttest_ind(dice, ref_dice, equal_var=False).confidence_interval(0.95)
+    cell = diffs["hae_v2"]["test.dice"]
+    assert cell["diff"] == pytest.approx(np.mean(dice) - np.mean(ref_dice))
+    assert cell["ci95"] == pytest.approx([expected.low, expected.high])
+    assert (cell["n"], cell["n_ref"]) == (4, 3)
+    assert diffs["hae"]["test.dice"]["ci95"] is None and set(diffs) == {"hae_v2", "hae"}
+    assert "one seed: no interval" in cs.differences_md(diffs, "v2", 1000)
+    with pytest.raises(ValueError, match="--reference 'v3'"):
+        cs.differences(summary, "v3", 1000)
+    out = tmp_path / "out"
+    assert run_cli(cs.main, ["--group", "v2=" + ",".join(v2), "--group", "hae_v2=" + ",".join(hae),
+                             "--out", str(out), "--reference", "v2"]) == 0
+    rec = json.loads((out / "summary.json").read_text())
+    assert rec["differences"]["hae_v2"]["test.dice"]["ci95"] == pytest.approx(cell["ci95"])
+    capsys.readouterr()
+    assert chv.quality(["--quality", "--summary", str(out)]) == 0
+    assert f"| hae_v2 | {cell['diff']:+.3f} [{cell['ci95'][0]:+.3f}, {cell['ci95'][1]:+.3f}]" in (
+        capsys.readouterr().out)
