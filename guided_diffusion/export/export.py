@@ -47,9 +47,9 @@ from guided_diffusion.cli import ArgumentParser
 from guided_diffusion.configs.calibration import load_calibrations
 from guided_diffusion.configs.eval_configs import evaluation_settings
 from guided_diffusion.export.model_card import model_card
+from guided_diffusion.export.weights_check import check_fits, check_weights_record, export_tensors
 from guided_diffusion.script_util import create_model_and_diffusion
 from guided_diffusion.training.checkpoint import (
-    _guess_flags,
     find_checkpoint,
     load_state_dict_file,
     parse_checkpoint_name,
@@ -64,8 +64,6 @@ CONFIG_FILE = "config.json"
 CALIBRATION_FILE = "calibration.json"
 CARD_FILE = "README.md"
 EXPORT_FILES = (WEIGHTS_FILE, CONFIG_FILE, CALIBRATION_FILE, CARD_FILE)
-# config.json "weights" fields recorded in model.safetensors' metadata (metadata key, config key)
-RECORDED_WEIGHTS = (("step", "step"), ("weights", "kind"), ("ema_rate", "ema_rate"))
 
 __all__ = ["FORMAT", "WEIGHTS_FILE", "CONFIG_FILE", "CALIBRATION_FILE", "flags_from_config",
            "export_run", "load_pretrained", "is_export_dir", "read_export", "export_tensors"]
@@ -139,7 +137,7 @@ def export_run(run_dir: str, out_dir: str, weights: str = "ema", rate: str = "0.
     flags = flags_from_config(saved["model"], saved["diffusion"])
     sd = load_state_dict_file(path)
     model, _ = create_model_and_diffusion(**flags)
-    _check_fits(model, sd, path, saved["model"])
+    check_fits(model, sd, path, saved["model"])
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}
     ema_rate = rate if weights == "ema" else None
     record = {"format": FORMAT, "step": str(found_step), "weights": weights, "ema_rate": json.dumps(ema_rate),
@@ -316,81 +314,6 @@ def _read_inputs(run_dir: str, calibration: str | None, metrics: str | None) -> 
     return cal, metrics_data
 
 
-def _fields_in_weights(sd: Mapping[str, Any]) -> dict[str, Any]:
-    """Model config fields read off a state dict: in_channels and num_channels (first convolution),
-    learn_sigma (output channels), num_classes (label embedding; None without one). Shared by every
-    unet_ver; a field whose tensor is absent or odd is left out."""
-    found: dict[str, Any] = {}
-    first = sd.get("input_blocks.0.0.weight")
-    if first is not None and first.dim() == 4:
-        found["num_channels"], found["in_channels"] = int(first.shape[0]), int(first.shape[1])
-        out = sd.get("out.2.weight")
-        if out is not None and int(out.shape[0]) in (found["in_channels"], 2 * found["in_channels"]):
-            found["learn_sigma"] = int(out.shape[0]) == 2 * found["in_channels"]
-    label = sd.get("label_emb.weight")
-    found["num_classes"] = int(label.shape[0]) if label is not None and label.dim() == 2 else None
-    return found
-
-
-def _check_fits(model: torch.nn.Module, sd: Mapping[str, Any], path: str,
-                model_cfg: Mapping[str, Any] | None = None, cfg_path: str | None = None) -> None:
-    """ValueError (one line) naming ``path``, the config field that disagrees with the weights when one
-    can be read off them (else the fields that probably do) and ``cfg_path``, when ``sd`` does not fit
-    ``model`` (missing, unexpected or mis-shaped tensors)."""
-
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    shaped = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    if not (missing or unexpected or shaped):
-        return
-    where = cfg_path or "the run's saved config"
-    first = (missing + unexpected + shaped)[0]
-    counts = (f"{len(missing)} missing, {len(unexpected)} unexpected, {len(shaped)} mis-shaped tensors "
-              f"(first: {first})")
-    cfg = dict(model_cfg or {})
-    wrong = [f"model.{k} is {cfg[k]!r} in {where} but the weights hold {v!r}"
-             for k, v in _fields_in_weights(sd).items() if k in cfg and cfg[k] != v]
-    if not wrong:
-        guess = "/".join(_guess_flags(missing, unexpected, [f"{k} " for k in shaped]))
-        wrong = [f"the fields that probably differ in {where}: model.{guess.replace('/', '/model.')}"]
-    raise ValueError(f"{path} does not fit the model of its config.json: {'; '.join(wrong)} ({counts}); the "
-                     "config was edited or belongs to other weights: re-export the model")
-
-
-def weights_record(blob: bytes) -> dict[str, str]:
-    """The metadata of safetensors bytes (the record an export writes: format, step, weights kind,
-    ema_rate, model and diffusion config as JSON); {} when it has none."""
-    try:
-        (n,) = struct.unpack("<Q", blob[:8])
-        header = json.loads(blob[8:8 + n])
-    except (struct.error, ValueError):
-        return {}
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    return dict(meta) if isinstance(meta, dict) else {}
-
-
-def check_weights_record(cfg: Mapping[str, Any], blob: bytes, cfg_path: str, wpath: str) -> None:
-    """ValueError (one line) naming the first config.json field that differs from the record the export
-    wrote into model.safetensors (the fields no tensor shape shows: image size, heads, diffusion, step,
-    weights kind). Exports written before the record existed hold only step and kind."""
-    meta = weights_record(blob)
-    have_w = dict(cfg.get("weights") or {})
-    pairs: list[tuple[str, Any, Any]] = []
-    for meta_key, key in RECORDED_WEIGHTS:
-        if meta_key in meta:
-            rec = meta[meta_key] if meta_key == "weights" else json.loads(meta[meta_key])
-            pairs.append((f"weights.{key}", have_w.get(key), rec))
-    for section in ("model", "diffusion"):
-        if section in meta:
-            have, rec = dict(cfg.get(section) or {}), json.loads(meta[section])
-            pairs += [(f"{section}.{k}", have.get(k), rec.get(k)) for k in sorted(set(rec) | set(have))]
-    for field, have, rec in pairs:
-        if have != rec:
-            raise ValueError(f"{cfg_path}: {field} is {have!r} but {wpath} was exported with {rec!r}; the "
-                             "config was edited or belongs to other weights: re-export the model")
-
-
 def is_export_dir(path: str) -> bool:
     """True when ``path`` holds an export (model.safetensors and config.json)."""
     return all(os.path.isfile(os.path.join(path, name)) for name in (WEIGHTS_FILE, CONFIG_FILE))
@@ -418,17 +341,6 @@ def read_export(export_dir: str) -> tuple[dict[str, Any], bytes]:
     return cfg, blob
 
 
-def export_tensors(blob: bytes, path: str) -> dict[str, torch.Tensor]:
-    """The state dict in the safetensors bytes ``blob`` read from ``path`` (ValueError naming it)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
-    try:
-        return load(blob)
-    except SafetensorError as err:
-        raise ValueError(f"{path}: not a safetensors file ({err})") from err
-
-
 def load_pretrained(export_dir: str, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Any, Any]:
     """(model in eval mode, diffusion, {w: Calibration} or None) from an export folder; local files only.
 
@@ -448,7 +360,7 @@ def load_pretrained(export_dir: str, device: str | torch.device = "cpu") -> tupl
         raise ValueError(f"{cfg_path}: {err}") from err
     model, diffusion = create_model_and_diffusion(**flags)
     sd = export_tensors(blob, wpath)
-    _check_fits(model, sd, wpath, cfg["model"], cfg_path)
+    check_fits(model, sd, wpath, cfg["model"], cfg_path)
     check_weights_record(cfg, blob, cfg_path, wpath)
     model.load_state_dict(sd, strict=True)
     model.to(device).eval()

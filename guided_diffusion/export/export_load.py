@@ -27,14 +27,12 @@ from guided_diffusion.export.export import (
     CALIBRATION_FILE,
     CONFIG_FILE,
     WEIGHTS_FILE,
-    _check_fits,
     _sha256,
-    check_weights_record,
-    export_tensors,
     flags_from_config,
     is_export_dir,
     read_export,
 )
+from guided_diffusion.export.weights_check import check_fits, check_weights_record, export_tensors
 from guided_diffusion.script_util import create_from_configs, drop_foreign_options, model_config
 from guided_diffusion.utils import logger
 
@@ -106,7 +104,7 @@ def load_export_model(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, ck
     model, diffusion = create_from_configs(model_cfg, diffusion_cfg)
     sd = export_tensors(blob, path)
     cfg_path = os.path.join(export_dir, CONFIG_FILE)
-    _check_fits(model, sd, path, cfg.get("model"), cfg_path)
+    check_fits(model, sd, path, cfg.get("model"), cfg_path)
     check_weights_record(cfg, blob, cfg_path, path)
     model.load_state_dict(sd, strict=True)
     model.to(device).eval()

@@ -15,7 +15,7 @@ from test_export import _out, _run_dir
 
 from guided_diffusion.cli import run_cli
 from guided_diffusion.configs.calibration import Calibration, save_calibrations
-from guided_diffusion.export import export
+from guided_diffusion.export import export, weights_check
 from guided_diffusion.export.export import export_run, load_pretrained, main
 from guided_diffusion.utils.io_util import file_sha256
 
@@ -243,14 +243,14 @@ def test_load_pretrained_names_the_likely_fields_when_none_is_read_off_the_weigh
 @pytest.mark.parametrize("unet_ver", ["v1", "v2", "hae", "hae_lite", "hae_v2"])
 @pytest.mark.parametrize("learn_sigma, class_cond", [(False, True), (True, False)])
 def test_fields_read_off_the_weights_agree_with_every_network(unet_ver, learn_sigma, class_cond):
-    """The fields _check_fits names are read right for every unet_ver (no false accusation)."""
+    """The fields check_fits names are read right for every unet_ver (no false accusation)."""
     from test_export import FLAGS
 
     from guided_diffusion.script_util import create_model_and_diffusion, model_config
 
     flags = {**FLAGS, "unet_ver": unet_ver, "learn_sigma": learn_sigma, "class_cond": class_cond}
     model, _ = create_model_and_diffusion(**flags)
-    found = export._fields_in_weights(model.state_dict())
+    found = weights_check.fields_in_weights(model.state_dict())
     cfg = model_config(flags)
     assert set(found) == {"in_channels", "num_channels", "learn_sigma", "num_classes"}
     assert {k: cfg[k] for k in found} == found
