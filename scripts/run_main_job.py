@@ -7,7 +7,7 @@ recipe of the README's "Learning curves and the recipe"):
      calibration come from the export folder     scripts/translation_FPDM.py --model_dir models/...
 and prints its metrics beside the FLAIR-threshold baseline of the same split (a few minutes on 2 cores).
 
-``--train`` trains the recipe from scratch instead (scripts/train.py; about 45 minutes on 2 cores for the
+``--train`` trains the recipe from scratch instead (scripts/train.py; 46 minutes on 2 cores for the
 shipped model's steps) and evaluates that model the same way: on the same CPU type it reproduces the
 shipped model's metrics bit for bit. Rerunning a command continues where a killed run stopped. The
 paper-scale path (128 px, 600 forward steps, BraTS21) is the launchers in config/.

@@ -3,7 +3,8 @@ calibration, the main job's recipe flags are the ones it was trained and evaluat
 first test slices of the embedded dataset exactly as the README's full-test run did.
 
 tests/fixtures/shipped_model_first16_slices.csv holds the rows of the first 16 test slices (11 healthy, 5
-with a lesion) of that run's slices.csv (the README's "shipped model" table: the full test split, every w).
+with a lesion) of that run's slices.csv (the README's "shipped model" tables: the full test split, every w
+of the recipe's grid).
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def test_main_job_recipe_is_the_shipped_models():
     evaluation = config["evaluation"]
     assert evaluation["forward"]["forward_steps"] == args.forward_steps
     assert evaluation["diffusion"]["timestep_respacing"] == args.timestep_respacing
+    assert evaluation["forward"]["w"] == args.w  # the export's calibration covers the recipe's w grid
 
 
 def _by_setting_and_index(text: str) -> list[dict]:
@@ -80,7 +82,7 @@ def test_shipped_model_segments_the_first_test_slices_as_the_readme_run(tmp_path
                "--num_slices", 16, "--progress", "False", timeout=600)
     got = _by_setting_and_index((out / "slices.csv").read_text())
     want = _by_setting_and_index(FIRST16.read_text())
-    assert sum(int(r["label"]) == 1 for r in want) == 25  # 5 lesion slices × 5 w
+    assert sum(int(r["label"]) == 1 for r in want) == 40  # 5 lesion slices × 8 w
     assert_near(got, want, "slices.csv of the shipped model")
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["guidance_selection"]["chosen_w"] == 20.0  # the README's chosen w
+    assert metrics["guidance_selection"]["chosen_w"] == 30.0  # the README's chosen w
