@@ -54,6 +54,7 @@ from guided_diffusion.experiments.learning_curves_eval import (
     denoising_loss,
     evaluate_checkpoint,
 )
+from guided_diffusion.nn import cpu_fused_attention
 from guided_diffusion.reporting.plots import _pyplot, _save
 from guided_diffusion.script_util import model_config
 from guided_diffusion.training import run as training
@@ -194,7 +195,8 @@ def run_curves(m: ModelConfig, d: DiffusionConfig, t: Any, c: CurvesConfig) -> d
             if _checkpoint_path(t.log_dir, step, c.eval_ema, ema_rate) is None:
                 raise FileNotFoundError(f"no checkpoint for step {step} in {t.log_dir} (newer ones exist); "
                                         "learning curves need the checkpoints of every --eval_every step")
-            row = evaluate_checkpoint(m, d, c, t.data_dir, t.log_dir, step, ema_rate)
+            with cpu_fused_attention(t.cpu_fused_attention):
+                row = evaluate_checkpoint(m, d, c, t.data_dir, t.log_dir, step, ema_rate)
             data["rows"] = sorted([*(r for r in data["rows"] if int(r["step"]) != step), row],
                                   key=lambda r: r["step"])
             atomic_write_json(data, path)

@@ -23,7 +23,7 @@ from guided_diffusion.configs.base import (
 from guided_diffusion.configs.train_config import TrainConfig
 from guided_diffusion.data.brats import get_train_loader
 from guided_diffusion.hae_blocks import HybridCNNTransformerBlockBase, check_bottleneck_ratio
-from guided_diffusion.nn import count_parameters, format_param_count
+from guided_diffusion.nn import count_parameters, cpu_fused_attention, format_param_count
 from guided_diffusion.reporting.previews import image_grid_png
 from guided_diffusion.reporting.training_plots import ScalarWriter, write_loss_curves_png
 from guided_diffusion.resample import create_named_schedule_sampler
@@ -95,7 +95,8 @@ def train(m: ModelConfig, d: DiffusionConfig, t: TrainConfig) -> None:
             refuse_other_runs(log_dir, "training run")
             stack.enter_context(run_lock(log_dir, "--log_dir"))
         logger.configure(dir=log_dir)
-        _train_in(logger.get_dir(), m, d, t)
+        with cpu_fused_attention(t.cpu_fused_attention):
+            _train_in(logger.get_dir(), m, d, t)
         finished = True
 
 
