@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from guided_diffusion import nn as nn_util
 from guided_diffusion.cli import ArgumentParser, run_cli
 from guided_diffusion.resample import UniformSampler
 from guided_diffusion.script_util import create_model_and_diffusion
@@ -87,6 +88,7 @@ def measure_models(
     seed: int = 0,
     networks: Mapping[str, Mapping[str, Any]] | None = None,
     baseline: str | None = None,
+    cpu_fused_attention: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Measure every network side by side.
 
@@ -98,6 +100,8 @@ def measure_models(
         batch: images of ``flags["image_size"]`` px per training step.
         baseline: the network the ratios are taken to (default: the first; a JSON spec written with
             sorted keys loses the order, so name it there).
+        cpu_fused_attention: time the steps with attention in the fused kernel on the CPU too
+            (``--cpu_fused_attention`` of training; no effect on a GPU).
 
     Returns {name: {"params", "step_s" (median), "peak_mib", "step_s_ratio", "peak_mib_ratio",
     "params_ratio"}}; ratios to ``baseline``.
@@ -136,15 +140,16 @@ def measure_models(
             torch.cuda.synchronize()
 
     times: dict[str, list[float]] = {v: [] for v in unet_vers}
-    for ver in unet_vers:  # first step allocates the optimizer state: not part of the memory figure
-        step(ver)
-    peaks = {ver: _peak_mib(lambda v=ver: step(v), device) for ver in unet_vers}
-    for rep in range(warmup + reps):
-        for ver in unet_vers:
-            t0 = time.perf_counter()
+    with nn_util.cpu_fused_attention(cpu_fused_attention):
+        for ver in unet_vers:  # first step allocates the optimizer state: not part of the memory figure
             step(ver)
-            if rep >= warmup:
-                times[ver].append(time.perf_counter() - t0)
+        peaks = {ver: _peak_mib(lambda v=ver: step(v), device) for ver in unet_vers}
+        for rep in range(warmup + reps):
+            for ver in unet_vers:
+                t0 = time.perf_counter()
+                step(ver)
+                if rep >= warmup:
+                    times[ver].append(time.perf_counter() - t0)
     base = unet_vers[0] if baseline is None else baseline
     out = {}
     for ver in unet_vers:

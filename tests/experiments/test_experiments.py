@@ -239,6 +239,28 @@ def test_measure_models_side_by_side():
         measure_models(flags, ["v2"], batch=0)
 
 
+def test_measure_models_times_the_fused_cpu_attention_on_request(monkeypatch):
+    import guided_diffusion.unet as unet_module
+    from guided_diffusion import nn as nn_util
+
+    seen: list[bool] = []
+    original = unet_module.attention_channels_first
+
+    def spy(q, k, v):
+        seen.append(nn_util._CPU_FUSED_ATTENTION.get())
+        return original(q, k, v)
+
+    monkeypatch.setattr(unet_module, "attention_channels_first", spy)
+    flags = dict(image_size=16, in_channels=4, num_classes=2, class_cond=True, num_channels=8,
+                 channel_mult="1,2", attention_resolutions="8", num_heads=2, diffusion_steps=100)
+    measure_models(flags, ["v2"], batch=2, reps=1, warmup=0)
+    assert seen and not any(seen)
+    seen.clear()
+    res = measure_models(flags, ["v2"], batch=2, reps=1, warmup=0, cpu_fused_attention=True)
+    assert seen and all(seen) and res["v2"]["step_s"] > 0
+    assert not nn_util._CPU_FUSED_ATTENTION.get()
+
+
 def test_plots_write_pngs(tmp_path):
     per_w = {"v2": [{"1": {"accuracy": 0.9, "unhealthy_dice": 0.4},
                      "3": {"accuracy": 0.8, "unhealthy_dice": 0.5}}]}
