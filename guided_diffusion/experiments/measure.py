@@ -6,15 +6,19 @@ training loss (random t, label dropout) + backward + AdamW step. The models are 
 every repetition (so a load change on a shared machine hits all of them alike); the median step time after
 ``warmup`` is reported. Peak memory of one step above what was allocated before it: on CUDA
 ``torch.cuda.max_memory_allocated``; on CPU the peak resident set size (VmHWM, reset through
-/proc/self/clear_refs; NaN where /proc does not allow it). Run it as
-``python -m guided_diffusion.experiments.measure SPEC.json OUT.json`` with ``MALLOC_MMAP_THRESHOLD_=65536``
-(see ``CPU_ENV``) so that freed CPU memory goes back to the OS and the RSS follows the allocator.
+/proc/self/clear_refs; NaN where /proc does not allow it). The CPU figure needs
+``MALLOC_MMAP_THRESHOLD_=65536`` and ``MALLOC_TRIM_THRESHOLD_=0`` (``CPU_ENV``) from the process start, so
+that freed memory goes back to the OS and the RSS follows the allocator; without them glibc keeps freed
+pages and later networks reuse them (measured: peaks of 40-140 MiB for networks that need 219-234), so the
+CPU peak is NaN there. ``python -m guided_diffusion.experiments.measure SPEC.json OUT.json`` restarts
+itself with ``CPU_ENV``.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import re
 import statistics
@@ -57,7 +61,15 @@ def _status_kib(name: str) -> int:
     return int(match.group(1))
 
 
+def cpu_env_active() -> bool:
+    """Whether this process has ``CPU_ENV`` in its environment (glibc reads it at the start)."""
+    return all(os.environ.get(name) == value for name, value in CPU_ENV.items())
+
+
 def _peak_mib(step, device: str) -> float:
+    if device != "cuda" and not cpu_env_active():
+        step()  # RSS would not follow the allocator: no figure rather than a wrong one
+        return math.nan
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -172,6 +184,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("out", help="JSON file the measurements are written to")
     args = p.parse_args(argv)
     argv = [args.spec, args.out]
+    if not cpu_env_active():  # the CPU memory figure needs CPU_ENV from the process start
+        os.execve(sys.executable, [sys.executable, "-m", "guided_diffusion.experiments.measure", *argv],
+                  {**os.environ, **CPU_ENV})
     with open(argv[0], encoding="utf-8") as f:
         spec = json.load(f)
     if spec.get("threads"):

@@ -239,6 +239,28 @@ def test_measure_models_side_by_side():
         measure_models(flags, ["v2"], batch=0)
 
 
+def test_cpu_peak_memory_needs_the_allocator_env(tmp_path, monkeypatch):
+    """Without CPU_ENV from the start, glibc keeps freed pages and the RSS peak of a later network is
+    too low: NaN instead; the command line restarts itself with CPU_ENV and reports a figure."""
+    from guided_diffusion.experiments import measure
+
+    for name in measure.CPU_ENV:
+        monkeypatch.delenv(name, raising=False)
+    flags = dict(image_size=16, in_channels=4, num_classes=2, class_cond=True, num_channels=8,
+                 channel_mult="1,2", attention_resolutions="8", num_heads=2, diffusion_steps=100)
+    res = measure_models(flags, ["v2"], batch=2, reps=1, warmup=0)
+    assert math.isnan(res["v2"]["peak_mib"]) and res["v2"]["step_s"] > 0
+    spec, out = tmp_path / "spec.json", tmp_path / "out.json"
+    spec.write_text(json.dumps({"flags": flags, "unet_vers": ["v2"], "batch": 2, "reps": 1, "warmup": 0,
+                                "threads": 1}))
+    env = {k: v for k, v in os.environ.items() if k not in measure.CPU_ENV}
+    proc = subprocess.run([sys.executable, "-m", "guided_diffusion.experiments.measure", str(spec), str(out)],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    peak = json.loads(out.read_text())["v2"]["peak_mib"]
+    assert math.isfinite(peak) and peak > 0
+
+
 def test_measure_models_times_the_fused_cpu_attention_on_request(monkeypatch):
     import guided_diffusion.unet as unet_module
     from guided_diffusion import nn as nn_util
