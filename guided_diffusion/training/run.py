@@ -95,8 +95,7 @@ def train(m: ModelConfig, d: DiffusionConfig, t: TrainConfig) -> None:
             refuse_other_runs(log_dir, "training run")
             stack.enter_context(run_lock(log_dir, "--log_dir"))
         logger.configure(dir=log_dir)
-        with cpu_fused_attention(t.cpu_fused_attention):
-            _train_in(logger.get_dir(), m, d, t)
+        _train_in(logger.get_dir(), m, d, t)
         finished = True
 
 
@@ -133,7 +132,7 @@ def _train_in(log_dir: str, m: ModelConfig, d: DiffusionConfig, t: TrainConfig) 
         atomic_write_bytes(image_grid_png(x0.float()), os.path.join(image_dir, f"real_{t.name}_train.png"))
 
     logger.log("training...")
-    with training_extras(log_dir, t):
+    with training_extras(log_dir, t), cpu_fused_attention(t.cpu_fused_attention):
         _loop(TrainLoop, model, diffusion, data, log_dir, image_dir, preview_shape, m, d, t)
     logger.log(f"data: {loader.dataset.data_summary()}")  # now with the all-zero reads of every worker
     logger.log("done")
