@@ -67,9 +67,6 @@ def cpu_env_active() -> bool:
 
 
 def _peak_mib(step, device: str) -> float:
-    if device != "cuda" and not cpu_env_active():
-        step()  # RSS would not follow the allocator: no figure rather than a wrong one
-        return math.nan
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -77,6 +74,9 @@ def _peak_mib(step, device: str) -> float:
         step()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
+    if not cpu_env_active():
+        step()  # RSS would not follow the allocator: no figure rather than a wrong one
+        return math.nan
     try:
         base = _status_kib("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:

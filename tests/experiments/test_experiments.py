@@ -17,6 +17,8 @@ from guided_diffusion.experiments.measure import measure_models
 from guided_diffusion.reporting import plots
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY_FLAGS = dict(image_size=16, in_channels=4, num_classes=2, class_cond=True, num_channels=8,
+                  channel_mult="1,2", attention_resolutions="8", num_heads=2, diffusion_steps=100)
 
 
 class Counter:
@@ -228,8 +230,7 @@ def test_denoiser_table_reads_the_volume_columns(tmp_path):
 
 
 def test_measure_models_side_by_side():
-    flags = dict(image_size=16, in_channels=4, num_classes=2, class_cond=True, num_channels=8,
-                 channel_mult="1,2", attention_resolutions="8", num_heads=2, diffusion_steps=100)
+    flags = TINY_FLAGS
     res = measure_models(flags, ["v2", "hae_v2"], batch=2, reps=1, warmup=0)
     assert res["v2"]["params_ratio"] == 1.0 and res["v2"]["step_s_ratio"] == 1.0
     assert res["hae_v2"]["params"] > res["v2"]["params"] > 0
@@ -246,8 +247,7 @@ def test_cpu_peak_memory_needs_the_allocator_env(tmp_path, monkeypatch):
 
     for name in measure.CPU_ENV:
         monkeypatch.delenv(name, raising=False)
-    flags = dict(image_size=16, in_channels=4, num_classes=2, class_cond=True, num_channels=8,
-                 channel_mult="1,2", attention_resolutions="8", num_heads=2, diffusion_steps=100)
+    flags = TINY_FLAGS
     res = measure_models(flags, ["v2"], batch=2, reps=1, warmup=0)
     assert math.isnan(res["v2"]["peak_mib"]) and res["v2"]["step_s"] > 0
     spec, out = tmp_path / "spec.json", tmp_path / "out.json"
@@ -262,19 +262,11 @@ def test_cpu_peak_memory_needs_the_allocator_env(tmp_path, monkeypatch):
 
 
 def test_measure_models_times_the_fused_cpu_attention_on_request(monkeypatch):
-    import guided_diffusion.unet as unet_module
     from guided_diffusion import nn as nn_util
+    from tests.training.test_cpu_fused_attention import record_fused_state
 
-    seen: list[bool] = []
-    original = unet_module.attention_channels_first
-
-    def spy(q, k, v):
-        seen.append(nn_util._CPU_FUSED_ATTENTION.get())
-        return original(q, k, v)
-
-    monkeypatch.setattr(unet_module, "attention_channels_first", spy)
-    flags = dict(image_size=16, in_channels=4, num_classes=2, class_cond=True, num_channels=8,
-                 channel_mult="1,2", attention_resolutions="8", num_heads=2, diffusion_steps=100)
+    seen = record_fused_state(monkeypatch)
+    flags = TINY_FLAGS
     measure_models(flags, ["v2"], batch=2, reps=1, warmup=0)
     assert seen and not any(seen)
     seen.clear()

@@ -4,8 +4,6 @@ running its steps inside the option (recorded in the run config, resumable acros
 
 from __future__ import annotations
 
-import csv
-
 import pytest
 import torch
 from torch.profiler import profile
@@ -16,7 +14,7 @@ from guided_diffusion.training import checkpoint
 from guided_diffusion.training import run as training
 from guided_diffusion.training.train_resume import RUN_CHANGING_TRAIN_KEYS
 from tests.training.test_train import write_fake_brats
-from tests.training.test_train_extras import FLAGS
+from tests.training.test_train_extras import FLAGS, _losses
 
 
 def _qkv(seed: int = 0) -> list[torch.Tensor]:
@@ -57,23 +55,24 @@ def test_option_is_scoped_and_restored_on_error():
         assert not gd_nn._CPU_FUSED_ATTENTION.get()
 
 
-def _losses(log_dir) -> list[float]:
-    with open(log_dir / "progress.csv", newline="") as f:
-        return [float(r["loss"]) for r in csv.DictReader(f)]
+def record_fused_state(monkeypatch) -> list[bool]:
+    """Spy on the UNet's attention: the returned list gets, per call, whether the fused option was on."""
+    import guided_diffusion.unet as unet_module
 
-
-def test_training_runs_inside_the_option_and_records_it(tmp_path, monkeypatch):
-    data = write_fake_brats(tmp_path / "data")
     seen: list[bool] = []
-    original = gd_nn.attention_channels_first
+    original = unet_module.attention_channels_first
 
     def spy(q, k, v):
         seen.append(gd_nn._CPU_FUSED_ATTENTION.get())
         return original(q, k, v)
 
-    monkeypatch.setattr(gd_nn, "attention_channels_first", spy)
-    import guided_diffusion.unet as unet_module
     monkeypatch.setattr(unet_module, "attention_channels_first", spy)
+    return seen
+
+
+def test_training_runs_inside_the_option_and_records_it(tmp_path, monkeypatch):
+    data = write_fake_brats(tmp_path / "data")
+    seen = record_fused_state(monkeypatch)
     base, fused = tmp_path / "base", tmp_path / "fused"
     assert run_cli(training.main, ["--data_dir", str(data), "--log_dir", str(base), *FLAGS]) == 0
     assert seen and not any(seen)
