@@ -83,12 +83,14 @@ def test_the_quality_table_matches_the_committed_curves_at_4000_steps(summary_32
     for label, group in summary_32px.items():
         cells = rows[label]
         seeds = [int(s) for s in re.findall(r"\d+", cells[1])]
-        assert seeds == group["seeds"], f"{label}: README lists training seeds {seeds}, committed {group['seeds']}"
+        assert seeds == group["seeds"], (
+            f"{label}: README lists training seeds {seeds}, committed {group['seeds']}")
         for column, metric in COLUMNS.items():
             if column not in header:
                 continue
             text, stat = cells[header.index(column)], stat_at(summary_32px, label, 4000, metric)
-            assert stat["n"] == len(seeds), f"{label}, {column}: {stat['n']} of {len(seeds)} runs have a value"
+            assert stat["n"] == len(seeds), (
+                f"{label}, {column}: {stat['n']} of {len(seeds)} runs have a value")
             numbers = NUMBER.findall(text)
             where = f"README quality table, {label}, {column}"
             assert_printed(numbers[0], stat["mean"], where + " (mean)")
