@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from guided_diffusion.experiments.curves_summary import load_group, summarise
+from guided_diffusion.experiments.curves_summary import groups_in_folder, load_group, summarise
 
 ROOT = Path(__file__).resolve().parent.parent
 CURVES = ROOT / "docs" / "results" / "curves"
@@ -24,14 +24,9 @@ COLUMNS = {"unh. Dice": "test.dice", "pooled Dice": "test.dice_pooled", "pixel A
            "image acc.": "test.image_accuracy", "unh. recall": "test.image_recall", "loss": "test.loss"}
 
 
-def committed_groups(scale: str) -> dict[str, list[Path]]:
+def committed_groups(scale: str) -> dict[str, list[str]]:
     """group label -> its committed run folders (``<label>_s<seed>``) at ``scale`` (e.g. "32px")."""
-    groups: dict[str, list[Path]] = {}
-    for run in sorted((CURVES / scale).iterdir()):
-        label, sep, seed = run.name.rpartition("_s")
-        assert sep and seed.isdigit(), f"{run}: expected a folder named <group>_s<training seed>"
-        groups.setdefault(label, []).append(run)
-    return groups
+    return groups_in_folder(str(CURVES / scale))
 
 
 def readme_table(first_columns: tuple[str, str]) -> tuple[list[str], dict[str, list[str]]]:
@@ -68,7 +63,7 @@ def stat_at(summary: dict, label: str, step: int, metric: str) -> dict:
 
 @pytest.fixture(scope="module")
 def summary_32px() -> dict:
-    return summarise({label: load_group(label, [str(d) for d in dirs])
+    return summarise({label: load_group(label, dirs)
                       for label, dirs in committed_groups("32px").items()})
 
 
@@ -103,7 +98,7 @@ def test_the_quality_table_matches_the_committed_curves_at_4000_steps(summary_32
 
 def test_the_64px_table_matches_the_committed_curves():
     groups = committed_groups("64px")
-    summary = summarise({label: load_group(label, [str(d) for d in dirs]) for label, dirs in groups.items()})
+    summary = summarise({label: load_group(label, dirs) for label, dirs in groups.items()})
     header, rows = readme_table(("network", "steps"))
     assert set(summary) <= set(rows), f"64 px curves without a README row: {sorted(set(summary) - set(rows))}"
     for label in summary:

@@ -30,8 +30,8 @@ from guided_diffusion.experiments.learning_curves import CURVES_JSON, METRICS
 from guided_diffusion.reporting.plots import _pyplot, _save
 from guided_diffusion.utils.io_util import atomic_write_json, atomic_write_text
 
-__all__ = ["PLOT_METRICS", "TABLE_METRICS", "differences", "differences_md", "load_group", "main",
-           "parse_group", "summarise", "table_md", "write_outputs"]
+__all__ = ["PLOT_METRICS", "TABLE_METRICS", "differences", "differences_md", "groups_in_folder", "load_group",
+           "main", "parse_group", "summarise", "table_md", "write_outputs"]
 
 PLOT_METRICS = ("test.dice", "test.auprc", "test.image_accuracy", "test.te_inside", "test.loss",
                 "test.cond_unhealthy")
@@ -267,23 +267,51 @@ def parse_group(text: str) -> tuple[str, list[str]]:
     return label, runs
 
 
+def groups_in_folder(folder: str) -> dict[str, list[str]]:
+    """The runs kept side by side in ``folder``, one sub-folder ``<label>_s<training seed>`` per run (as in
+    docs/results/curves): label -> its run folders, labels in name order. ValueError naming the folder or
+    the sub-folder that does not follow the pattern."""
+
+    if not os.path.isdir(folder):
+        raise ValueError(f"--runs {folder!r} is not a folder")
+    groups: dict[str, list[str]] = {}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if not os.path.isdir(path):
+            continue
+        label, sep, seed = name.rpartition("_s")
+        if not (sep and label and seed.isdigit()):
+            raise ValueError(f"--runs {folder}: sub-folder {name!r} is not named <label>_s<training seed>")
+        groups.setdefault(label, []).append(path)
+    if not groups:
+        raise ValueError(f"--runs {folder}: no run folders (<label>_s<training seed>) in it")
+    return groups
+
+
 def main(argv: Sequence[str]) -> int:
-    """scripts/summarise_curves.py: --group LABEL=DIR,DIR ... --out OUT [--step N]."""
+    """scripts/summarise_curves.py: (--group LABEL=DIR,DIR ... | --runs FOLDER) --out OUT [--step N]."""
 
     p = ArgumentParser(description="Learning curves over training seeds: summary.json/.md/.png (mean ± std)")
-    p.add_argument("--group", action="append", required=True,
+    p.add_argument("--group", action="append", default=[],
                    help="LABEL=RUN_DIR[,RUN_DIR...]: learning-curve runs differing only in the training seed")
+    p.add_argument("--runs", default=None,
+                   help="a folder of runs named <label>_s<training seed> (e.g. docs/results/curves/32px): "
+                        "one group per label, after the --group ones")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--step", type=int, default=None,
                    help="step of the table (default: the last step every group has)")
     p.add_argument("--reference", default=None,
                    help="a group's label: each other group's difference to it, with a 95 %% Welch interval")
     args = p.parse_args(list(argv))
+    if not args.group and args.runs is None:
+        raise ValueError("give the runs: --group LABEL=RUN_DIR[,RUN_DIR...] (repeatable) or --runs FOLDER")
+    named = [parse_group(text) for text in args.group]
+    if args.runs is not None:
+        named += list(groups_in_folder(args.runs).items())
     groups: dict[str, list[dict[str, Any]]] = {}
-    for text in args.group:
-        label, dirs = parse_group(text)
+    for label, dirs in named:
         if label in groups:
-            raise ValueError(f"--group {label!r} is given twice")
+            raise ValueError(f"group {label!r} is given twice (by --group or by a --runs folder)")
         groups[label] = load_group(label, dirs)
     if args.step is not None and args.step < 1:
         raise ValueError(f"--step must be >= 1, got {args.step}")

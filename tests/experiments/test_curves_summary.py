@@ -127,3 +127,31 @@ def test_differences_have_welch_intervals(tmp_path, capsys):
     assert chv.quality(["--quality", "--summary", str(out)]) == 0
     assert f"| hae_v2 | {cell['diff']:+.3f} [{cell['ci95'][0]:+.3f}, {cell['ci95'][1]:+.3f}]" in (
         capsys.readouterr().out)
+
+
+def test_runs_folder_groups_by_label_and_refuses_other_names(tmp_path, capsys):
+    root = tmp_path / "curves"
+    for s in (0, 1):
+        _run(root, f"v2_s{s}", s, {1000: 0.3 + 0.1 * s}, unet_ver="v2")
+    for s in (0, 2):
+        _run(root, f"hae_v2_b0.5_s{s}", s, {1000: 0.2 + 0.2 * s})
+    assert cs.groups_in_folder(str(root)) == {
+        "hae_v2_b0.5": [str(root / "hae_v2_b0.5_s0"), str(root / "hae_v2_b0.5_s2")],
+        "v2": [str(root / "v2_s0"), str(root / "v2_s1")]}
+    out = tmp_path / "out"
+    assert run_cli(cs.main, ["--runs", str(root), "--out", str(out)]) == 0
+    rec = json.loads((out / "summary.json").read_text())
+    assert rec["group_order"] == ["hae_v2_b0.5", "v2"]
+    assert rec["groups"]["hae_v2_b0.5"]["seeds"] == [0, 2]
+    assert rec["groups"]["hae_v2_b0.5"]["steps"][0]["metrics"]["test.dice"]["mean"] == pytest.approx(0.4)
+    twice = ["--group", f"v2={root / 'v2_s0'}", "--runs", str(root), "--out", str(out)]
+    for argv, needle in ((twice, "twice"),
+                         (["--runs", str(tmp_path / "none"), "--out", str(out)], "is not a folder"),
+                         (["--out", str(out)], "--group LABEL=RUN_DIR"),
+                         (["--runs", str(root), "--out", str(out)], "'notes' is not named")):
+        if needle.startswith("'notes'"):
+            (root / "notes").mkdir()
+        capsys.readouterr()
+        assert run_cli(cs.main, argv) == 2
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1
