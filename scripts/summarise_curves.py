@@ -3,8 +3,8 @@
 
 Example: python scripts/summarise_curves.py --group v2=runs/lc_v2_s0,runs/lc_v2_s1,runs/lc_v2_s2 \
     --group hae_v2=runs/lc_hae_v2_s0,runs/lc_hae_v2_s1,runs/lc_hae_v2_s2 --out runs/curves_over_seeds
-Or a folder of runs named <label>_s<seed>: python scripts/summarise_curves.py --runs docs/results/curves/32px \
-    --out runs/ablations --step 4000
+Or a folder of runs named <label>_s<seed>:
+    python scripts/summarise_curves.py --runs docs/results/curves/32px --out runs/ablations --step 4000
 """
 
 import sys
