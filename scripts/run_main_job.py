@@ -5,6 +5,8 @@ recipe of the README's "Learning curves and the recipe"):
   1. build the synthetic BraTS-like dataset    scripts/make_synthetic_brats.py
   2. segment the test split with the shipped export: its network, diffusion, forward settings and
      calibration come from the export folder     scripts/translation_FPDM.py --model_dir models/...
+     (on another CPU type than the export's the synthetic data differ in the last bits, so the export's
+     calibration does not apply and the validation split is calibrated again: about a minute)
 and prints its metrics beside the FLAIR-threshold baseline of the same split (a few minutes on 2 cores).
 
 ``--train`` trains the recipe from scratch instead (scripts/train.py; 46 minutes on 2 cores for the

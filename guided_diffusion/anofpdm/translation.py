@@ -256,9 +256,8 @@ def get_calibrations(run: EvalRun, model, diffusion, sha: str, log_dir: str) -> 
     stored = os.path.join(log_dir, "calibration.json")
     given = run.eval.calibration
     path = given or (stored if run.eval.resume and os.path.isfile(stored) else None)
-    if not path:  # an export folder's own calibration.json when it matches this run
-
-        path = export_calibration_path(run, sha)
+    if not path:  # an export folder's own calibration.json when it matches this run and its data
+        path = _export_calibration(run, sha)
     if path:
         if given:
             hint = "recalibrate (omit --calibration) or run with the calibration's settings"
@@ -279,6 +278,25 @@ def get_calibrations(run: EvalRun, model, diffusion, sha: str, log_dir: str) -> 
     cals = calibrate_run(run, model, diffusion, sha, log_dir)
     logger.log(f"calibration on the validation split took {time.time() - t0:.1f}s")
     return cals
+
+
+def _export_calibration(run: EvalRun, sha: str) -> str | None:
+    """The export folder's calibration.json when it matches the run (export_calibration_path) and was made
+    on this data root's validation split; else None, and the run calibrates on its own validation split.
+
+    A calibration made on other validation data is never reused: another dataset, or the embedded synthetic
+    dataset built on another CPU type (its float arithmetic differs in the last bits, so the slice files
+    and their content fingerprint differ; docs/edges.md). The reason is logged."""
+    path = export_calibration_path(run, sha)
+    if path is None:
+        return None
+    try:
+        for cal in load_calibrations(path).values():
+            check_calibration_data(cal, run.eval.data_dir, path, "calibrating on the validation split")
+    except ValueError as err:
+        logger.log(f"not using the export's calibration: {err}")
+        return None
+    return path
 
 
 def _check_validation_pass(cal: Calibration, run: EvalRun, path: str, hint: str) -> None:

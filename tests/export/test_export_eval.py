@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +111,30 @@ def test_export_calibration_of_other_settings_is_not_used(exported, monkeypatch)
     assert sum(calls) == 8 + 7  # recalibrated on the validation split
     assert "not using the export's calibration" in (out / "log.txt").read_text()
     assert "forward_steps" in (out / "log.txt").read_text()
+
+
+def test_export_calibration_of_other_validation_data_is_not_used(exported, monkeypatch, tmp_path):
+    """The export on a data root whose validation split differs (another dataset, or the synthetic data
+    built on another CPU type): the run calibrates on its own validation split instead of refusing or
+    reusing the export's numbers, and its calibration.json names the data it was made on."""
+    root, data, _, export = exported
+    other = tmp_path / "data"
+    make_split(other, "val", {"V0": [False, True, True, False], "V1": [False, False, True, False]}, seed=7)
+    for split in ("train", "test"):  # same train and test splits, other validation slices
+        shutil.copytree(data / f"npy_{split}", other / f"npy_{split}")
+        shutil.copytree(data / "data_splits" / split, other / "data_splits" / split)
+    calls = []
+    real = translation.run_forward_process
+    monkeypatch.setattr(translation, "run_forward_process",
+                        lambda *a, **k: calls.append(a[2].shape[0]) or real(*a, **k))
+    out = root / "eval_other_data"
+    translation.main(run_argv(other, export, out, **EVAL))
+    log = (out / "log.txt").read_text()
+    assert sum(calls) == 8 + 7  # recalibrated on the validation split
+    assert "not using the export's calibration" in log and "other validation data" in log
+    made_on, exported_on = (json.loads((folder / "calibration.json").read_text())["calibrations"][0]["extra"]
+                            ["data_sha256"] for folder in (out, export))
+    assert made_on != exported_on
 
 
 def test_export_with_other_flags_is_refused_in_one_line(exported, tmp_path):
