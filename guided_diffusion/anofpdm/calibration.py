@@ -22,22 +22,9 @@ from torch import Tensor
 
 from guided_diffusion.anofpdm.segmentation import cosine_similarity
 from guided_diffusion.configs.calibration import Calibration
-from guided_diffusion.data.fingerprint import data_fingerprint, explain
 from guided_diffusion.utils import logger
 
 Q_GRID = torch.linspace(0.005, 0.095, 100)
-def check_calibration_data(cal: Calibration, data_dir: str, path: str, hint: str) -> None:
-    """ValueError naming what changed when ``cal`` (its ``extra["data_sha256"]``) was calibrated on another
-    validation split than ``data_dir``'s now (content fingerprint, guided_diffusion/data/fingerprint.py).
-    A calibration without the record (older file) is not checked."""
-    old = cal.extra.get("data_sha256") if isinstance(cal.extra, dict) else None
-    if not old:
-        return
-
-    now = data_fingerprint(data_dir, ("val",))
-    if now.digest != old:
-        raise ValueError(f"calibration {path} was made on other validation data: "
-                         f"{explain(data_dir, str(old), now)}; {hint}")
 
 
 def cos_threshold(cos_healthy: Tensor, cos_unhealthy: Tensor) -> tuple[float, int, float]:

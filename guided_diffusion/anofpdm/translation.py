@@ -35,7 +35,6 @@ from tqdm.auto import tqdm
 
 from guided_diffusion.anofpdm.calibration import (
     calibrate,
-    check_calibration_data,
     choose_primary_w,
     guidance_selection,
 )
@@ -60,6 +59,7 @@ from guided_diffusion.anofpdm.translation_runtime import (
 from guided_diffusion.configs.calibration import Calibration, load_calibrations, save_calibrations
 from guided_diffusion.configs.eval_configs import EvalRun
 from guided_diffusion.data.brats import BrainDataset, get_eval_loader
+from guided_diffusion.data.fingerprint import check_calibration_data
 from guided_diffusion.data.read_ahead import read_ahead
 from guided_diffusion.export.export_load import export_calibration_path
 from guided_diffusion.utils import dist_util, logger
@@ -257,7 +257,7 @@ def get_calibrations(run: EvalRun, model, diffusion, sha: str, log_dir: str) -> 
     given = run.eval.calibration
     path = given or (stored if run.eval.resume and os.path.isfile(stored) else None)
     if not path:  # an export folder's own calibration.json when it matches this run and its data
-        path = _export_calibration(run, sha)
+        path = export_calibration_path(run, sha)
     if path:
         if given:
             hint = "recalibrate (omit --calibration) or run with the calibration's settings"
@@ -278,25 +278,6 @@ def get_calibrations(run: EvalRun, model, diffusion, sha: str, log_dir: str) -> 
     cals = calibrate_run(run, model, diffusion, sha, log_dir)
     logger.log(f"calibration on the validation split took {time.time() - t0:.1f}s")
     return cals
-
-
-def _export_calibration(run: EvalRun, sha: str) -> str | None:
-    """The export folder's calibration.json when it matches the run (export_calibration_path) and was made
-    on this data root's validation split; else None, and the run calibrates on its own validation split.
-
-    A calibration made on other validation data is never reused: another dataset, or the embedded synthetic
-    dataset built on another CPU type (its float arithmetic differs in the last bits, so the slice files
-    and their content fingerprint differ; docs/edges.md). The reason is logged."""
-    path = export_calibration_path(run, sha)
-    if path is None:
-        return None
-    try:
-        for cal in load_calibrations(path).values():
-            check_calibration_data(cal, run.eval.data_dir, path, "calibrating on the validation split")
-    except ValueError as err:
-        logger.log(f"not using the export's calibration: {err}")
-        return None
-    return path
 
 
 def _check_validation_pass(cal: Calibration, run: EvalRun, path: str, hint: str) -> None:

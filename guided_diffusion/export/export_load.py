@@ -23,6 +23,7 @@ import torch
 from guided_diffusion.configs.base import DiffusionConfig, ModelConfig, field_names
 from guided_diffusion.configs.calibration import load_calibrations
 from guided_diffusion.configs.eval_configs import EVALUATION_SECTIONS, CheckpointConfig, EvalRun
+from guided_diffusion.data.fingerprint import check_calibration_data
 from guided_diffusion.export.export import (
     CALIBRATION_FILE,
     CONFIG_FILE,
@@ -113,8 +114,8 @@ def load_export_model(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, ck
 
 def export_calibration_path(run: EvalRun, sha: str) -> str | None:
     """The export folder's calibration.json when ``run.checkpoint.model_dir`` is an export with one that
-    matches the run (every w of the run, its statistics settings, checkpoint ``sha``); else None (the
-    reason is logged when the file exists but does not match)."""
+    matches the run (every w of the run, its statistics settings, checkpoint ``sha``, the validation split's
+    content fingerprint); else None (the reason is logged when the file exists but does not match)."""
 
     export_dir = run.checkpoint.model_dir
     path = os.path.join(export_dir, CALIBRATION_FILE)
@@ -128,6 +129,9 @@ def export_calibration_path(run: EvalRun, sha: str) -> str | None:
         expect = {**run.stats_settings(), "checkpoint_sha256": sha}
         for w in run.forward.w:
             cals[float(w)].check_matches({**expect, "w": float(w)}, source=f"the export's {CALIBRATION_FILE}")
+            check_calibration_data(cals[float(w)], run.eval.data_dir, path,
+                                   "another dataset, or the synthetic data built on another CPU type (other "
+                                   "last bits of its floats, docs/edges.md)")
     except ValueError as err:
         logger.log(f"not using the export's calibration {path}: {err}; calibrating on the validation split")
         return None
