@@ -56,12 +56,12 @@ from guided_diffusion.anofpdm.translation_runtime import (
     prepare_inference,
     run_session,
 )
-from guided_diffusion.configs.calibration import Calibration, load_calibrations, save_calibrations
+from guided_diffusion.configs.calibration import Calibration, save_calibrations
 from guided_diffusion.configs.eval_configs import EvalRun
 from guided_diffusion.data.brats import BrainDataset, get_eval_loader
-from guided_diffusion.data.fingerprint import check_calibration_data
 from guided_diffusion.data.read_ahead import read_ahead
-from guided_diffusion.export.export_load import export_calibration_path
+from guided_diffusion.data.stored_calibration import checked_calibrations
+from guided_diffusion.export.export_load import export_calibrations
 from guided_diffusion.utils import dist_util, logger
 
 __all__ = [
@@ -250,47 +250,29 @@ def calibrate_run(
 
 def get_calibrations(run: EvalRun, model, diffusion, sha: str, log_dir: str) -> dict[float, Calibration]:
     """The run's calibrations: ``--calibration FILE``, the log dir's calibration.json on --resume, an export
-    folder's matching calibration.json (``--model_dir EXPORT``), or a new (resumable) validation pass.
-    A stored calibration must match every statistics-changing setting."""
-    expect = {**run.stats_settings(), "checkpoint_sha256": sha}
+    folder's fitting calibration.json (``--model_dir EXPORT``), or a new (resumable) validation pass.
+    A stored calibration must match every statistics-changing setting; the log dir's own must also come
+    from this run's validation pass and data (an explicit FILE may come from any; metrics.json keeps its
+    record)."""
     stored = os.path.join(log_dir, "calibration.json")
     given = run.eval.calibration
     path = given or (stored if run.eval.resume and os.path.isfile(stored) else None)
-    if not path:  # an export folder's own calibration.json when it matches this run and its data
-        path = export_calibration_path(run, sha)
     if path:
         if given:
             hint = "recalibrate (omit --calibration) or run with the calibration's settings"
         else:
             hint = FRESH.format(folder=log_dir) + " to recalibrate"
-        cals = load_calibrations(path)
-        missing = [w for w in run.forward.w if float(w) not in cals]
-        if missing:
-            raise ValueError(f"calibration {path} has no entry for w={missing} (it holds w={sorted(cals)}); "
-                             + hint)
-        for w in run.forward.w:
-            cals[float(w)].check_matches({**expect, "w": float(w)}, source=f"calibration {path}", hint=hint)
-            if not given:  # the log dir's own calibration: also made from this run's validation pass
-                _check_validation_pass(cals[float(w)], run, path, hint)
-        logger.log(f"using calibration {path}")
-        return {float(w): cals[float(w)] for w in run.forward.w}
-    t0 = time.time()
-    cals = calibrate_run(run, model, diffusion, sha, log_dir)
-    logger.log(f"calibration on the validation split took {time.time() - t0:.1f}s")
+        cals = checked_calibrations(path, run, sha, hint=hint, same_pass=not given,
+                                    pass_hint=f"pass --calibration {path} to reuse it anyway, or {hint}")
+    elif found := export_calibrations(run, sha):  # an export folder's own, when it fits this run and data
+        path, cals = found
+    else:
+        t0 = time.time()
+        cals = calibrate_run(run, model, diffusion, sha, log_dir)
+        logger.log(f"calibration on the validation split took {time.time() - t0:.1f}s")
+        return cals
+    logger.log(f"using calibration {path}")
     return cals
-
-
-def _check_validation_pass(cal: Calibration, run: EvalRun, path: str, hint: str) -> None:
-    """ValueError when a resumed run's stored calibration came from another validation pass (other
-    ``--num_slices_val`` or ``--seed``), so that config.json and metrics.json never name settings it did
-    not use. An explicit ``--calibration FILE`` may come from any pass (metrics.json keeps its record)."""
-    ours = {"num_slices_val": run.eval.num_slices_val, "seed": run.eval.seed}
-    diffs = [f"{k}: calibration {path} has {cal.extra[k]!r}, this run uses {v!r}"
-             for k, v in ours.items() if k in cal.extra and cal.extra[k] != v]
-    if diffs:
-        raise ValueError(f"calibration {path} was made from another validation pass ({'; '.join(diffs)}); "
-                         f"pass --calibration {path} to reuse it anyway, or {hint}")
-    check_calibration_data(cal, run.eval.data_dir, path, hint)
 
 
 # ---------------------------------------------------------------------------------------------- test loop

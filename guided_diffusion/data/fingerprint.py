@@ -24,7 +24,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from guided_diffusion.configs.calibration import Calibration
 from guided_diffusion.utils.io_util import atomic_write_text, file_sha256
 
 CACHE_NAME = ".data_fingerprint.json"
@@ -204,16 +203,3 @@ def explain(data_dir: str, old_digest: str, new: DataFingerprint) -> str:
                          f"since {since}")
         return "; ".join(parts) + f" {arrow}"
     return f"{root}: the slice files or split lists changed since the stored result was made {arrow}"
-
-
-def check_calibration_data(cal: Calibration, data_dir: str, path: str, hint: str) -> None:
-    """ValueError naming what changed when ``cal`` (its ``extra["data_sha256"]``) was calibrated on another
-    validation split than ``data_dir``'s now (content fingerprint).
-    A calibration without the record (older file) is not checked."""
-    old = cal.extra.get("data_sha256") if isinstance(cal.extra, dict) else None
-    if not old:
-        return
-    now = data_fingerprint(data_dir, ("val",))
-    if now.digest != old:
-        raise ValueError(f"calibration {path} was made on other validation data: "
-                         f"{explain(data_dir, str(old), now)}; {hint}")

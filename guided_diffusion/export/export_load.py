@@ -9,8 +9,9 @@
   sha256 the results are tied to is that file's sha256. ``--ema`` / ``--ema_rate`` do not apply (the export
   holds one set of weights, named in config.json "weights"); ``--model_num`` must be the export's step.
 * The export's ``calibration.json`` is used when the user gives no ``--calibration`` (and no stored
-  calibration is resumed) and it matches this run (every w present, every statistics-changing setting
-  and the checkpoint sha256 equal); otherwise the run calibrates on the validation split as usual.
+  calibration is resumed) and it matches this run (every w present, every statistics-changing setting,
+  the checkpoint sha256, the validation pass and the validation split's content equal); otherwise the run
+  calibrates on its validation split as usual (the reason is logged).
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from typing import Any
 import torch
 
 from guided_diffusion.configs.base import DiffusionConfig, ModelConfig, field_names
-from guided_diffusion.configs.calibration import load_calibrations
+from guided_diffusion.configs.calibration import Calibration
 from guided_diffusion.configs.eval_configs import EVALUATION_SECTIONS, CheckpointConfig, EvalRun
-from guided_diffusion.data.fingerprint import check_calibration_data
+from guided_diffusion.data.stored_calibration import checked_calibrations
 from guided_diffusion.export.export import (
     CALIBRATION_FILE,
     CONFIG_FILE,
@@ -40,7 +41,7 @@ from guided_diffusion.utils import logger
 # learn_sigma is part of the resolved model config (it changes the output channels)
 DIFFUSION_FIELDS = ("diffusion_steps", "noise_schedule", "predict_xstart", "rescale_timesteps")
 
-__all__ = ["DIFFUSION_FIELDS", "config_differences", "export_calibration_path", "export_run_sections",
+__all__ = ["DIFFUSION_FIELDS", "config_differences", "export_calibrations", "export_run_sections",
            "load_export_model"]
 
 
@@ -112,27 +113,23 @@ def load_export_model(model_cfg: ModelConfig, diffusion_cfg: DiffusionConfig, ck
     return model, diffusion, path, _sha256(blob)
 
 
-def export_calibration_path(run: EvalRun, sha: str) -> str | None:
-    """The export folder's calibration.json when ``run.checkpoint.model_dir`` is an export with one that
-    matches the run (every w of the run, its statistics settings, checkpoint ``sha``, the validation split's
-    content fingerprint); else None (the reason is logged when the file exists but does not match)."""
+def export_calibrations(run: EvalRun, sha: str) -> tuple[str, dict[float, Calibration]] | None:
+    """(path, {w: Calibration}) of the export folder's calibration.json when ``run.checkpoint.model_dir``
+    is an export with one that fits the run: every w of the run, its statistics settings, checkpoint
+    ``sha``, its validation pass (``--num_slices_val``, ``--seed``) and the validation split's content
+    fingerprint; else None (the reason is logged when the file exists but does not fit)."""
 
     export_dir = run.checkpoint.model_dir
     path = os.path.join(export_dir, CALIBRATION_FILE)
     if not (is_export_dir(export_dir) and os.path.isfile(path)):
         return None
+    other_data = ("another dataset, or the synthetic data built on another CPU type (other last bits of its "
+                  "floats, docs/edges.md)")
     try:
-        cals = load_calibrations(path)
-        missing = [w for w in run.forward.w if float(w) not in cals]
-        if missing:
-            raise ValueError(f"it has no entry for w={missing} (it holds w={sorted(cals)})")
-        expect = {**run.stats_settings(), "checkpoint_sha256": sha}
-        for w in run.forward.w:
-            cals[float(w)].check_matches({**expect, "w": float(w)}, source=f"the export's {CALIBRATION_FILE}")
-            check_calibration_data(cals[float(w)], run.eval.data_dir, path,
-                                   "another dataset, or the synthetic data built on another CPU type (other "
-                                   "last bits of its floats, docs/edges.md)")
+        cals = checked_calibrations(path, run, sha, hint="its statistics belong to other settings",
+                                    same_pass=True, source=f"the export's {CALIBRATION_FILE}",
+                                    data_hint=other_data)
     except ValueError as err:
         logger.log(f"not using the export's calibration {path}: {err}; calibrating on the validation split")
         return None
-    return path
+    return path, cals

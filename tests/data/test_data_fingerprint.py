@@ -17,7 +17,9 @@ from tiny_eval import make_split, run_argv
 
 from guided_diffusion.anofpdm import translation
 from guided_diffusion.cli import run_cli
+from guided_diffusion.configs.calibration import Calibration
 from guided_diffusion.data import fingerprint as fpm
+from guided_diffusion.data import stored_calibration
 from guided_diffusion.data.fingerprint import CACHE_NAME, data_fingerprint
 from guided_diffusion.experiments import denoiser_comparison as dc
 from guided_diffusion.experiments import experiments as ex
@@ -241,3 +243,26 @@ def test_regenerated_synthetic_data_changes_the_key_and_a_killed_overwrite_leave
     assert {p: p.read_bytes() for p in sorted(root.rglob("npy_*/*/*"))} == before
     assert data_fingerprint(str(root)).digest == second.digest
     assert not list(tmp_path.glob(".syn.*"))
+
+
+def _cal(w: float, **extra) -> Calibration:
+    return Calibration(thr_01=0.5, n_min=1, accuracy=1.0, q=0.9, diff_min=[0.0], diff_max=[1.0], n_val=2,
+                       n_healthy=1, n_unhealthy=1, w=w, forward_steps=5, modality=[0], extra=extra)
+
+
+def test_stored_calibrations_of_several_w_hash_the_validation_split_once(data, monkeypatch):
+    """One fingerprint for all w of a stored calibration (it was computed once per w), and the w whose
+    record names other data is still refused."""
+    digest = data_fingerprint(str(data), ("val",)).digest
+    calls = []
+    real = stored_calibration.data_fingerprint
+    monkeypatch.setattr(stored_calibration, "data_fingerprint",
+                        lambda *a, **k: calls.append(a) or real(*a, **k))
+    cals = [_cal(w, data_sha256=digest) for w in (1.0, 3.0, 5.0)]
+    stored_calibration.check_calibration_data(cals, str(data), "calibration X", "recalibrate")
+    assert len(calls) == 1
+    stored_calibration.check_calibration_data([_cal(1.0)], str(data), "calibration X", "recalibrate")
+    assert len(calls) == 1  # no record (an older file): nothing to hash
+    with pytest.raises(ValueError, match=r"calibration X was made on other validation data: .*; recalibrate"):
+        stored_calibration.check_calibration_data([*cals, _cal(7.0, data_sha256="0" * 64)], str(data),
+                                                  "calibration X", "recalibrate")

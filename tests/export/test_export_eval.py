@@ -137,6 +137,26 @@ def test_export_calibration_of_other_validation_data_is_not_used(exported, monke
     assert made_on != exported_on
 
 
+@pytest.mark.parametrize("flag, value", [("--seed", "6"), ("--num_slices_val", "3")])
+def test_export_calibration_of_another_validation_pass_is_not_used(exported, monkeypatch, flag, value):
+    """An evaluation of the export with another noise seed or another number of validation slices than the
+    export's calibration was made with calibrates on its own validation pass (a fresh folder would meet
+    the same export file, so refusing would leave no way out but --calibration)."""
+    root, data, _, export = exported
+    calls = []
+    real = translation.run_forward_process
+    monkeypatch.setattr(translation, "run_forward_process",
+                        lambda *a, **k: calls.append(a[2].shape[0]) or real(*a, **k))
+    out = root / f"eval_other_pass{flag}"
+    translation.main([*run_argv(data, export, out, **EVAL), flag, value])
+    log = (out / "log.txt").read_text()
+    assert sum(calls) == (8 if flag == "--seed" else 3) + 7  # recalibrated on the validation split
+    assert "not using the export's calibration" in log and "another validation pass" in log
+    assert flag.lstrip("-") in log
+    made = json.loads((out / "calibration.json").read_text())["calibrations"][0]["extra"]
+    assert made[flag.lstrip("-")] == int(value)
+
+
 def test_export_with_other_flags_is_refused_in_one_line(exported, tmp_path):
     _, data, _, export = exported
     argv = run_argv(data, export, tmp_path / "x", **EVAL)
