@@ -60,7 +60,7 @@ from guided_diffusion.configs.calibration import Calibration, save_calibrations
 from guided_diffusion.configs.eval_configs import EvalRun
 from guided_diffusion.data.brats import BrainDataset, get_eval_loader
 from guided_diffusion.data.read_ahead import read_ahead
-from guided_diffusion.data.stored_calibration import checked_calibrations
+from guided_diffusion.data.stored_calibration import checked_calibrations, validation_pass_record
 from guided_diffusion.export.export_load import export_calibrations
 from guided_diffusion.utils import dist_util, logger
 
@@ -218,7 +218,7 @@ def calibrate_for_ws(
             stats["label"],
             w=w,
             checkpoint_sha256=checkpoint_sha256,
-            extra={"num_slices_val": num_slices, "seed": seed, "data_sha256": data["data_sha256"]},
+            extra=validation_pass_record(num_slices, seed, data["data_sha256"]),
             settings=stats_settings,
             **{k: v for k, v in settings.items() if k not in RUNTIME_SETTINGS},
         )

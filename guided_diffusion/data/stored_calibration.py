@@ -15,7 +15,18 @@ from guided_diffusion.configs.calibration import Calibration, load_calibrations
 from guided_diffusion.configs.eval_configs import EvalConfig, EvalRun
 from guided_diffusion.data.fingerprint import data_fingerprint, explain
 
-__all__ = ["check_calibration_data", "check_validation_pass", "checked_calibrations"]
+__all__ = ["check_calibration_data", "check_validation_pass", "checked_calibrations",
+           "validation_pass_record"]
+
+DATA_KEY = "data_sha256"
+
+
+def validation_pass_record(num_slices_val: int | None, seed: int, data_sha256: str | None = None) -> dict:
+    """The ``extra`` a calibration stores about the validation pass it came from (``--num_slices_val``,
+    ``--seed``, and the split's fingerprint when given), read back by :func:`check_validation_pass` and
+    :func:`check_calibration_data`."""
+    record = {"num_slices_val": num_slices_val, "seed": seed}
+    return record if data_sha256 is None else {**record, DATA_KEY: data_sha256}
 
 
 def checked_calibrations(path: str, run: EvalRun, sha: str, *, hint: str, same_pass: bool,
@@ -43,7 +54,7 @@ def checked_calibrations(path: str, run: EvalRun, sha: str, *, hint: str, same_p
 def check_validation_pass(cals: Iterable[Calibration], ev: EvalConfig, source: str, hint: str) -> None:
     """ValueError when one of ``cals`` came from another validation pass than ``ev``'s: another
     ``--num_slices_val`` or ``--seed`` (as recorded in its ``extra``)."""
-    ours = {"num_slices_val": ev.num_slices_val, "seed": ev.seed}
+    ours = validation_pass_record(ev.num_slices_val, ev.seed)
     diffs = sorted({f"{k}: {source} has {cal.extra[k]!r}, this run uses {v!r}" for cal in cals
                     for k, v in ours.items() if k in cal.extra and cal.extra[k] != v})
     if diffs:
@@ -56,7 +67,7 @@ def check_calibration_data(cals: Iterable[Calibration], data_dir: str, source: s
     calibration holds the record (older files are not checked)."""
     now = None
     for cal in cals:
-        old = cal.extra.get("data_sha256") if isinstance(cal.extra, dict) else None
+        old = cal.extra.get(DATA_KEY) if isinstance(cal.extra, dict) else None
         if not old:
             continue
         now = now or data_fingerprint(data_dir, ("val",))
