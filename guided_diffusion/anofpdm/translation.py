@@ -192,8 +192,9 @@ def calibrate_for_ws(
     the statistics (stored in each Calibration, checked on reuse); ``cache_dir``: resumable pass;
     ``image_size``: the network's size the validation slices must have (None: not checked)."""
     data = data_key(data_dir, ("val",))
+    pass_record = validation_pass_record(num_slices, seed, data["data_sha256"])
     fingerprint = {"checkpoint_sha256": checkpoint_sha256, "ws": [float(w) for w in ws],
-                   "num_slices_val": num_slices, "seed": seed, **data, **dict(stats_settings or settings)}
+                   **pass_record, **data, **dict(stats_settings or settings)}
     stats = collect_statistics(
         model,
         diffusion,
@@ -218,7 +219,7 @@ def calibrate_for_ws(
             stats["label"],
             w=w,
             checkpoint_sha256=checkpoint_sha256,
-            extra=validation_pass_record(num_slices, seed, data["data_sha256"]),
+            extra=pass_record,
             settings=stats_settings,
             **{k: v for k, v in settings.items() if k not in RUNTIME_SETTINGS},
         )
