@@ -8,6 +8,7 @@ behind after a rerun, or a committed run that the table does not list fails here
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -97,25 +98,27 @@ def test_the_quality_table_matches_the_committed_curves_at_4000_steps(summary_32
 
 
 def test_the_64px_table_matches_the_committed_curves():
-    groups = committed_groups("64px")
-    summary = summarise({label: load_group(label, dirs) for label, dirs in groups.items()})
-    header, rows = readme_table(("network", "steps"))
-    assert set(summary) <= set(rows), f"64 px curves without a README row: {sorted(set(summary) - set(rows))}"
-    for label in summary:
-        cells = rows[label]
+    """One README row per committed 64 px run (``<label>_s<seed>``: the runs differ in their steps, so
+    their rows are not averaged), each cell its run's value at the row's steps."""
+    runs = {os.path.basename(d): (label, d) for label, dirs in committed_groups("64px").items() for d in dirs}
+    header, rows = readme_table(("run", "steps"))
+    assert set(runs) <= set(rows), f"64 px curves without a README row: {sorted(set(runs) - set(rows))}"
+    for name, (label, run_dir) in runs.items():
+        summary = summarise({name: load_group(label, [run_dir])})
+        cells = rows[name]
         steps = [int(s.replace(",", "")) for s in re.findall(r"[\d,]+\d", cells[1])]
-        assert steps, f"README 64 px table, {label}: no steps in {cells[1]!r}"
+        assert steps, f"README 64 px table, {name}: no steps in {cells[1]!r}"
         for column, metric in COLUMNS.items():
             if column not in header:
                 continue
             parts = cells[header.index(column)].split("/")
-            where = f"README 64 px table, {label}, {column}"
+            where = f"README 64 px table, {name}, {column}"
             if metric == "test.loss":  # one value: the last step's
-                assert_printed(parts[-1], stat_at(summary, label, steps[-1], metric)["mean"], where)
+                assert_printed(parts[-1], stat_at(summary, name, steps[-1], metric)["mean"], where)
                 continue
             assert len(parts) == len(steps), f"{where}: {len(parts)} values for {len(steps)} steps"
             for step, part in zip(steps, parts):
-                assert_printed(part, stat_at(summary, label, step, metric)["mean"], f"{where}, step {step}")
+                assert_printed(part, stat_at(summary, name, step, metric)["mean"], f"{where}, step {step}")
 
 
 def test_a_hand_edited_cell_is_caught():
